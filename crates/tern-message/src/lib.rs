@@ -1,0 +1,220 @@
+//! The messages that cross stage boundaries.
+//!
+//! Every type here is plain data that derives `Serialize`/`Deserialize`: a later stage of the
+//! project carries the same messages between cluster nodes, so no stage may rely on its peer
+//! living in the same process (no `Addr`, no channels, no file handles inside a message).
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// A queue id: a ULID, so ids sort by arrival time (the spool's key order is arrival order) and
+/// are unique across nodes without coordination (80 random bits per millisecond).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct QueueId(ulid::Ulid);
+
+impl QueueId {
+    pub fn new() -> Self {
+        Self(ulid::Ulid::new())
+    }
+
+    /// Big-endian bytes: their lexicographic order is the id's time order, which makes them a
+    /// good sled key.
+    pub fn to_bytes(self) -> [u8; 16] {
+        self.0.to_bytes()
+    }
+
+    pub fn from_bytes(bytes: [u8; 16]) -> Self {
+        Self(ulid::Ulid::from_bytes(bytes))
+    }
+
+    /// Milliseconds since the Unix epoch at which the id was minted.
+    pub fn timestamp_ms(self) -> u64 {
+        self.0.timestamp_ms()
+    }
+}
+
+impl Default for QueueId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for QueueId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("not a queue id: {0:?}")]
+pub struct BadQueueId(String);
+
+impl FromStr for QueueId {
+    type Err = BadQueueId;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        ulid::Ulid::from_string(s)
+            .map(Self)
+            .map_err(|_| BadQueueId(s.to_string()))
+    }
+}
+
+/// RFC 6152 / RFC 3030 body type declared with `MAIL FROM:<…> BODY=`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BodyType {
+    #[default]
+    SevenBit,
+    EightBitMime,
+    BinaryMime,
+}
+
+/// RFC 3461 `RET=`: how much of the original message a failure DSN carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Ret {
+    Full,
+    Hdrs,
+}
+
+/// RFC 3461 `NOTIFY=`. `None` in [`Recipient::notify`] means the parameter was absent, which
+/// RFC 3461 §4.1 says to treat as `FAILURE,DELAY` at the MTA's discretion.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Notify {
+    pub success: bool,
+    pub failure: bool,
+    pub delay: bool,
+}
+
+impl Notify {
+    pub const NEVER: Notify = Notify {
+        success: false,
+        failure: false,
+        delay: false,
+    };
+}
+
+/// Where one recipient stands. Only `Pending` exists at accept time; delivery fills in the rest.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RecipientState {
+    #[default]
+    Pending,
+    InFlight,
+    Delivered {
+        at_ms: u64,
+        reply: String,
+    },
+    Deferred {
+        next_attempt_ms: u64,
+        attempts: u32,
+        last_reply: String,
+    },
+    Failed {
+        at_ms: u64,
+        reply: String,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Recipient {
+    /// The forward-path as the client gave it, without angle brackets (`user@example.org`, or
+    /// `postmaster`).
+    pub address: String,
+    pub notify: Option<Notify>,
+    /// RFC 3461 `ORCPT=addr-type;xtext`, kept verbatim (still xtext-encoded).
+    pub orcpt: Option<String>,
+    pub state: RecipientState,
+}
+
+impl Recipient {
+    pub fn new(address: impl Into<String>) -> Self {
+        Self {
+            address: address.into(),
+            notify: None,
+            orcpt: None,
+            state: RecipientState::Pending,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// The reverse-path without angle brackets; empty for the null sender `<>`.
+    pub sender: String,
+    pub recipients: Vec<Recipient>,
+    pub body_type: BodyType,
+    pub smtputf8: bool,
+    pub ret: Option<Ret>,
+    /// RFC 3461 `ENVID=`, kept xtext-encoded.
+    pub envid: Option<String>,
+    /// RFC 4954 `AUTH=` on MAIL, kept xtext-encoded.
+    pub auth: Option<String>,
+}
+
+/// Who handed us the message: kept with it for the Received header, logs, DSNs and policy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientInfo {
+    /// The peer address, or the original client address from a PROXY protocol header.
+    pub addr: SocketAddr,
+    /// The listener that accepted the connection.
+    pub local_addr: SocketAddr,
+    pub helo: String,
+    /// `"TLSv1.3 TLS_AES_256_GCM_SHA384"` style, when the session used TLS.
+    pub tls: Option<String>,
+    /// The SASL identity, when the client authenticated.
+    pub auth_user: Option<String>,
+}
+
+/// A whole message as a session hands it to the next stage.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InboundMessage {
+    pub id: QueueId,
+    pub envelope: Envelope,
+    pub client: ClientInfo,
+    /// Milliseconds since the Unix epoch.
+    pub arrived_ms: u64,
+    /// The message content (headers and body), CRLF line endings, dot-unstuffed, Received header
+    /// already prepended.
+    pub body: Bytes,
+}
+
+/// Why a stage could not take a message. The session maps each kind to an SMTP reply, so the
+/// kinds follow what a client needs to know, not how the storage failed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum SpoolError {
+    /// Out of disk space: 452 4.3.1.
+    #[error("insufficient storage: {0}")]
+    DiskFull(String),
+    /// Any other storage failure: 451 4.3.0.
+    #[error("storage failure: {0}")]
+    Storage(String),
+    /// The queue is shutting down or unreachable: 421 4.3.2.
+    #[error("queue unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Current time in milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_ids_sort_by_time_and_round_trip() {
+        let a = QueueId::new();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let b = QueueId::new();
+        assert!(a.to_bytes() < b.to_bytes());
+        assert_eq!(QueueId::from_bytes(a.to_bytes()), a);
+        assert_eq!(a.to_string().parse::<QueueId>().unwrap(), a);
+        assert!("not-an-id".parse::<QueueId>().is_err());
+    }
+}
