@@ -1,0 +1,157 @@
+//! Binding the SMTP listeners and spreading sessions over one arbiter (thread) per core.
+//!
+//! Every arbiter accepts on its own registration of each listening socket, so accepted
+//! connections are born on the thread that will run them: no hand-off between threads per
+//! connection, and the kernel balances new connections across arbiters.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::{Actor, Arbiter, Recipient};
+use tern_queue::Enqueue;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tracing::{info, warn};
+
+use crate::limiter::ConnectionLimiter;
+use crate::session::{Connection, SessionActor, Shared};
+use crate::settings::{ListenerSpec, Settings};
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngressError {
+    #[error("cannot listen on {addr} ({kind}): {source}")]
+    Bind {
+        addr: SocketAddr,
+        kind: &'static str,
+        source: std::io::Error,
+    },
+    #[error("listener {addr} needs TLS (implicit TLS) but no TLS configuration was given")]
+    NoTls { addr: SocketAddr },
+}
+
+/// The running ingress stage.
+pub struct Ingress {
+    /// Actual bound addresses, in the order of `Settings::listeners` (port 0 resolved).
+    pub local_addrs: Vec<(ListenerSpec, SocketAddr)>,
+    pub limiter: Arc<ConnectionLimiter>,
+    arbiters: Vec<Arbiter>,
+}
+
+impl Ingress {
+    /// Binds every listener (failing fast with the address in the error) and starts accepting.
+    /// Must be called from within a running actix System.
+    pub fn start(settings: Settings, queue: Recipient<Enqueue>) -> Result<Self, IngressError> {
+        let mut bound = Vec::new();
+        for spec in &settings.listeners {
+            if spec.kind.implicit_tls() && settings.tls.is_none() {
+                return Err(IngressError::NoTls { addr: spec.addr });
+            }
+            let listener = bind(spec.addr).map_err(|source| IngressError::Bind {
+                addr: spec.addr,
+                kind: spec.kind.name(),
+                source,
+            })?;
+            let local = listener.local_addr().unwrap_or(spec.addr);
+            info!(addr = %local, kind = spec.kind.name(), proxy_protocol = spec.proxy_protocol, "listening");
+            bound.push((spec.clone(), local, listener));
+        }
+
+        let workers = match settings.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let limiter =
+            ConnectionLimiter::new(settings.max_connections, settings.max_connections_per_ip);
+        let shared = Arc::new(Shared {
+            tls: settings.tls.clone().map(TlsAcceptor::from),
+            settings,
+            limiter: limiter.clone(),
+            queue,
+        });
+
+        let mut arbiters = Vec::with_capacity(workers);
+        for _ in 0..workers {
+            let arbiter = Arbiter::new();
+            for (spec, local, listener) in &bound {
+                let listener = listener.try_clone().map_err(|source| IngressError::Bind {
+                    addr: *local,
+                    kind: spec.kind.name(),
+                    source,
+                })?;
+                let spec = spec.clone();
+                let shared = shared.clone();
+                arbiter.spawn(accept_loop(listener, spec, shared));
+            }
+            arbiters.push(arbiter);
+        }
+        Ok(Self {
+            local_addrs: bound.into_iter().map(|(s, a, _)| (s, a)).collect(),
+            limiter,
+            arbiters,
+        })
+    }
+
+    /// Stops accepting and ends every session (their arbiters stop).
+    pub fn stop(&self) {
+        for arbiter in &self.arbiters {
+            arbiter.stop();
+        }
+    }
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let domain = socket2::Domain::for_address(addr);
+    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
+    // A restarted server must be able to bind while old connections sit in TIME_WAIT.
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.bind(&addr.into())?;
+    // A deep backlog absorbs connection bursts from bulk senders.
+    socket.listen(4096)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
+async fn accept_loop(listener: std::net::TcpListener, spec: ListenerSpec, shared: Arc<Shared>) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(error = %e, addr = %spec.addr, "cannot register listener");
+            return;
+        }
+    };
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => match shared.limiter.acquire() {
+                Some(slot) => {
+                    SessionActor::new(Connection {
+                        shared: shared.clone(),
+                        stream,
+                        peer,
+                        listener: spec.clone(),
+                        slot,
+                    })
+                    .start();
+                }
+                None => {
+                    info!(%peer, "connection limit reached");
+                    actix_rt::spawn(refuse(stream, shared.settings.hostname.clone()));
+                }
+            },
+            Err(e) => {
+                // EMFILE/ENFILE/ENOBUFS: back off instead of spinning on a full process.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn refuse(mut stream: TcpStream, hostname: String) {
+    let reply = format!("421 4.7.0 {hostname} Error: too many connections, try again later\r\n");
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(reply.as_bytes())).await;
+}

@@ -1,0 +1,750 @@
+//! The SMTP state machine of one session: what each command does and which reply it earns.
+//! Replies are appended to `out`; the I/O loop flushes them when the client's pipelined input
+//! is used up.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use tern_message::{
+    now_ms, BodyType, ClientInfo, Envelope, InboundMessage, QueueId, Recipient, SpoolError,
+};
+use tern_queue::Enqueue;
+use tern_smtp::address::{ForwardPath, ReversePath};
+use tern_smtp::command::{parse_command, Command, MailFrom, RcptTo};
+use tern_smtp::data::{BdatReceiver, DataLimits, DataOutcome, DataReceiver};
+use tern_smtp::line::LineTooLong;
+use tern_smtp::reply::{EnhancedCode, Reply};
+use tracing::{info, info_span, warn};
+
+use super::Shared;
+use crate::auth::{self, AuthStep, SaslError};
+use crate::received::Trace;
+use crate::settings::{ListenerKind, Settings, VrfyPolicy};
+
+/// RFC 1869 §4 (SIZE), RFC 3461 §4 (RET/ENVID on MAIL, NOTIFY/ORCPT on RCPT), RFC 4954 §5
+/// (AUTH=): each extension we advertise lets MAIL/RCPT lines grow past the base 512 octets. The
+/// last term covers BODY= and SMTPUTF8, which their RFCs leave unbudgeted.
+const MAIL_ALLOWANCE: usize = 26 + 110 + 500 + 32;
+const RCPT_ALLOWANCE: usize = 500;
+
+pub(crate) enum Mode {
+    Command,
+    Data(Box<DataReceiver>),
+    Bdat(Box<BdatReceiver>, bool),
+    Auth(AuthStep),
+}
+
+pub(crate) enum Flow {
+    Continue,
+    Enter(Mode),
+    Close,
+    StartTls,
+}
+
+struct Transaction {
+    id: QueueId,
+    sender: String,
+    mail: MailFrom,
+    recipients: Vec<Recipient>,
+    /// Received header followed by the content as it arrives.
+    body: Vec<u8>,
+    /// Set once BDAT was used: DATA is then a sequence error (RFC 3030 §3).
+    chunking: bool,
+    /// A BDAT chunk broke a limit: later chunks are still read (the client sends them
+    /// regardless) but the message will be refused with this reply.
+    failed: Option<Reply>,
+    /// Octets of content (excluding our Received header) across BDAT chunks.
+    content_octets: u64,
+}
+
+pub(crate) struct Session {
+    shared: Arc<Shared>,
+    kind: ListenerKind,
+    client: SocketAddr,
+    local: SocketAddr,
+    helo: Option<String>,
+    esmtp: bool,
+    tls: Option<String>,
+    auth_user: Option<String>,
+    tx: Option<Transaction>,
+    errors: u32,
+    pub out: Vec<u8>,
+}
+
+fn code(class: u8, subject: u16, detail: u16) -> Option<EnhancedCode> {
+    Some(EnhancedCode::new(class, subject, detail))
+}
+
+impl Session {
+    pub fn new(shared: Arc<Shared>, kind: ListenerKind, client: SocketAddr, local: SocketAddr) -> Self {
+        Self {
+            shared,
+            kind,
+            client,
+            local,
+            helo: None,
+            esmtp: false,
+            tls: None,
+            auth_user: None,
+            tx: None,
+            errors: 0,
+            out: Vec::with_capacity(256),
+        }
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.shared.settings
+    }
+
+    /// The longest line the reader must buffer before it knows the verb.
+    pub fn max_command_line(&self) -> usize {
+        self.settings().command_line + MAIL_ALLOWANCE
+    }
+
+    fn reply(&mut self, code: u16, enhanced: Option<EnhancedCode>, text: &str) {
+        self.send(Reply::new(code, enhanced, text));
+    }
+
+    fn send(&mut self, reply: Reply) {
+        if reply.code >= 400 {
+            self.errors += 1;
+        }
+        reply.write_to(&mut self.out);
+    }
+
+    /// The error budget (Postfix's smtpd_hard_error_limit): a client that keeps getting errors
+    /// is broken or probing, and gets disconnected.
+    fn after_reply(&mut self) -> Flow {
+        if self.errors >= self.settings().errors {
+            info!(errors = self.errors, "too many errors; closing");
+            let text = format!("{} Error: too many errors", self.settings().hostname);
+            Reply::new(421, code(4, 7, 0), text).write_to(&mut self.out);
+            return Flow::Close;
+        }
+        Flow::Continue
+    }
+
+    pub fn greet(&mut self) {
+        // RFC 2034 §3: the greeting carries no enhanced code.
+        let text = format!("{} ESMTP Tern", self.settings().hostname);
+        Reply::new(220, None, text).write_to(&mut self.out);
+    }
+
+    pub fn tls_started(&mut self, description: String) {
+        info!(tls = %description, "TLS established");
+        self.tls = Some(description);
+        // RFC 3207 §4.2: forget everything learnt before TLS; the client must EHLO again.
+        self.helo = None;
+        self.esmtp = false;
+        self.tx = None;
+    }
+
+    pub fn timed_out(&mut self) {
+        let text = format!("{} Error: timeout exceeded", self.settings().hostname);
+        Reply::new(421, code(4, 4, 2), text).write_to(&mut self.out);
+    }
+
+    pub async fn on_command_line(&mut self, line: Result<BytesMut, LineTooLong>) -> Flow {
+        let line = match line {
+            Ok(line) => line,
+            Err(e) => {
+                self.send(e.reply());
+                return self.after_reply();
+            }
+        };
+        if line.len() + 2 > self.line_limit_for(&line) {
+            self.reply(500, code(5, 5, 2), "Error: line too long");
+            return self.after_reply();
+        }
+        let flow = match parse_command(&line) {
+            Ok(command) => self.on_command(command).await,
+            Err(e) => {
+                self.send(e.reply());
+                Flow::Continue
+            }
+        };
+        match flow {
+            Flow::Continue => self.after_reply(),
+            other => other,
+        }
+    }
+
+    fn line_limit_for(&self, line: &[u8]) -> usize {
+        let base = self.settings().command_line;
+        let verb = line.get(..5).unwrap_or(line);
+        if verb.eq_ignore_ascii_case(b"MAIL ") {
+            base + MAIL_ALLOWANCE
+        } else if verb.eq_ignore_ascii_case(b"RCPT ") {
+            base + RCPT_ALLOWANCE
+        } else {
+            base
+        }
+    }
+
+    async fn on_command(&mut self, command: Command) -> Flow {
+        match command {
+            Command::Ehlo(domain) => self.on_hello(domain, true),
+            Command::Helo(domain) => self.on_hello(domain, false),
+            Command::Mail(mail) => self.on_mail(mail),
+            Command::Rcpt(rcpt) => self.on_rcpt(rcpt),
+            Command::Data => self.on_data(),
+            Command::Bdat { size, last } => self.on_bdat(size, last),
+            Command::Rset => {
+                self.tx = None;
+                self.reply(250, code(2, 0, 0), "Ok");
+                Flow::Continue
+            }
+            Command::Noop => {
+                self.reply(250, code(2, 0, 0), "Ok");
+                Flow::Continue
+            }
+            Command::Quit => {
+                let text = format!("{} closing connection", self.settings().hostname);
+                self.reply(221, code(2, 0, 0), &text);
+                Flow::Close
+            }
+            Command::Vrfy(_) | Command::Expn(_) => {
+                match self.settings().vrfy {
+                    VrfyPolicy::Ambiguous => self.reply(
+                        252,
+                        code(2, 5, 0),
+                        "Cannot VRFY user, but will accept message and attempt delivery",
+                    ),
+                    VrfyPolicy::Refuse => {
+                        self.reply(502, code(5, 5, 1), "Error: command disabled by policy")
+                    }
+                }
+                Flow::Continue
+            }
+            Command::Help(_) => {
+                self.send(Reply::multiline(
+                    214,
+                    code(2, 0, 0),
+                    vec![
+                        "Tern SMTP server. Commands:".into(),
+                        "HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT".into(),
+                        "VRFY EXPN HELP STARTTLS AUTH VERB".into(),
+                        "See RFC 5321; extensions are listed in the EHLO reply".into(),
+                    ],
+                ));
+                Flow::Continue
+            }
+            Command::Verb(_) => {
+                // Sendmail's VERB streams a delivery transcript to the client; Tern delivers
+                // asynchronously and reports through DSNs and logs instead.
+                self.reply(
+                    502,
+                    code(5, 5, 1),
+                    "VERB not supported: delivery is asynchronous, use DSN NOTIFY=SUCCESS",
+                );
+                Flow::Continue
+            }
+            Command::StartTls => self.on_starttls(),
+            Command::Auth {
+                mechanism,
+                initial_response,
+            } => self.on_auth(mechanism, initial_response).await,
+        }
+    }
+
+    fn on_hello(&mut self, domain: String, esmtp: bool) -> Flow {
+        self.tx = None;
+        self.helo = Some(domain);
+        self.esmtp = esmtp;
+        let hostname = self.settings().hostname.clone();
+        if !esmtp {
+            // RFC 2034 §3: no enhanced code on the HELO/EHLO reply.
+            self.reply(250, None, &hostname);
+            return Flow::Continue;
+        }
+        let mut lines = vec![
+            hostname,
+            "PIPELINING".to_string(),
+            format!("SIZE {}", self.settings().message_size),
+            "8BITMIME".to_string(),
+            "SMTPUTF8".to_string(),
+            "ENHANCEDSTATUSCODES".to_string(),
+            "CHUNKING".to_string(),
+            "DSN".to_string(),
+        ];
+        if self.tls.is_none() && self.shared.tls.is_some() {
+            lines.push("STARTTLS".to_string());
+        }
+        if self.auth_offered() {
+            lines.push("AUTH PLAIN LOGIN".to_string());
+        }
+        lines.push("HELP".to_string());
+        self.send(Reply::multiline(250, None, lines));
+        Flow::Continue
+    }
+
+    /// RFC 8314 / RFC 6409: credentials only over TLS, and only where users submit mail.
+    fn auth_offered(&self) -> bool {
+        self.kind.offers_auth()
+            && self.tls.is_some()
+            && self.auth_user.is_none()
+            && !self.settings().users.is_empty()
+    }
+
+    fn on_mail(&mut self, mail: MailFrom) -> Flow {
+        if self.helo.is_none() {
+            self.reply(503, code(5, 5, 1), "Error: send HELO/EHLO first");
+            return Flow::Continue;
+        }
+        if self.tx.is_some() {
+            self.reply(503, code(5, 5, 1), "Error: nested MAIL command");
+            return Flow::Continue;
+        }
+        let has_params = mail.size.is_some()
+            || mail.body.is_some()
+            || mail.smtputf8
+            || mail.ret.is_some()
+            || mail.envid.is_some()
+            || mail.auth.is_some();
+        if has_params && !self.esmtp {
+            // RFC 5321 §4.1.1.11: parameters need EHLO.
+            self.reply(555, code(5, 5, 4), "Error: MAIL parameters require EHLO");
+            return Flow::Continue;
+        }
+        let limit = self.settings().message_size as u64;
+        if mail.size.is_some_and(|size| size > limit) {
+            self.reply(552, code(5, 3, 4), "Error: message size exceeds fixed limit");
+            return Flow::Continue;
+        }
+        if mail.body == Some(BodyType::BinaryMime) {
+            // We do not advertise BINARYMIME (RFC 3030 §3): our delivery side may meet servers
+            // that cannot take it, and we would have to re-encode.
+            self.reply(555, code(5, 5, 4), "Error: BODY=BINARYMIME not supported");
+            return Flow::Continue;
+        }
+        let sender = match &mail.sender {
+            ReversePath::Null => String::new(),
+            ReversePath::Address(address) => {
+                if !address.is_ascii() && !mail.smtputf8 {
+                    self.reply(
+                        553,
+                        code(5, 6, 7),
+                        "Error: non-ASCII address requires SMTPUTF8",
+                    );
+                    return Flow::Continue;
+                }
+                address.to_string()
+            }
+        };
+        self.tx = Some(Transaction {
+            id: QueueId::new(),
+            sender,
+            mail,
+            recipients: Vec::new(),
+            body: Vec::new(),
+            chunking: false,
+            failed: None,
+            content_octets: 0,
+        });
+        self.reply(250, code(2, 1, 0), "Ok");
+        Flow::Continue
+    }
+
+    fn on_rcpt(&mut self, rcpt: RcptTo) -> Flow {
+        let recipients_limit = self.settings().recipients;
+        let Some(tx) = self.tx.as_ref() else {
+            self.reply(503, code(5, 5, 1), "Error: need MAIL command");
+            return Flow::Continue;
+        };
+        if tx.chunking {
+            self.reply(503, code(5, 5, 1), "Error: RCPT after BDAT");
+            return Flow::Continue;
+        }
+        if tx.recipients.len() >= recipients_limit {
+            self.reply(452, code(4, 5, 3), "Error: too many recipients");
+            return Flow::Continue;
+        }
+        let smtputf8 = tx.mail.smtputf8;
+        if !self.esmtp && (rcpt.notify.is_some() || rcpt.orcpt.is_some()) {
+            self.reply(555, code(5, 5, 4), "Error: RCPT parameters require EHLO");
+            return Flow::Continue;
+        }
+        let address = match &rcpt.recipient {
+            ForwardPath::Postmaster => "postmaster".to_string(),
+            ForwardPath::Address(address) => {
+                if !address.is_ascii() && !smtputf8 {
+                    self.reply(
+                        553,
+                        code(5, 6, 7),
+                        "Error: non-ASCII address requires SMTPUTF8",
+                    );
+                    return Flow::Continue;
+                }
+                if !self.may_relay_to(&address.domain) {
+                    info!(recipient = %address, "relay denied");
+                    self.reply(554, code(5, 7, 1), "Error: relay access denied");
+                    return Flow::Continue;
+                }
+                address.to_string()
+            }
+        };
+        let tx = self.tx.as_mut().expect("checked above");
+        tx.recipients.push(Recipient {
+            address,
+            notify: rcpt.notify,
+            orcpt: rcpt.orcpt,
+            state: Default::default(),
+        });
+        self.reply(250, code(2, 1, 5), "Ok");
+        Flow::Continue
+    }
+
+    /// No open relay: anyone may send to the domains we serve; only trusted networks and
+    /// authenticated users may send anywhere else. (`postmaster` is always accepted.)
+    fn may_relay_to(&self, domain: &str) -> bool {
+        let settings = self.settings();
+        settings.is_relay_domain(domain)
+            || self.auth_user.is_some()
+            || settings.is_trusted_network(self.client.ip())
+    }
+
+    fn check_ready_for_content(&mut self) -> bool {
+        match &self.tx {
+            None => {
+                self.reply(503, code(5, 5, 1), "Error: need MAIL command");
+                false
+            }
+            Some(tx) if tx.recipients.is_empty() => {
+                self.reply(503, code(5, 5, 1), "Error: need RCPT command");
+                false
+            }
+            Some(_) => true,
+        }
+    }
+
+    fn on_data(&mut self) -> Flow {
+        if !self.check_ready_for_content() {
+            return Flow::Continue;
+        }
+        if self.tx.as_ref().is_some_and(|tx| tx.chunking) {
+            self.reply(503, code(5, 5, 1), "Error: DATA after BDAT");
+            return Flow::Continue;
+        }
+        self.start_body();
+        let limits = DataLimits {
+            max_size: self.settings().message_size,
+            max_line: self.settings().data_line,
+            bare_line_endings: self.settings().bare_line_endings,
+        };
+        self.reply(354, None, "End data with <CR><LF>.<CR><LF>");
+        Flow::Enter(Mode::Data(Box::new(DataReceiver::new(limits))))
+    }
+
+    fn on_bdat(&mut self, size: u64, last: bool) -> Flow {
+        // RFC 3030 §3: the chunk follows the command no matter what we answer, so even a
+        // refused BDAT must read (and discard) its octets to stay in sync.
+        let receiver = Box::new(BdatReceiver::new(size));
+        let ready = match &self.tx {
+            None => Some("Error: need MAIL command"),
+            Some(tx) if tx.recipients.is_empty() => Some("Error: need RCPT command"),
+            Some(_) => None,
+        };
+        if let Some(text) = ready {
+            self.tx = None;
+            self.reply(503, code(5, 5, 1), text);
+            return Flow::Enter(Mode::Bdat(receiver, false));
+        }
+        if !self.tx.as_ref().is_some_and(|tx| tx.chunking) {
+            self.start_body();
+        }
+        let limit = self.settings().message_size as u64;
+        let tx = self.tx.as_mut().expect("checked above");
+        tx.chunking = true;
+        if tx.failed.is_none() && tx.content_octets + size > limit {
+            tx.failed = Some(Reply::new(
+                552,
+                code(5, 3, 4),
+                "Error: message size exceeds fixed limit",
+            ));
+        }
+        Flow::Enter(Mode::Bdat(receiver, last))
+    }
+
+    /// Starts the message buffer with our Received header: everything it names is known now,
+    /// and writing it first avoids copying the body later.
+    fn start_body(&mut self) {
+        let hostname = self.shared.settings.hostname.clone();
+        let helo = self.helo.clone().unwrap_or_default();
+        let tx = self.tx.as_mut().expect("caller checked the transaction");
+        let expected = tx
+            .mail
+            .size
+            .map(|s| s as usize)
+            .unwrap_or(16 * 1024)
+            .min(self.shared.settings.message_size);
+        tx.body = Vec::with_capacity(expected + 512);
+        let id = tx.id.to_string();
+        Trace {
+            helo: &helo,
+            client_ip: self.client.ip(),
+            hostname: &hostname,
+            esmtp: self.esmtp,
+            tls: self.tls.as_deref(),
+            authenticated: self.auth_user.is_some(),
+            smtputf8: tx.mail.smtputf8,
+            id: &id,
+            single_recipient: match tx.recipients.as_slice() {
+                [only] => Some(only.address.as_str()),
+                _ => None,
+            },
+            unix_secs: now_ms() / 1000,
+        }
+        .write_to(&mut tx.body);
+    }
+
+    pub fn ingest_data(&mut self, receiver: &mut DataReceiver, input: &[u8]) -> (usize, bool) {
+        let tx = self.tx.as_mut().expect("DATA mode without a transaction");
+        receiver.ingest(input, &mut tx.body)
+    }
+
+    pub fn ingest_bdat(&mut self, receiver: &mut BdatReceiver, input: &[u8]) -> (usize, bool) {
+        match self.tx.as_mut() {
+            Some(tx) if tx.failed.is_none() => {
+                let before = tx.body.len();
+                let result = receiver.ingest(input, &mut tx.body);
+                tx.content_octets += (tx.body.len() - before) as u64;
+                result
+            }
+            // Refused chunk or failed message: read and drop.
+            _ => receiver.ingest(input, &mut Vec::new()),
+        }
+    }
+
+    pub async fn finish_data(&mut self, outcome: DataOutcome) -> Flow {
+        let refusal = if outcome.bare_line_ending {
+            Some((550, code(5, 6, 0), "Error: bare <CR> or <LF> in message data (SMTP smuggling protection); use <CR><LF>"))
+        } else if outcome.line_too_long {
+            Some((500, code(5, 5, 2), "Error: message line too long"))
+        } else if outcome.size_exceeded {
+            Some((552, code(5, 3, 4), "Error: message size exceeds fixed limit"))
+        } else {
+            None
+        };
+        if let Some((c, e, text)) = refusal {
+            if let Some(tx) = self.tx.take() {
+                info!(id = %tx.id, reason = text, "message refused");
+            }
+            self.reply(c, e, text);
+            return self.after_reply();
+        }
+        self.spool().await
+    }
+
+    pub async fn finish_chunk(&mut self, last: bool) -> Flow {
+        let Some(tx) = self.tx.as_mut() else {
+            // The chunk of a refused BDAT was drained; the 503 already went out.
+            return self.after_reply();
+        };
+        if !last {
+            if let Some(reply) = tx.failed.clone() {
+                // Keep reading later chunks; answer each with the same refusal.
+                self.send(reply);
+                return self.after_reply();
+            }
+            let text = format!("Ok: {} octets received", tx.content_octets);
+            self.reply(250, code(2, 0, 0), &text);
+            return Flow::Continue;
+        }
+        if let Some(reply) = tx.failed.clone() {
+            self.tx = None;
+            self.send(reply);
+            return self.after_reply();
+        }
+        self.spool().await
+    }
+
+    /// Hands the finished message to the queue stage and answers 250 only once the queue has
+    /// confirmed a durable write.
+    async fn spool(&mut self) -> Flow {
+        let tx = self.tx.take().expect("spool without a transaction");
+        let span = info_span!("message", id = %tx.id);
+        let _enter = span.enter();
+        let size = tx.body.len();
+        let nrcpt = tx.recipients.len();
+        let message = InboundMessage {
+            id: tx.id,
+            envelope: Envelope {
+                sender: tx.sender,
+                recipients: tx.recipients,
+                body_type: tx.mail.body.unwrap_or_default(),
+                smtputf8: tx.mail.smtputf8,
+                ret: tx.mail.ret,
+                envid: tx.mail.envid,
+                auth: tx.mail.auth.filter(|_| self.auth_user.is_some()),
+            },
+            client: ClientInfo {
+                addr: self.client,
+                local_addr: self.local,
+                helo: self.helo.clone().unwrap_or_default(),
+                tls: self.tls.clone(),
+                auth_user: self.auth_user.clone(),
+            },
+            arrived_ms: now_ms(),
+            body: Bytes::from(tx.body),
+        };
+        drop(_enter);
+        let result = self.shared.queue.send(Enqueue(message)).await;
+        let _enter = span.enter();
+        match result {
+            Ok(Ok(id)) => {
+                info!(size, nrcpt, "queued");
+                let text = format!("Ok: queued as {id}");
+                self.reply(250, code(2, 0, 0), &text);
+            }
+            Ok(Err(SpoolError::DiskFull(reason))) => {
+                warn!(%reason, "spool refused message: disk full");
+                self.reply(452, code(4, 3, 1), "Error: insufficient system storage");
+            }
+            Ok(Err(SpoolError::Storage(reason))) => {
+                warn!(%reason, "spool write failed");
+                self.reply(451, code(4, 3, 0), "Error: queue file write error");
+            }
+            Ok(Err(SpoolError::Unavailable(reason))) => {
+                warn!(%reason, "queue unavailable");
+                self.reply(451, code(4, 3, 0), "Error: queue unavailable");
+            }
+            Err(e) => {
+                warn!(error = %e, "queue stage unreachable");
+                self.reply(451, code(4, 3, 0), "Error: queue unavailable");
+            }
+        }
+        self.after_reply()
+    }
+
+    fn on_starttls(&mut self) -> Flow {
+        if self.tls.is_some() {
+            self.reply(503, code(5, 5, 1), "Error: TLS already active");
+            return Flow::Continue;
+        }
+        if self.shared.tls.is_none() {
+            self.reply(454, code(4, 7, 0), "TLS not available");
+            return Flow::Continue;
+        }
+        self.reply(220, code(2, 0, 0), "Ready to start TLS");
+        Flow::StartTls
+    }
+
+    async fn on_auth(&mut self, mechanism: String, initial: Option<String>) -> Flow {
+        if !self.kind.offers_auth() || self.settings().users.is_empty() {
+            self.reply(503, code(5, 5, 1), "Error: authentication not enabled");
+            return Flow::Continue;
+        }
+        if self.tls.is_none() {
+            self.reply(
+                538,
+                code(5, 7, 11),
+                "Encryption required for requested authentication mechanism",
+            );
+            return Flow::Continue;
+        }
+        if self.auth_user.is_some() {
+            self.reply(503, code(5, 5, 1), "Error: already authenticated");
+            return Flow::Continue;
+        }
+        if self.tx.is_some() {
+            self.reply(503, code(5, 5, 1), "Error: MAIL transaction in progress");
+            return Flow::Continue;
+        }
+        if self.helo.is_none() {
+            self.reply(503, code(5, 5, 1), "Error: send EHLO first");
+            return Flow::Continue;
+        }
+        match (mechanism.as_str(), initial) {
+            ("PLAIN", None) => {
+                self.send(Reply::new(334, None, ""));
+                Flow::Enter(Mode::Auth(AuthStep::PlainResponse))
+            }
+            ("PLAIN", Some(response)) => self.auth_plain(&response).await,
+            ("LOGIN", None) => {
+                // base64("Username:")
+                self.send(Reply::new(334, None, "VXNlcm5hbWU6"));
+                Flow::Enter(Mode::Auth(AuthStep::LoginUser))
+            }
+            ("LOGIN", Some(response)) => self.auth_login_user(&response),
+            _ => {
+                self.reply(504, code(5, 5, 4), "Error: unsupported authentication mechanism");
+                Flow::Continue
+            }
+        }
+    }
+
+    pub async fn on_auth_line(&mut self, step: AuthStep, line: Result<BytesMut, LineTooLong>) -> Flow {
+        let Ok(line) = line else {
+            self.reply(500, code(5, 5, 6), "Error: authentication exchange line too long");
+            return self.after_reply();
+        };
+        let response = String::from_utf8_lossy(&line).into_owned();
+        let flow = match step {
+            AuthStep::PlainResponse => self.auth_plain(&response).await,
+            AuthStep::LoginUser => self.auth_login_user(&response),
+            AuthStep::LoginPassword(user) => match auth::decode(&response) {
+                Ok(password) => self.check_credentials(user, password).await,
+                Err(e) => self.sasl_error(e),
+            },
+        };
+        match flow {
+            Flow::Continue => self.after_reply(),
+            other => other,
+        }
+    }
+
+    fn sasl_error(&mut self, e: SaslError) -> Flow {
+        match e {
+            SaslError::Cancelled => self.reply(501, code(5, 0, 0), "Authentication aborted"),
+            SaslError::Malformed => {
+                self.reply(501, code(5, 5, 2), "Error: cannot decode response")
+            }
+        }
+        Flow::Continue
+    }
+
+    async fn auth_plain(&mut self, response: &str) -> Flow {
+        match auth::decode(response) {
+            Ok(message) => match auth::parse_plain(&message) {
+                Some((user, password)) => self.check_credentials(user, password).await,
+                None => {
+                    self.reply(501, code(5, 5, 2), "Error: malformed PLAIN response");
+                    Flow::Continue
+                }
+            },
+            Err(e) => self.sasl_error(e),
+        }
+    }
+
+    fn auth_login_user(&mut self, response: &str) -> Flow {
+        match auth::decode(response) {
+            Ok(user) => {
+                // base64("Password:")
+                self.send(Reply::new(334, None, "UGFzc3dvcmQ6"));
+                Flow::Enter(Mode::Auth(AuthStep::LoginPassword(user)))
+            }
+            Err(e) => self.sasl_error(e),
+        }
+    }
+
+    async fn check_credentials(&mut self, user: String, password: String) -> Flow {
+        let shared = self.shared.clone();
+        let name = user.clone();
+        // argon2 is deliberately slow; run it off the session arbiter's thread.
+        let ok = tokio::task::spawn_blocking(move || {
+            auth::verify(&shared.settings.users, &name, &password)
+        })
+        .await
+        .unwrap_or(false);
+        if ok {
+            info!(user = %user, "authenticated");
+            self.auth_user = Some(user);
+            self.reply(235, code(2, 7, 0), "Authentication successful");
+        } else {
+            info!(user = %user, "authentication failed");
+            self.reply(535, code(5, 7, 8), "Error: authentication credentials invalid");
+        }
+        Flow::Continue
+    }
+}

@@ -1,0 +1,64 @@
+//! One actor per SMTP connection.
+//!
+//! The actor lives on one of the ingress arbiters (one per core) and owns the connection for its
+//! whole life; the protocol loop runs as a future inside the actor's context, so everything it
+//! touches is single-threaded and needs no locks. The only cross-stage traffic is the typed,
+//! serializable [`Enqueue`] message to the queue stage, sent by address — the queue may be on
+//! another thread today and another node tomorrow.
+
+mod commands;
+mod io;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use actix::{Actor, ActorFutureExt, AsyncContext, Context, Recipient, WrapFuture};
+use tern_queue::Enqueue;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+
+use crate::limiter::{ConnectionLimiter, ConnectionSlot};
+use crate::settings::{ListenerSpec, Settings};
+
+/// What every session on every arbiter shares, read-only.
+pub(crate) struct Shared {
+    pub settings: Settings,
+    pub limiter: Arc<ConnectionLimiter>,
+    pub queue: Recipient<Enqueue>,
+    pub tls: Option<TlsAcceptor>,
+}
+
+pub(crate) struct SessionActor {
+    connection: Option<Connection>,
+}
+
+/// Everything a session needs to start; moved into the protocol future on start.
+pub(crate) struct Connection {
+    pub shared: Arc<Shared>,
+    pub stream: TcpStream,
+    pub peer: SocketAddr,
+    pub listener: ListenerSpec,
+    pub slot: ConnectionSlot,
+}
+
+impl SessionActor {
+    pub fn new(connection: Connection) -> Self {
+        Self {
+            connection: Some(connection),
+        }
+    }
+}
+
+impl Actor for SessionActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        if let Some(connection) = self.connection.take() {
+            ctx.spawn(
+                io::run(connection)
+                    .into_actor(self)
+                    .map(|_, _, ctx| ctx.stop()),
+            );
+        }
+    }
+}

@@ -1,0 +1,111 @@
+//! Runtime settings of the ingress stage: the configuration file's values, already resolved
+//! (certificates loaded, networks parsed), so a session never touches the file system or fails
+//! on a setting.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::IpNet;
+pub use tern_smtp::data::BareLineEndings;
+
+/// What a listener is for; it decides which extensions a session offers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListenerKind {
+    /// Port 25 style: mail from other MTAs; no AUTH.
+    Smtp,
+    /// Port 587 style (RFC 6409): clients submit after STARTTLS + AUTH.
+    Submission,
+    /// Port 465 style (RFC 8314): TLS from the first byte, then AUTH.
+    Submissions,
+}
+
+impl ListenerKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ListenerKind::Smtp => "smtp",
+            ListenerKind::Submission => "submission",
+            ListenerKind::Submissions => "submissions",
+        }
+    }
+
+    pub fn implicit_tls(self) -> bool {
+        self == ListenerKind::Submissions
+    }
+
+    pub fn offers_auth(self) -> bool {
+        self != ListenerKind::Smtp
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ListenerSpec {
+    pub addr: SocketAddr,
+    pub kind: ListenerKind,
+    /// Expect a PROXY protocol v1/v2 header before SMTP (a load balancer fronts us).
+    pub proxy_protocol: bool,
+}
+
+/// How VRFY and EXPN are answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VrfyPolicy {
+    /// 252: "cannot verify, but will try" (RFC 5321 §3.5.3) — leaks nothing.
+    Ambiguous,
+    /// 502 5.5.1: the commands are switched off.
+    Refuse,
+}
+
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub hostname: String,
+    pub listeners: Vec<ListenerSpec>,
+    /// Always present in practice: `tern serve` generates a self-signed certificate when none is
+    /// configured, so STARTTLS works out of the box.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub relay_networks: Vec<IpNet>,
+    /// Lower-cased domains we accept mail for from anyone (we are their MX).
+    pub relay_domains: Vec<String>,
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    pub message_size: usize,
+    pub recipients: usize,
+    pub command_line: usize,
+    pub data_line: usize,
+    pub errors: u32,
+    pub command_timeout: Duration,
+    pub data_timeout: Duration,
+    pub bare_line_endings: BareLineEndings,
+    pub vrfy: VrfyPolicy,
+    /// SASL user name → PHC password hash (argon2id).
+    pub users: HashMap<String, String>,
+    /// Session arbiters (threads); 0 means one per CPU core.
+    pub workers: usize,
+}
+
+impl Settings {
+    /// May this client relay to any domain (before authentication)?
+    pub fn is_trusted_network(&self, ip: IpAddr) -> bool {
+        let ip = canonical_ip(ip);
+        self.relay_networks.iter().any(|net| net.contains(&ip))
+    }
+
+    pub fn is_relay_domain(&self, domain: &str) -> bool {
+        let domain = domain.trim_end_matches('.');
+        self.relay_domains
+            .iter()
+            .any(|d| d.eq_ignore_ascii_case(domain))
+    }
+}
+
+/// An IPv4 client seen through an IPv6 socket arrives as `::ffff:a.b.c.d`; networks are written
+/// in IPv4, so compare the IPv4 form.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    }
+}
