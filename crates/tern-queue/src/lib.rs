@@ -1,1 +1,21 @@
+//! Tern's queue: the durable spool behind `250 Ok: queued as <id>`.
+//!
+//! * [`Storage`] is the small storage interface; [`SledStorage`] implements it on sled 0.34.7,
+//!   with the durability argument in the [`sled_storage`] module documentation.
+//! * [`QueueActor`] receives [`Enqueue`] from sessions and answers only once the message is
+//!   durable. A committer thread groups concurrent messages so they share one flush.
+//!
+//! Invariant: nothing acknowledged is ever lost. A message is acknowledged only after
+//! [`Storage::sync`] returned `Ok` for a batch that contains its successful
+//! [`Storage::insert`].
 
+mod actor;
+mod committer;
+mod free_space;
+pub mod sled_storage;
+mod storage;
+
+pub use actor::{spawn_queue, Enqueue, GetStats, QueueActor, QueueConfig, QueueStats};
+pub use committer::CommitConfig;
+pub use sled_storage::{SledOptions, SledStorage};
+pub use storage::{ScanIter, SpooledMeta, Storage, StorageError};

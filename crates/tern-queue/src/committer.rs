@@ -1,0 +1,185 @@
+//! Group commit: one thread inserts whatever messages are waiting and makes them durable with a
+//! single `sync`, so N concurrent sessions pay for one `fdatasync` instead of N.
+//!
+//! The thread is a plain `std::thread` because every step is blocking disk I/O; running it on
+//! the actor's arbiter would stall every other message the actor handles for the length of a
+//! sync. Batches form by themselves: while one sync runs, new requests queue in the channel and
+//! become the next batch, so the batch size grows with the load and a lone message is never kept
+//! waiting for company.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+
+use serde::{Deserialize, Serialize};
+use tern_message::{InboundMessage, QueueId, SpoolError};
+use tokio::sync::oneshot;
+use tracing::{debug, debug_span, warn};
+
+use crate::storage::Storage;
+
+/// Bounds on one group commit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitConfig {
+    /// At most this many messages share one sync.
+    pub max_batch_messages: usize,
+    /// Stop adding messages to a batch once it holds this many body bytes (the first message is
+    /// always taken, however large). Bounds the latency a huge batch would add to its first
+    /// message.
+    pub max_batch_bytes: usize,
+}
+
+impl Default for CommitConfig {
+    fn default() -> Self {
+        Self {
+            max_batch_messages: 1024,
+            max_batch_bytes: 32 << 20,
+        }
+    }
+}
+
+/// Counters kept by the committer thread, read by the actor for [`crate::QueueStats`].
+#[derive(Debug, Default)]
+pub(crate) struct CommitCounters {
+    pub(crate) syncs: AtomicU64,
+    pub(crate) committed: AtomicU64,
+    pub(crate) failed: AtomicU64,
+}
+
+type Reply = oneshot::Sender<Result<(), SpoolError>>;
+
+struct Request {
+    msg: InboundMessage,
+    reply: Reply,
+}
+
+/// Handle on the committer thread. Dropping it lets the thread finish the requests already
+/// queued, then waits for it.
+pub(crate) struct Committer {
+    tx: Option<mpsc::Sender<Request>>,
+    thread: Option<JoinHandle<()>>,
+    pub(crate) counters: Arc<CommitCounters>,
+}
+
+impl Committer {
+    pub(crate) fn start(storage: Arc<dyn Storage>, config: CommitConfig) -> std::io::Result<Self> {
+        // Unbounded on purpose: every request has a session awaiting its reply, so the number in
+        // flight is bounded by the number of sessions, and a bounded channel would make the
+        // sending actor block its thread when full.
+        let (tx, rx) = mpsc::channel();
+        let counters = Arc::new(CommitCounters::default());
+        let thread = std::thread::Builder::new()
+            .name("tern-spool-commit".into())
+            .spawn({
+                let counters = counters.clone();
+                move || run(&*storage, rx, config, &counters)
+            })?;
+        Ok(Self {
+            tx: Some(tx),
+            thread: Some(thread),
+            counters,
+        })
+    }
+
+    /// Queues `msg` for the next group commit. The receiver yields `Ok(())` once the message is
+    /// durable; if it is dropped unanswered, the committer died.
+    pub(crate) fn submit(
+        &self,
+        msg: InboundMessage,
+    ) -> Result<oneshot::Receiver<Result<(), SpoolError>>, SpoolError> {
+        let (reply, rx) = oneshot::channel();
+        let tx = self.tx.as_ref().ok_or_else(gone)?;
+        tx.send(Request { msg, reply }).map_err(|_| gone())?;
+        Ok(rx)
+    }
+}
+
+pub(crate) fn gone() -> SpoolError {
+    SpoolError::Unavailable("spool committer is not running".into())
+}
+
+impl Drop for Committer {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(t) = self.thread.take() {
+            // The thread exits once the channel is empty and closed; at most one batch remains.
+            if t.join().is_err() {
+                warn!("spool committer thread panicked");
+            }
+        }
+    }
+}
+
+fn run(
+    storage: &dyn Storage,
+    rx: mpsc::Receiver<Request>,
+    config: CommitConfig,
+    counters: &CommitCounters,
+) {
+    let _span = debug_span!("spool_committer").entered();
+    let max_messages = config.max_batch_messages.max(1);
+    let mut batch: Vec<Request> = Vec::with_capacity(max_messages);
+    let mut inserted: Vec<(QueueId, Reply)> = Vec::with_capacity(max_messages);
+
+    // Blocks for the first request of each batch; ends when every sender is gone.
+    while let Ok(first) = rx.recv() {
+        let mut bytes = first.msg.body.len();
+        batch.push(first);
+        while batch.len() < max_messages && bytes < config.max_batch_bytes {
+            match rx.try_recv() {
+                Ok(req) => {
+                    bytes += req.msg.body.len();
+                    batch.push(req);
+                }
+                Err(_) => break,
+            }
+        }
+
+        let span = debug_span!("group_commit", messages = batch.len(), bytes).entered();
+        for Request { msg, reply } in batch.drain(..) {
+            match storage.insert(&msg) {
+                Ok(()) => inserted.push((msg.id, reply)),
+                Err(e) => {
+                    // Only this message fails; the rest of the batch goes on.
+                    warn!(queue_id = %msg.id, error = %e, "spool insert failed");
+                    counters.failed.fetch_add(1, Ordering::Relaxed);
+                    let _ = reply.send(Err(e.into()));
+                }
+            }
+        }
+        if inserted.is_empty() {
+            continue;
+        }
+
+        // One sync covers every insert above; nobody is answered before it returns.
+        let result = storage.sync();
+        counters.syncs.fetch_add(1, Ordering::Relaxed);
+        match result {
+            Ok(()) => {
+                counters
+                    .committed
+                    .fetch_add(inserted.len() as u64, Ordering::Relaxed);
+                debug!(committed = inserted.len(), "group commit done");
+                for (_, reply) in inserted.drain(..) {
+                    // A dropped receiver means the session went away; the message stays
+                    // spooled and will be delivered anyway.
+                    let _ = reply.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                // The inserts may or may not be on disk: none of them may be acknowledged.
+                warn!(error = %e, messages = inserted.len(), "spool sync failed");
+                counters
+                    .failed
+                    .fetch_add(inserted.len() as u64, Ordering::Relaxed);
+                let err = SpoolError::from(e);
+                for (id, reply) in inserted.drain(..) {
+                    debug!(queue_id = %id, "not acknowledged: sync failed");
+                    let _ = reply.send(Err(err.clone()));
+                }
+            }
+        }
+        drop(span);
+    }
+    debug!("spool committer stopped");
+}
