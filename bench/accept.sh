@@ -1,0 +1,155 @@
+#!/usr/bin/env bash
+# Accept-rate benchmark: Postfix's smtp-source against a private Postfix instance and against
+# tern, in the same run, with and without connection reuse (-d). Not a test: it measures.
+#
+#   bash bench/accept.sh                       # both servers, both modes
+#   ONLY=postfix bash bench/accept.sh          # or ONLY=tern; ONLY=ceiling for the harness limit
+#   MESSAGES=20000 SESSIONS=20 SIZE=5000 bash bench/accept.sh
+#   TERN_BIN=target/release/tern bash bench/accept.sh   # skip the release build
+#   KEEP_WORK=1 bash bench/accept.sh           # keep the temp dir (configs, logs, maillog)
+#
+# "Accept" is the time smtp-source needs to have every message answered with 250 (the server
+# has taken responsibility for it). For Postfix, which relays to an smtp-sink, the time until its
+# queue is empty again is reported too (end-to-end). Results go to stdout and bench-out/.
+set -euo pipefail
+
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+. "$REPO/bench/lib.sh"
+
+MESSAGES=${MESSAGES:-20000}
+SESSIONS=${SESSIONS:-20}
+SIZE=${SIZE:-5000}
+ONLY=${ONLY:-both}
+SENDER=${SENDER:-bench@client.bench.test}
+# Postfix relays everything to its relayhost, so any domain works; tern's delivery may look the
+# domain up, so by default it gets an address literal on loopback (no DNS, nothing leaves the
+# machine).
+POSTFIX_RCPT=${POSTFIX_RCPT:-sink@relay.bench.test}
+TERN_RCPT=${TERN_RCPT:-sink@[127.0.0.1]}
+
+for tool in smtp-source smtp-sink postfix python3; do
+  command -v "$tool" >/dev/null || die "$tool not found (apt-get install postfix python3)"
+done
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+WORK=$(mktemp -d /tmp/tern-bench.XXXXXX)
+chmod 755 "$WORK"
+trap bench_cleanup EXIT
+OUT="$REPO/bench-out"
+mkdir -p "$OUT"
+RESULTS="$OUT/accept-$(date +%Y%m%d-%H%M%S).tsv"
+printf 'server\tmode\tmessages\tsessions\tsize\taccept_s\taccept_msg_s\tdrain_s\tend_to_end_msg_s\n' >"$RESULTS"
+
+declare -A RATE
+
+# run_source LABEL MODE PORT RCPT: runs smtp-source; sets T0 and T1 (start and end times).
+run_source() {
+  local label=$1 mode=$2 port=$3 rcpt=$4 flags=()
+  [ "$mode" = "-d" ] && flags+=(-d)
+  log "$label: smtp-source -s $SESSIONS -l $SIZE -m $MESSAGES ${flags[*]} 127.0.0.1:$port"
+  T0=$(now)
+  smtp-source -s "$SESSIONS" -l "$SIZE" -m "$MESSAGES" "${flags[@]}" \
+    -f "$SENDER" -t "$rcpt" -M client.bench.test "127.0.0.1:$port" \
+    >"$WORK/source-$label.log" 2>&1 || { cat "$WORK/source-$label.log" >&2; die "$label: smtp-source failed"; }
+  T1=$(now)
+}
+
+record() { # server mode accept_s accept_rate drain_s e2e_rate
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$MESSAGES" "$SESSIONS" "$SIZE" "$3" "$4" "$5" "$6" >>"$RESULTS"
+}
+
+bench_postfix() {
+  local sink port dir conf mode label t0 t1 acc
+  sink=$(free_port)
+  start_sink "$sink" "$WORK/sink.log"
+  port=$(free_port)
+  dir="$WORK/postfix"
+  start_postfix "$dir" "$port" "$sink"
+  conf=$POSTFIX_CONF
+  log "postfix: config $conf, smtpd 127.0.0.1:$port → smtp-sink 127.0.0.1:$sink"
+  for mode in new -d; do
+    label="postfix${mode/-d/-reuse}"
+    run_source "$label" "$mode" "$port" "$POSTFIX_RCPT"
+    t0=$T0 t1=$T1
+    acc=$(rate "$MESSAGES" "$t0" "$t1")
+    local t2 drain="" e2e=""
+    if wait_postfix_drained "$dir" 600; then
+      t2=$(now)
+      drain=$(elapsed "$t0" "$t2")
+      e2e=$(rate "$MESSAGES" "$t0" "$t2")
+    else
+      log "postfix queue not drained after 600 s ($(postfix_queue_count "$dir") left)"
+    fi
+    RATE[postfix$mode]=$acc
+    log "postfix ($mode): accepted $MESSAGES in $(elapsed "$t0" "$t1") s = $acc msg/s; drained at ${drain:-?} s = ${e2e:-?} msg/s end-to-end"
+    record postfix "$mode" "$(elapsed "$t0" "$t1")" "$acc" "$drain" "$e2e"
+  done
+  local deferred
+  deferred=$(find "$dir/spool/deferred" -type f | wc -l)
+  [ "$deferred" -eq 0 ] || log "WARNING: $deferred messages deferred in Postfix (see $dir/maillog)"
+  postfix -c "$conf" stop >/dev/null 2>&1 || true
+}
+
+bench_tern() {
+  local bin port http mode label t0 t1 acc dir queued
+  bin=$(tern_bin)
+  for mode in new -d; do
+    label="tern${mode/-d/-reuse}"
+    port=$(free_port)
+    http=$(free_port)
+    dir="$WORK/$label"
+    # Every smtp-source session comes from 127.0.0.1: allow them all.
+    start_tern "$bin" "$dir" "$port" "$http" "max_connections_per_ip = 10000"
+    run_source "$label" "$mode" "$port" "$TERN_RCPT"
+    t0=$T0 t1=$T1
+    acc=$(rate "$MESSAGES" "$t0" "$t1")
+    queued=$(health_json "$http" | python3 -c 'import json,sys; print(json.load(sys.stdin).get("queued"))')
+    RATE[tern$mode]=$acc
+    log "tern ($mode): accepted $MESSAGES in $(elapsed "$t0" "$t1") s = $acc msg/s; /health queued=$queued"
+    record tern "$mode" "$(elapsed "$t0" "$t1")" "$acc" "" ""
+    stop_pid "$TERN_PID"
+  done
+}
+
+# The harness's own ceiling: smtp-source straight into smtp-sink (no queue, no disk).
+bench_ceiling() {
+  local sink mode t0 t1 acc
+  sink=$(free_port)
+  start_sink "$sink" "$WORK/sink-ceiling.log"
+  for mode in new -d; do
+    run_source "ceiling${mode/-d/-reuse}" "$mode" "$sink" "$POSTFIX_RCPT"
+    t0=$T0 t1=$T1
+    acc=$(rate "$MESSAGES" "$t0" "$t1")
+    RATE[ceiling$mode]=$acc
+    log "ceiling ($mode): smtp-source → smtp-sink $acc msg/s"
+    record smtp-sink "$mode" "$(elapsed "$t0" "$t1")" "$acc" "" ""
+  done
+}
+
+log "machine: $(nproc) cores, $(free -h | awk '/^Mem:/ {print $2}') RAM; work dir $WORK"
+case "$ONLY" in
+  postfix) bench_postfix ;;
+  tern) bench_tern ;;
+  ceiling) bench_ceiling ;;
+  both) bench_postfix; bench_tern ;;
+  all) bench_ceiling; bench_postfix; bench_tern ;;
+  *) die "ONLY must be postfix, tern, ceiling, both or all" ;;
+esac
+
+echo
+printf '%-10s %-20s %12s\n' server mode "accept msg/s"
+for server in ceiling postfix tern; do
+  for mode in new -d; do
+    [ -n "${RATE[$server$mode]:-}" ] || continue
+    desc="new connection/msg"
+    [ "$mode" = "-d" ] && desc="reuse (-d)"
+    printf '%-10s %-20s %12s\n' "$server" "$desc" "${RATE[$server$mode]}"
+  done
+done
+for mode in new -d; do
+  if [ -n "${RATE[tern$mode]:-}" ] && [ -n "${RATE[postfix$mode]:-}" ]; then
+    printf 'ratio tern/postfix (%s): %s\n' "$mode" \
+      "$(awk -v a="${RATE[tern$mode]}" -v b="${RATE[postfix$mode]}" 'BEGIN { printf "%.2f", a / b }')"
+  fi
+done
+log "results: $RESULTS"
