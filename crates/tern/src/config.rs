@@ -1,0 +1,971 @@
+//! Tern's configuration: built-in defaults, overridden by an optional TOML
+//! file, overridden by `TERN_SECTION__KEY` environment variables.
+//!
+//! `tern serve` must work with no file at all, so every key has a default
+//! and every section is `#[serde(default)]`. Every section also denies
+//! unknown keys: a typo such as `lisen` silently falling back to the default
+//! listener is the kind of mistake an operator only finds in production.
+//!
+//! The `config` crate does the layering, but its own error messages do not
+//! reliably say which file or variable a bad value came from, so each layer
+//! is checked before it is handed over: the file is parsed with `toml` and
+//! deserialized through `serde_path_to_error`, and each environment variable
+//! is matched against the known keys and typed from the defaults. Every
+//! error therefore names the full key path and where it came from.
+//!
+//! The key reference lives in `docs/configuration.md`; keep both in step.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::marker::PhantomData;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::de::{self, Deserializer, Visitor};
+use serde::{Deserialize, Serialize};
+
+pub use crate::auth_hash::{hash_password, HashError};
+
+/// Prefix of the environment variables that override configuration keys.
+const ENV_PREFIX: &str = "tern_";
+/// Separates the section from the key in an environment variable name
+/// (`TERN_SMTP__LISTEN`): a single `_` cannot, because keys contain `_`.
+const ENV_SEPARATOR: &str = "__";
+/// Keys whose environment value is a comma-separated list.
+const LIST_KEYS: [&str; 5] = [
+    "smtp.listen",
+    "smtp.submission_listen",
+    "smtp.submissions_listen",
+    "relay.networks",
+    "relay.domains",
+];
+
+/// The whole configuration. See `docs/configuration.md` for every key.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: Server,
+    pub smtp: Smtp,
+    pub tls: Tls,
+    pub relay: Relay,
+    pub limits: Limits,
+    pub auth: Auth,
+    pub http: Http,
+    pub queue: Queue,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Server {
+    /// Name used in the greeting, in `Received:` headers and in the
+    /// self-signed certificate.
+    pub hostname: String,
+    /// Queue, spool and generated TLS material live here.
+    pub data_dir: PathBuf,
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Self {
+            hostname: system_hostname(),
+            data_dir: PathBuf::from("tern-data"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Smtp {
+    /// Plain SMTP (port 25 style, STARTTLS offered).
+    #[serde(deserialize_with = "de_list::<_, SocketAddr>")]
+    pub listen: Vec<SocketAddr>,
+    /// Message submission (port 587 style, STARTTLS offered).
+    #[serde(deserialize_with = "de_list::<_, SocketAddr>")]
+    pub submission_listen: Vec<SocketAddr>,
+    /// Submission over implicit TLS (port 465 style).
+    #[serde(deserialize_with = "de_list::<_, SocketAddr>")]
+    pub submissions_listen: Vec<SocketAddr>,
+    /// Expect a PROXY protocol header (v1 or v2) on every connection.
+    pub proxy_protocol: bool,
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    pub bare_line_endings: BareLineEndings,
+    /// Worker threads; 0 means one per CPU core.
+    pub workers: usize,
+    pub vrfy: VrfyPolicy,
+}
+
+impl Default for Smtp {
+    fn default() -> Self {
+        Self {
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], 2525))],
+            submission_listen: vec![SocketAddr::from(([127, 0, 0, 1], 2587))],
+            submissions_listen: Vec::new(),
+            proxy_protocol: false,
+            max_connections: 10_000,
+            max_connections_per_ip: 100,
+            bare_line_endings: BareLineEndings::Reject,
+            workers: 0,
+            vrfy: VrfyPolicy::Ambiguous,
+        }
+    }
+}
+
+/// What to do with a bare CR or LF (not part of CRLF) inside DATA.
+///
+/// The default is `Reject` because servers that disagree about line endings
+/// enable SMTP smuggling (CVE-2023-51764 and friends).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BareLineEndings {
+    #[default]
+    Reject,
+    Normalize,
+}
+
+/// How to answer VRFY.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VrfyPolicy {
+    /// `252 2.5.0` (RFC 5321 §3.5.3): never reveals whether a mailbox exists.
+    #[default]
+    Ambiguous,
+    /// `502 5.5.1`: the command is not implemented.
+    Refuse,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Tls {
+    /// PEM certificate chain; empty together with `private_key` means a
+    /// self-signed certificate generated in `data_dir`.
+    pub certificate: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub private_key: PathBuf,
+}
+
+/// 127.0.0.0/8, checked at compile time.
+const LOOPBACK_V4: ipnet::Ipv4Net =
+    ipnet::Ipv4Net::new_assert(std::net::Ipv4Addr::new(127, 0, 0, 0), 8);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Relay {
+    /// Clients in these networks may relay to any domain.
+    #[serde(deserialize_with = "de_list::<_, IpNet>")]
+    pub networks: Vec<IpNet>,
+    /// Mail for these domains is accepted from anyone.
+    pub domains: Vec<String>,
+}
+
+impl Default for Relay {
+    fn default() -> Self {
+        // Loopback only, so that a fresh install is never an open relay.
+        Self {
+            networks: vec![
+                IpNet::V4(LOOPBACK_V4),
+                IpNet::from(IpAddr::from(std::net::Ipv6Addr::LOCALHOST)),
+            ],
+            domains: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest accepted message in bytes (advertised with SIZE).
+    pub message_size: u64,
+    /// Most RCPT TO per transaction.
+    pub recipients: usize,
+    /// Longest command line in bytes, CRLF included.
+    pub command_line: usize,
+    /// Longest DATA line in bytes, CRLF included.
+    pub data_line: usize,
+    /// Protocol errors before the connection is dropped.
+    pub errors: u32,
+    #[serde(
+        serialize_with = "humantime_serde::serialize",
+        deserialize_with = "de_parsed::<_, Duration>"
+    )]
+    pub command_timeout: Duration,
+    #[serde(
+        serialize_with = "humantime_serde::serialize",
+        deserialize_with = "de_parsed::<_, Duration>"
+    )]
+    pub data_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            message_size: 10_240_000,
+            recipients: 1000,
+            command_line: 512,
+            data_line: 65_536,
+            errors: 10,
+            command_timeout: Duration::from_secs(5 * 60),
+            data_timeout: Duration::from_secs(10 * 60),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Auth {
+    pub users: Vec<AuthUser>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthUser {
+    pub name: String,
+    /// PHC string, `$argon2id$...`, as printed by `tern auth hash`.
+    pub password_hash: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Http {
+    #[serde(deserialize_with = "de_parsed::<_, SocketAddr>")]
+    pub listen: SocketAddr,
+}
+
+impl Default for Http {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8025)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Queue {
+    /// Bytes of page cache for the queue database.
+    pub cache_size: u64,
+    /// Below this many free bytes in `data_dir`, new mail gets
+    /// `452 4.3.1` (like Postfix's `queue_minfree`); 0 disables the check.
+    pub min_free_space: u64,
+}
+
+impl Default for Queue {
+    fn default() -> Self {
+        Self {
+            cache_size: 64 * 1024 * 1024,
+            min_free_space: 100 * 1024 * 1024,
+        }
+    }
+}
+
+/// A configuration problem, worded for the operator: it always says where
+/// the bad value came from and, when there is one, the full key path.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config error in {}: cannot read the file: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config error in {origin}: invalid TOML: {message}")]
+    Syntax { origin: String, message: String },
+    #[error("config error in {origin}: unknown key `{key}` (expected one of {})", expected.join(", "))]
+    UnknownKey {
+        origin: String,
+        key: String,
+        expected: Vec<&'static str>,
+    },
+    #[error("config error in {origin}: {key}: {message}")]
+    Invalid {
+        origin: String,
+        key: String,
+        message: String,
+    },
+}
+
+impl ConfigError {
+    /// The full key path the error is about, if it is about one key.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            Self::UnknownKey { key, .. } | Self::Invalid { key, .. } => Some(key),
+            Self::Read { .. } | Self::Syntax { .. } => None,
+        }
+    }
+}
+
+/// Loads the configuration: defaults, then `file` (if any), then `TERN_*`
+/// environment variables, then [`Config::validate`].
+pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+    let mut env = Vec::new();
+    for (name, value) in std::env::vars_os() {
+        // `std::env::vars` would panic on non-UTF-8; skip foreign variables
+        // and only complain about ones that are meant for us.
+        let Ok(name) = name.into_string() else {
+            continue;
+        };
+        match value.into_string() {
+            Ok(value) => env.push((name, value)),
+            Err(_) if env_key(&name).is_some() => {
+                return Err(ConfigError::Invalid {
+                    origin: format!("environment variable {name}"),
+                    key: env_key(&name).unwrap_or_default(),
+                    message: "the value is not valid UTF-8".into(),
+                })
+            }
+            Err(_) => {}
+        }
+    }
+    load_from_env_and(file, env)
+}
+
+/// [`load`] with the environment given explicitly, so tests need not touch
+/// the process environment.
+pub fn load_from_env_and(
+    file: Option<&Path>,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Config, ConfigError> {
+    let defaults = Config::default();
+    let defaults_table = toml::Table::try_from(&defaults).map_err(|e| ConfigError::Syntax {
+        origin: "the built-in defaults".into(),
+        message: e.to_string(),
+    })?;
+
+    let mut builder = config::Config::builder().add_source(config::File::from_str(
+        &toml::to_string(&defaults_table).unwrap_or_default(),
+        config::FileFormat::Toml,
+    ));
+
+    let file_origin = file.map(|p| p.display().to_string());
+    if let Some(path) = file {
+        let content = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        check_file(&content, &path.display().to_string())?;
+        // The content is handed over as read and checked, rather than
+        // re-read by path, so what was checked is what gets used.
+        builder = builder.add_source(config::File::from_str(&content, config::FileFormat::Toml));
+    }
+
+    let overrides = env_overrides(env, &defaults_table)?;
+    let mut env_map = config::Map::new();
+    let mut env_origin: BTreeMap<String, String> = BTreeMap::new();
+    let mut env_source = config::Environment::with_prefix("TERN")
+        .prefix_separator("_")
+        .separator(ENV_SEPARATOR)
+        .list_separator(",")
+        .try_parsing(true);
+    for key in LIST_KEYS {
+        // Named explicitly so a single address still becomes a one-element
+        // list instead of a string.
+        env_source = env_source.with_list_parse_key(key);
+    }
+    for o in overrides {
+        env_origin.insert(o.key.clone(), o.var.clone());
+        match o.value {
+            EnvValue::List(items) if items.is_empty() => {
+                // `Environment` turns "" into [""], never into [].
+                builder = builder
+                    .set_override(o.key.as_str(), Vec::<String>::new())
+                    .map_err(|e| env_error(&o.var, &o.key, describe(&e)))?;
+            }
+            EnvValue::List(items) => {
+                env_map.insert(o.var, items.join(","));
+            }
+            EnvValue::Scalar(value) => {
+                env_map.insert(o.var, value);
+            }
+        }
+    }
+    builder = builder.add_source(env_source.source(Some(env_map)));
+
+    let origin_of = |key: &str| -> String {
+        let leaf = leaf_key(key);
+        match env_origin.get(&leaf) {
+            Some(var) => format!("environment variable {var}"),
+            None => file_origin
+                .clone()
+                .unwrap_or_else(|| "the built-in defaults".into()),
+        }
+    };
+
+    let built = builder.build().map_err(|e| ConfigError::Syntax {
+        origin: file_origin
+            .clone()
+            .unwrap_or_else(|| "the environment".into()),
+        message: describe(&e),
+    })?;
+    let config: Config = serde_path_to_error::deserialize(built).map_err(|e| {
+        let key = e.path().to_string();
+        ConfigError::Invalid {
+            origin: origin_of(&key),
+            message: describe(e.inner()),
+            key,
+        }
+    })?;
+
+    config
+        .check()
+        .map_err(|(key, message)| ConfigError::Invalid {
+            origin: origin_of(&key),
+            key,
+            message,
+        })?;
+    Ok(config)
+}
+
+impl Config {
+    /// Checks what types alone cannot; `source` names where the
+    /// configuration came from (a file path, say) for the error message.
+    pub fn validate(&self, source: &str) -> Result<(), ConfigError> {
+        self.check().map_err(|(key, message)| ConfigError::Invalid {
+            origin: source.to_string(),
+            key,
+            message,
+        })
+    }
+
+    /// The effective configuration as TOML, for `tern config check`.
+    pub fn to_toml(&self) -> String {
+        // Durations, addresses and paths all serialize as strings, so this
+        // cannot fail for a loaded configuration; still, never panic.
+        toml::to_string(self)
+            .unwrap_or_else(|e| format!("# cannot render the configuration: {e}\n"))
+    }
+
+    /// The first problem found, as (key path, message).
+    fn check(&self) -> Result<(), (String, String)> {
+        let fail = |key: &str, message: String| Err((key.to_string(), message));
+
+        let hostname = &self.server.hostname;
+        if hostname.is_empty() {
+            return fail("server.hostname", "must not be empty".into());
+        }
+        if hostname
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+        {
+            // It goes verbatim into the 220 greeting and EHLO reply.
+            return fail(
+                "server.hostname",
+                format!("{hostname:?} must not contain spaces or control characters"),
+            );
+        }
+        if self.server.data_dir.as_os_str().is_empty() {
+            return fail("server.data_dir", "must not be empty".into());
+        }
+
+        let smtp = &self.smtp;
+        if smtp.listen.is_empty()
+            && smtp.submission_listen.is_empty()
+            && smtp.submissions_listen.is_empty()
+        {
+            return fail(
+                "smtp.listen",
+                "no SMTP listener configured: set at least one of smtp.listen, \
+                 smtp.submission_listen, smtp.submissions_listen"
+                    .into(),
+            );
+        }
+        // Two listeners on one address would fail at bind time with a less
+        // helpful message; port 0 (any free port) may repeat.
+        let mut seen: BTreeMap<SocketAddr, String> = BTreeMap::new();
+        let listeners = [
+            ("smtp.listen", &smtp.listen),
+            ("smtp.submission_listen", &smtp.submission_listen),
+            ("smtp.submissions_listen", &smtp.submissions_listen),
+        ];
+        let http = [self.http.listen];
+        let all = listeners
+            .iter()
+            .flat_map(|(name, addrs)| {
+                addrs
+                    .iter()
+                    .enumerate()
+                    .map(move |(i, a)| (format!("{name}[{i}]"), *a))
+            })
+            .chain(http.iter().map(|a| ("http.listen".to_string(), *a)));
+        for (key, addr) in all {
+            if addr.port() == 0 {
+                continue;
+            }
+            if let Some(first) = seen.get(&addr) {
+                return fail(&key, format!("{addr} is already used by {first}"));
+            }
+            seen.insert(addr, key);
+        }
+        if smtp.max_connections == 0 {
+            return fail("smtp.max_connections", "must be greater than 0".into());
+        }
+        if smtp.max_connections_per_ip == 0 {
+            return fail(
+                "smtp.max_connections_per_ip",
+                "must be greater than 0".into(),
+            );
+        }
+
+        for (i, d) in self.relay.domains.iter().enumerate() {
+            if d.trim().is_empty() || d.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return fail(
+                    &format!("relay.domains[{i}]"),
+                    format!("invalid domain {d:?}"),
+                );
+            }
+        }
+
+        let tls = &self.tls;
+        match (
+            tls.certificate.as_os_str().is_empty(),
+            tls.private_key.as_os_str().is_empty(),
+        ) {
+            (false, true) => {
+                return fail(
+                    "tls.private_key",
+                    "must be set when tls.certificate is set (or leave both empty for a \
+                     self-signed certificate)"
+                        .into(),
+                )
+            }
+            (true, false) => {
+                return fail(
+                    "tls.certificate",
+                    "must be set when tls.private_key is set (or leave both empty for a \
+                     self-signed certificate)"
+                        .into(),
+                )
+            }
+            _ => {}
+        }
+
+        let l = &self.limits;
+        if l.message_size == 0 {
+            return fail("limits.message_size", "must be greater than 0".into());
+        }
+        if l.recipients == 0 {
+            return fail("limits.recipients", "must be greater than 0".into());
+        }
+        if l.command_line < 512 {
+            return fail(
+                "limits.command_line",
+                format!(
+                    "{} is below 512, the minimum RFC 5321 section 4.5.3.1.4 requires",
+                    l.command_line
+                ),
+            );
+        }
+        if l.data_line < 1000 {
+            return fail(
+                "limits.data_line",
+                format!(
+                    "{} is below 1000, the minimum RFC 5321 section 4.5.3.1.6 requires",
+                    l.data_line
+                ),
+            );
+        }
+        if l.errors == 0 {
+            return fail("limits.errors", "must be greater than 0".into());
+        }
+        if l.command_timeout.is_zero() {
+            return fail("limits.command_timeout", "must be greater than 0".into());
+        }
+        if l.data_timeout.is_zero() {
+            return fail("limits.data_timeout", "must be greater than 0".into());
+        }
+
+        let mut names = HashSet::new();
+        for (i, user) in self.auth.users.iter().enumerate() {
+            if user.name.is_empty() {
+                return fail(&format!("auth.users[{i}].name"), "must not be empty".into());
+            }
+            if !names.insert(user.name.as_str()) {
+                return fail(
+                    &format!("auth.users[{i}].name"),
+                    format!("duplicate user {:?}", user.name),
+                );
+            }
+            if let Err(message) = crate::auth_hash::check_phc(&user.password_hash) {
+                return fail(&format!("auth.users[{i}].password_hash"), message);
+            }
+        }
+
+        if self.queue.cache_size == 0 {
+            return fail("queue.cache_size", "must be greater than 0".into());
+        }
+        Ok(())
+    }
+}
+
+/// The machine's hostname, or "localhost" if it cannot be found.
+fn system_hostname() -> String {
+    #[cfg(unix)]
+    {
+        let mut buf = [0u8; 256];
+        // SAFETY: the pointer and length describe `buf`, which outlives the
+        // call; gethostname writes at most `len` bytes.
+        let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+        if rc == 0 {
+            let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+            if let Ok(name) = std::str::from_utf8(&buf[..end]) {
+                let name = name.trim();
+                if !name.is_empty() {
+                    return name.to_string();
+                }
+            }
+        }
+    }
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+// ---------------------------------------------------------------------------
+// The file layer.
+
+/// Parses and type-checks the file on its own, so that its errors name the
+/// file, the key path and the line.
+fn check_file(content: &str, origin: &str) -> Result<(), ConfigError> {
+    let table: toml::Table = content
+        .parse()
+        .map_err(|e: toml::de::Error| ConfigError::Syntax {
+            origin: origin.to_string(),
+            message: with_line(content, e.message(), e.span()),
+        })?;
+    check_known_keys(&table, origin)?;
+    serde_path_to_error::deserialize::<_, Config>(toml::Deserializer::new(content)).map_err(
+        |e| ConfigError::Invalid {
+            origin: origin.to_string(),
+            key: e.path().to_string(),
+            message: with_line(content, &friendly(e.inner().message()), e.inner().span()),
+        },
+    )?;
+    Ok(())
+}
+
+/// Walks the file's tables against the known keys. serde would reject an
+/// unknown key too, but without saying which section it was in.
+fn check_known_keys(table: &toml::Table, origin: &str) -> Result<(), ConfigError> {
+    let unknown = |key: String, expected: &'static [&'static str]| ConfigError::UnknownKey {
+        origin: origin.to_string(),
+        key,
+        expected: expected.to_vec(),
+    };
+    let top = fields_of::<Config>();
+    for (section, value) in table {
+        if !top.contains(&section.as_str()) {
+            return Err(unknown(section.clone(), top));
+        }
+        let Some(keys) = value.as_table() else {
+            continue; // a type error, reported by serde
+        };
+        let expected = section_fields(section);
+        for (key, value) in keys {
+            if !expected.contains(&key.as_str()) {
+                return Err(unknown(format!("{section}.{key}"), expected));
+            }
+            if section == "auth" && key == "users" {
+                let user_fields = fields_of::<AuthUser>();
+                for (i, user) in value.as_array().into_iter().flatten().enumerate() {
+                    for field in user.as_table().into_iter().flat_map(|t| t.keys()) {
+                        if !user_fields.contains(&field.as_str()) {
+                            return Err(unknown(format!("auth.users[{i}].{field}"), user_fields));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn section_fields(section: &str) -> &'static [&'static str] {
+    match section {
+        "server" => fields_of::<Server>(),
+        "smtp" => fields_of::<Smtp>(),
+        "tls" => fields_of::<Tls>(),
+        "relay" => fields_of::<Relay>(),
+        "limits" => fields_of::<Limits>(),
+        "auth" => fields_of::<Auth>(),
+        "http" => fields_of::<Http>(),
+        "queue" => fields_of::<Queue>(),
+        _ => &[],
+    }
+}
+
+/// The field names of a derived struct, in declaration order, taken from
+/// what serde's derive passes to `deserialize_struct` — so the list of
+/// expected keys can never drift from the structs.
+fn fields_of<'de, T: Deserialize<'de>>() -> &'static [&'static str] {
+    #[derive(Debug)]
+    struct Captured(&'static [&'static str]);
+    impl fmt::Display for Captured {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("fields captured")
+        }
+    }
+    impl std::error::Error for Captured {}
+    impl de::Error for Captured {
+        fn custom<M: fmt::Display>(_: M) -> Self {
+            Captured(&[])
+        }
+    }
+    struct Probe;
+    impl<'de> Deserializer<'de> for Probe {
+        type Error = Captured;
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Captured> {
+            Err(Captured(&[]))
+        }
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Captured> {
+            Err(Captured(fields))
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
+            bytes byte_buf option unit unit_struct newtype_struct seq tuple
+            tuple_struct map enum identifier ignored_any
+        }
+    }
+    match T::deserialize(Probe) {
+        Err(Captured(fields)) => fields,
+        Ok(_) => &[],
+    }
+}
+
+/// Appends " (line N)" when the error has a position in the file.
+fn with_line(content: &str, message: &str, span: Option<std::ops::Range<usize>>) -> String {
+    let message = message.trim_end();
+    match span {
+        Some(span) => {
+            let start = span.start.min(content.len());
+            let line = content.as_bytes()[..start]
+                .iter()
+                .filter(|&&b| b == b'\n')
+                .count()
+                + 1;
+            format!("{message} (line {line})")
+        }
+        None => message.to_string(),
+    }
+}
+
+/// serde's messages name Rust types ("expected usize"); operators should
+/// not need to know them.
+fn friendly(message: &str) -> String {
+    let mut out = message.to_string();
+    for ty in ["usize", "u64", "u32"] {
+        out = out.replace(&format!("expected {ty}"), "expected a non-negative integer");
+    }
+    out
+}
+
+/// The message of a `config` crate error without its own location, which
+/// [`ConfigError`] supplies.
+fn describe(e: &config::ConfigError) -> String {
+    match e {
+        config::ConfigError::At { error, .. } => describe(error),
+        config::ConfigError::Type {
+            unexpected,
+            expected,
+            ..
+        } => format!("invalid value {unexpected}, expected {expected}"),
+        config::ConfigError::Message(m) => friendly(m),
+        other => other.to_string(),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The environment layer.
+
+struct EnvOverride {
+    var: String,
+    key: String,
+    value: EnvValue,
+}
+
+enum EnvValue {
+    Scalar(String),
+    List(Vec<String>),
+}
+
+/// The key path a `TERN_SECTION__KEY` variable names, if it is one.
+///
+/// Variables without `__` (`TERN_CONFIG`, `TERN_LOG`) are not configuration
+/// keys and are left alone, so the command line may use them freely.
+fn env_key(name: &str) -> Option<String> {
+    let lower = name.to_lowercase();
+    let rest = lower.strip_prefix(ENV_PREFIX)?;
+    rest.contains(ENV_SEPARATOR)
+        .then(|| rest.replace(ENV_SEPARATOR, "."))
+}
+
+fn env_error(var: &str, key: &str, message: String) -> ConfigError {
+    ConfigError::Invalid {
+        origin: format!("environment variable {var}"),
+        key: key.to_string(),
+        message,
+    }
+}
+
+/// Matches each variable against the known keys and checks its value's
+/// type against the default's, so bad values are blamed on the variable.
+fn env_overrides(
+    env: impl IntoIterator<Item = (String, String)>,
+    defaults: &toml::Table,
+) -> Result<Vec<EnvOverride>, ConfigError> {
+    let mut out = Vec::new();
+    for (var, raw) in env {
+        let Some(key) = env_key(&var) else {
+            continue;
+        };
+        let origin = format!("environment variable {var}");
+        let unknown = |key: String, expected: &'static [&'static str]| ConfigError::UnknownKey {
+            origin: origin.clone(),
+            key,
+            expected: expected.to_vec(),
+        };
+        let parts: Vec<&str> = key.split('.').collect();
+        let top = fields_of::<Config>();
+        if !top.contains(&parts[0]) {
+            return Err(unknown(parts[0].to_string(), top));
+        }
+        let fields = section_fields(parts[0]);
+        if parts.len() != 2 || !fields.contains(&parts[1]) {
+            return Err(unknown(key.clone(), fields));
+        }
+        if key == "auth.users" {
+            return Err(env_error(
+                &var,
+                &key,
+                "users cannot be set from the environment; list them in the config file".into(),
+            ));
+        }
+        let value = raw.trim();
+        let default = defaults.get(parts[0]).and_then(|s| s.get(parts[1]));
+        let value = match default {
+            _ if LIST_KEYS.contains(&key.as_str()) => EnvValue::List(
+                value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(String::from)
+                    .collect(),
+            ),
+            Some(toml::Value::Integer(_)) => match value.parse::<i64>() {
+                // i64 because that is what `config` stores; larger values
+                // would silently become floats.
+                Ok(n) if n >= 0 => EnvValue::Scalar(n.to_string()),
+                _ => {
+                    return Err(env_error(
+                        &var,
+                        &key,
+                        format!("invalid value {value:?}, expected a non-negative integer"),
+                    ))
+                }
+            },
+            Some(toml::Value::Boolean(_)) => match value.to_ascii_lowercase().as_str() {
+                "true" | "yes" | "on" | "1" => EnvValue::Scalar("true".into()),
+                "false" | "no" | "off" | "0" => EnvValue::Scalar("false".into()),
+                _ => {
+                    return Err(env_error(
+                        &var,
+                        &key,
+                        format!("invalid value {value:?}, expected true or false"),
+                    ))
+                }
+            },
+            _ => EnvValue::Scalar(value.to_string()),
+        };
+        out.push(EnvOverride { var, key, value });
+    }
+    Ok(out)
+}
+
+/// "smtp.listen[0]" -> "smtp.listen": the granularity at which a layer
+/// overrides a value.
+fn leaf_key(path: &str) -> String {
+    let mut parts = path.split('.');
+    let section = parts.next().unwrap_or_default();
+    let key = parts.next().unwrap_or_default();
+    let key = key.split('[').next().unwrap_or_default();
+    if key.is_empty() {
+        section.to_string()
+    } else {
+        format!("{section}.{key}")
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Deserializers for values parsed from strings, with messages that quote
+// the offending value (the standard ones say only "invalid IP address
+// syntax").
+
+trait FromConfigStr: Sized {
+    const WHAT: &'static str;
+    fn parse(s: &str) -> Result<Self, String>;
+}
+
+impl FromConfigStr for SocketAddr {
+    const WHAT: &'static str = "socket address";
+    fn parse(s: &str) -> Result<Self, String> {
+        s.trim()
+            .parse()
+            .map_err(|_| "expected IP:port, e.g. 0.0.0.0:25 or [::]:25".to_string())
+    }
+}
+
+impl FromConfigStr for IpNet {
+    const WHAT: &'static str = "IP network";
+    fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        // A bare address is accepted as a single-host network.
+        if let Ok(addr) = s.parse::<IpAddr>() {
+            return Ok(IpNet::from(addr));
+        }
+        s.parse()
+            .map_err(|_| "expected address/prefix, e.g. 10.0.0.0/8 or fd00::/8".to_string())
+    }
+}
+
+impl FromConfigStr for Duration {
+    const WHAT: &'static str = "duration";
+    fn parse(s: &str) -> Result<Self, String> {
+        humantime_serde::re::humantime::parse_duration(s.trim())
+            .map_err(|e| format!("{e} (expected e.g. 30s, 5m, 1h)"))
+    }
+}
+
+struct ParsedVisitor<T>(PhantomData<T>);
+
+impl<T: FromConfigStr> Visitor<'_> for ParsedVisitor<T> {
+    type Value = T;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "a {} string", T::WHAT)
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<T, E> {
+        T::parse(v).map_err(|why| E::custom(format!("invalid {} {v:?}: {why}", T::WHAT)))
+    }
+}
+
+struct Parsed<T>(T);
+
+impl<'de, T: FromConfigStr> Deserialize<'de> for Parsed<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_str(ParsedVisitor(PhantomData)).map(Parsed)
+    }
+}
+
+fn de_parsed<'de, D: Deserializer<'de>, T: FromConfigStr>(d: D) -> Result<T, D::Error> {
+    Parsed::<T>::deserialize(d).map(|p| p.0)
+}
+
+fn de_list<'de, D: Deserializer<'de>, T: FromConfigStr>(d: D) -> Result<Vec<T>, D::Error> {
+    Vec::<Parsed<T>>::deserialize(d).map(|v| v.into_iter().map(|p| p.0).collect())
+}

@@ -1,0 +1,3 @@
+pub mod auth_hash;
+pub mod config;
+pub mod tls;
