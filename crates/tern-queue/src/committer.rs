@@ -136,8 +136,12 @@ fn run(
         }
 
         let span = debug_span!("group_commit", messages = batch.len(), bytes).entered();
-        for Request { msg, reply } in batch.drain(..) {
-            match storage.insert(&msg) {
+        let (msgs, replies): (Vec<InboundMessage>, Vec<Reply>) =
+            batch.drain(..).map(|r| (r.msg, r.reply)).unzip();
+        let results = storage.insert_many(&msgs);
+        debug_assert_eq!(results.len(), msgs.len());
+        for ((msg, reply), result) in msgs.iter().zip(replies).zip(results) {
+            match result {
                 Ok(()) => inserted.push((msg.id, reply)),
                 Err(e) => {
                     // Only this message fails; the rest of the batch goes on.

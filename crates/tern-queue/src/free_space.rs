@@ -90,3 +90,30 @@ impl FreeSpaceGuard {
         Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_only_what_would_cut_into_the_reserve() {
+        let dir = tempfile::tempdir().unwrap();
+        let probe = FreeSpaceGuard::new(dir.path(), 1).unwrap();
+        let avail = probe.available_bytes().unwrap();
+        assert!(avail > 200 << 20, "test needs 200 MB free, has {avail}");
+        // Leave ~100 MB above the reserve: small writes fit, a 10 GB one does not.
+        let guard = FreeSpaceGuard::new(dir.path(), avail - (100 << 20)).unwrap();
+        guard.admit(1_000).unwrap();
+        let err = guard.admit(10 << 30).unwrap_err();
+        assert!(matches!(err, StorageError::DiskFull(_)), "{err:?}");
+        guard.admit(1_000).unwrap();
+        // Admitted bytes count against the cached reading until the next statvfs.
+        guard.admit(60 << 20).unwrap();
+        assert!(guard.admit(60 << 20).is_err());
+        // A zero reserve disables the check entirely.
+        FreeSpaceGuard::new(dir.path(), 0)
+            .unwrap()
+            .admit(u64::MAX)
+            .unwrap();
+    }
+}

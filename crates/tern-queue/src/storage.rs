@@ -35,6 +35,15 @@ pub trait Storage: Send + Sync + 'static {
     /// spooled replaces that message.
     fn insert(&self, msg: &InboundMessage) -> Result<(), StorageError>;
 
+    /// Inserts several messages, each one atomically as [`Storage::insert`] does, and returns one
+    /// result per message, in order. A backend may write them all as one unit (sled: one batch,
+    /// which costs about as much as a single-message batch); then a failure of that write fails
+    /// every message in it, while a message refused on its own (e.g. by the free-space guard)
+    /// fails alone.
+    fn insert_many(&self, msgs: &[InboundMessage]) -> Vec<Result<(), StorageError>> {
+        msgs.iter().map(|m| self.insert(m)).collect()
+    }
+
     /// Makes everything inserted (or removed) before this call durable: it survives a process
     /// crash, an OS crash and power loss.
     fn sync(&self) -> Result<(), StorageError>;
@@ -81,6 +90,23 @@ impl StorageError {
         Self::Corrupt {
             id,
             reason: reason.into(),
+        }
+    }
+
+    /// A copy of this error for each of several messages it applies to (`io::Error` is not
+    /// `Clone`, so an I/O error is copied as its kind, OS code and text).
+    pub(crate) fn duplicate(&self) -> Self {
+        match self {
+            StorageError::DiskFull(s) => StorageError::DiskFull(s.clone()),
+            StorageError::Io(e) => StorageError::Io(match e.raw_os_error() {
+                Some(code) => io::Error::from_raw_os_error(code),
+                None => io::Error::new(e.kind(), e.to_string()),
+            }),
+            StorageError::Corrupt { id, reason } => StorageError::Corrupt {
+                id: *id,
+                reason: reason.clone(),
+            },
+            StorageError::Backend(s) => StorageError::Backend(s.clone()),
         }
     }
 
