@@ -91,9 +91,11 @@ pub struct Smtp {
     pub proxy_protocol: bool,
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
+    #[serde(deserialize_with = "de_parsed::<_, BareLineEndings>")]
     pub bare_line_endings: BareLineEndings,
     /// Worker threads; 0 means one per CPU core.
     pub workers: usize,
+    #[serde(deserialize_with = "de_parsed::<_, VrfyPolicy>")]
     pub vrfy: VrfyPolicy,
 }
 
@@ -633,7 +635,7 @@ fn check_file(content: &str, origin: &str) -> Result<(), ConfigError> {
         .parse()
         .map_err(|e: toml::de::Error| ConfigError::Syntax {
             origin: origin.to_string(),
-            message: with_line(content, e.message(), e.span()),
+            message: with_line(content, &friendly(e.message()), e.span()),
         })?;
     check_known_keys(&table, origin)?;
     serde_path_to_error::deserialize::<_, Config>(toml::Deserializer::new(content)).map_err(
@@ -759,11 +761,16 @@ fn with_line(content: &str, message: &str, span: Option<std::ops::Range<usize>>)
 /// serde's messages name Rust types ("expected usize"); operators should
 /// not need to know them.
 fn friendly(message: &str) -> String {
-    let mut out = message.to_string();
-    for ty in ["usize", "u64", "u32"] {
-        out = out.replace(&format!("expected {ty}"), "expected a non-negative integer");
-    }
-    out
+    message
+        .replace("expected u32", "expected an integer from 0 to 4294967295")
+        .replace("expected usize", "expected a non-negative integer")
+        .replace("expected u64", "expected a non-negative integer")
+        // Multi-line TOML messages would break the one-line error.
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// The message of a `config` crate error without its own location, which
@@ -937,8 +944,34 @@ impl FromConfigStr for IpNet {
 impl FromConfigStr for Duration {
     const WHAT: &'static str = "duration";
     fn parse(s: &str) -> Result<Self, String> {
-        humantime_serde::re::humantime::parse_duration(s.trim())
-            .map_err(|e| format!("{e} (expected e.g. 30s, 5m, 1h)"))
+        use humantime_serde::re::humantime::{parse_duration, DurationError};
+        parse_duration(s.trim()).map_err(|e| match e {
+            // This one already lists the units.
+            DurationError::UnknownUnit { .. } => e.to_string(),
+            _ => format!("{e}; use e.g. 30s, 5m or 1h30m"),
+        })
+    }
+}
+
+impl FromConfigStr for BareLineEndings {
+    const WHAT: &'static str = "bare line ending policy";
+    fn parse(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "reject" => Ok(Self::Reject),
+            "normalize" => Ok(Self::Normalize),
+            _ => Err("expected \"reject\" or \"normalize\"".into()),
+        }
+    }
+}
+
+impl FromConfigStr for VrfyPolicy {
+    const WHAT: &'static str = "VRFY policy";
+    fn parse(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "ambiguous" => Ok(Self::Ambiguous),
+            "refuse" => Ok(Self::Refuse),
+            _ => Err("expected \"ambiguous\" or \"refuse\"".into()),
+        }
     }
 }
 
@@ -968,4 +1001,502 @@ fn de_parsed<'de, D: Deserializer<'de>, T: FromConfigStr>(d: D) -> Result<T, D::
 
 fn de_list<'de, D: Deserializer<'de>, T: FromConfigStr>(d: D) -> Result<Vec<T>, D::Error> {
     Vec::<Parsed<T>>::deserialize(d).map(|v| v.into_iter().map(|p| p.0).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env() -> Vec<(String, String)> {
+        Vec::new()
+    }
+
+    fn env(vars: &[(&str, &str)]) -> Vec<(String, String)> {
+        vars.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    /// Writes `content` to `<tmp>/tern.toml` and loads it with `vars`.
+    fn load_file(content: &str, vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tern.toml");
+        std::fs::write(&path, content).unwrap();
+        load_from_env_and(Some(&path), env(vars))
+    }
+
+    /// The error message for a file that must not load; asserts it names
+    /// the file and every `needles`.
+    fn file_error(content: &str, needles: &[&str]) -> String {
+        let err = load_file(content, &[]).expect_err("config should be rejected");
+        let msg = err.to_string();
+        assert!(msg.starts_with("config error in "), "{msg}");
+        assert!(msg.contains("tern.toml"), "no file name in: {msg}");
+        for n in needles {
+            assert!(msg.contains(n), "{n:?} not in: {msg}");
+        }
+        msg
+    }
+
+    fn env_error_msg(vars: &[(&str, &str)], needles: &[&str]) -> String {
+        let err = load_from_env_and(None, env(vars)).expect_err("env should be rejected");
+        let msg = err.to_string();
+        for n in needles {
+            assert!(msg.contains(n), "{n:?} not in: {msg}");
+        }
+        msg
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let c = load_from_env_and(None, no_env()).unwrap();
+        assert_eq!(c, Config::default());
+        assert!(!c.server.hostname.is_empty());
+        assert_eq!(c.server.data_dir, PathBuf::from("tern-data"));
+        assert_eq!(c.smtp.listen, vec!["127.0.0.1:2525".parse().unwrap()]);
+        assert_eq!(
+            c.smtp.submission_listen,
+            vec!["127.0.0.1:2587".parse().unwrap()]
+        );
+        assert!(c.smtp.submissions_listen.is_empty());
+        assert!(!c.smtp.proxy_protocol);
+        assert_eq!(c.smtp.max_connections, 10_000);
+        assert_eq!(c.smtp.max_connections_per_ip, 100);
+        assert_eq!(c.smtp.bare_line_endings, BareLineEndings::Reject);
+        assert_eq!(c.smtp.workers, 0);
+        assert_eq!(c.smtp.vrfy, VrfyPolicy::Ambiguous);
+        assert_eq!(c.tls, Tls::default());
+        assert!(c.tls.certificate.as_os_str().is_empty());
+        assert_eq!(
+            c.relay.networks,
+            vec![
+                "127.0.0.0/8".parse::<IpNet>().unwrap(),
+                "::1/128".parse().unwrap()
+            ]
+        );
+        assert!(c.relay.domains.is_empty());
+        assert_eq!(c.limits.message_size, 10_240_000);
+        assert_eq!(c.limits.recipients, 1000);
+        assert_eq!(c.limits.command_line, 512);
+        assert_eq!(c.limits.data_line, 65_536);
+        assert_eq!(c.limits.errors, 10);
+        assert_eq!(c.limits.command_timeout, Duration::from_secs(300));
+        assert_eq!(c.limits.data_timeout, Duration::from_secs(600));
+        assert!(c.auth.users.is_empty());
+        assert_eq!(c.http.listen, "127.0.0.1:8025".parse().unwrap());
+        assert_eq!(c.queue.cache_size, 67_108_864);
+        assert_eq!(c.queue.min_free_space, 104_857_600);
+        c.validate("defaults").unwrap();
+    }
+
+    #[test]
+    fn load_without_file_uses_process_env() {
+        // Only meaningful when nobody set TERN_*__* for the test run.
+        if std::env::vars_os().any(|(k, _)| k.to_str().and_then(env_key).is_some()) {
+            return;
+        }
+        assert_eq!(load(None).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn field_lists_follow_declaration_order() {
+        assert_eq!(
+            fields_of::<Config>(),
+            ["server", "smtp", "tls", "relay", "limits", "auth", "http", "queue"]
+        );
+        assert_eq!(&fields_of::<Smtp>()[..2], ["listen", "submission_listen"]);
+        assert_eq!(fields_of::<AuthUser>(), ["name", "password_hash"]);
+    }
+
+    #[test]
+    fn file_overrides_defaults() {
+        let c = load_file(
+            r#"
+            [server]
+            hostname = "mx.example.org"
+
+            [smtp]
+            listen = ["0.0.0.0:25"]
+            submissions_listen = ["[::]:465", "0.0.0.0:465"]
+            proxy_protocol = true
+            bare_line_endings = "normalize"
+            vrfy = "refuse"
+
+            [relay]
+            networks = ["10.0.0.0/8", "192.0.2.7"]
+            domains = ["example.org"]
+
+            [limits]
+            command_timeout = "30s"
+            data_timeout = "1h 30m"
+            "#,
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.server.hostname, "mx.example.org");
+        // Lists replace the default rather than merging with it.
+        assert_eq!(c.smtp.listen, vec!["0.0.0.0:25".parse().unwrap()]);
+        assert_eq!(c.smtp.submissions_listen.len(), 2);
+        assert_eq!(c.smtp.submission_listen, Smtp::default().submission_listen);
+        assert!(c.smtp.proxy_protocol);
+        assert_eq!(c.smtp.bare_line_endings, BareLineEndings::Normalize);
+        assert_eq!(c.smtp.vrfy, VrfyPolicy::Refuse);
+        assert_eq!(
+            c.relay.networks,
+            vec![
+                "10.0.0.0/8".parse::<IpNet>().unwrap(),
+                "192.0.2.7/32".parse().unwrap()
+            ]
+        );
+        assert_eq!(c.relay.domains, ["example.org"]);
+        assert_eq!(c.limits.command_timeout, Duration::from_secs(30));
+        assert_eq!(c.limits.data_timeout, Duration::from_secs(5400));
+        // Untouched keys keep their defaults.
+        assert_eq!(c.limits.data_line, 65_536);
+        assert_eq!(c.queue, Queue::default());
+    }
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        assert_eq!(load_file("", &[]).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_section() {
+        let msg = file_error(
+            "[smtp]\nlisen = [\"0.0.0.0:25\"]\n",
+            &[
+                "unknown key `smtp.lisen`",
+                "expected one of listen, submission_listen",
+            ],
+        );
+        assert!(!msg.contains('\n'), "{msg}");
+        file_error(
+            "[smpt]\nlisten = []\n",
+            &["unknown key `smpt`", "expected one of server, smtp, tls"],
+        );
+        file_error(
+            "[[auth.users]]\nname = \"a\"\npassword = \"x\"\n",
+            &[
+                "unknown key `auth.users[0].password`",
+                "name, password_hash",
+            ],
+        );
+    }
+
+    #[test]
+    fn bad_integer_names_key_and_value() {
+        file_error(
+            "[smtp]\nmax_connections = \"lots\"\n",
+            &["smtp.max_connections:", "\"lots\"", "integer", "(line 2)"],
+        );
+        file_error("[limits]\nerrors = -1\n", &["limits.errors:", "-1"]);
+    }
+
+    #[test]
+    fn bad_duration_names_key_and_value() {
+        file_error(
+            "[limits]\ncommand_timeout = \"5 parsecs\"\n",
+            &["limits.command_timeout:", "invalid duration \"5 parsecs\""],
+        );
+    }
+
+    #[test]
+    fn bad_network_names_element() {
+        file_error(
+            "[relay]\nnetworks = [\"10.0.0.0/8\", \"10.0.0.0/33\"]\n",
+            &["relay.networks[1]:", "invalid IP network \"10.0.0.0/33\""],
+        );
+    }
+
+    #[test]
+    fn bad_socket_address_names_element() {
+        file_error(
+            "[smtp]\nsubmission_listen = [\"localhost\"]\n",
+            &[
+                "smtp.submission_listen[0]:",
+                "invalid socket address \"localhost\"",
+            ],
+        );
+        file_error(
+            "[http]\nlisten = \"8025\"\n",
+            &["http.listen:", "invalid socket address \"8025\""],
+        );
+    }
+
+    #[test]
+    fn bad_enum_lists_choices() {
+        file_error(
+            "[smtp]\nbare_line_endings = \"fix\"\n",
+            &[
+                "smtp.bare_line_endings:",
+                "invalid bare line ending policy \"fix\"",
+                "\"reject\" or \"normalize\"",
+            ],
+        );
+        file_error(
+            "[smtp]\nvrfy = 252\n",
+            &["smtp.vrfy:", "252", "VRFY policy"],
+        );
+    }
+
+    #[test]
+    fn wrong_shape_is_reported() {
+        file_error("smtp = 5\n", &["smtp:"]);
+        file_error(
+            "[smtp]\nlisten = \"0.0.0.0:25\"\n",
+            &["smtp.listen:", "sequence"],
+        );
+    }
+
+    #[test]
+    fn toml_syntax_error_names_file_and_line() {
+        file_error(
+            "[smtp]\nlisten = [\"0.0.0.0:25\"\nworkers = 2\n",
+            &["invalid TOML", "line"],
+        );
+    }
+
+    #[test]
+    fn missing_file_names_file_and_os_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("absent.toml");
+        let msg = load_from_env_and(Some(&path), no_env())
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("absent.toml"), "{msg}");
+        assert!(msg.contains("No such file"), "{msg}");
+    }
+
+    #[test]
+    fn env_overrides_defaults_and_file() {
+        let c = load_file(
+            "[server]\nhostname = \"from-file\"\n[smtp]\nworkers = 3\n",
+            &[
+                ("TERN_SERVER__HOSTNAME", "from-env"),
+                ("TERN_SMTP__LISTEN", "127.0.0.1:2600"),
+                ("TERN_SMTP__SUBMISSION_LISTEN", "127.0.0.1:2601, [::1]:2601"),
+                ("TERN_SMTP__MAX_CONNECTIONS", "5"),
+                ("TERN_SMTP__PROXY_PROTOCOL", "true"),
+                ("TERN_SMTP__VRFY", "refuse"),
+                ("TERN_RELAY__NETWORKS", "10.0.0.0/8"),
+                ("TERN_RELAY__DOMAINS", "example.org"),
+                ("TERN_LIMITS__COMMAND_TIMEOUT", "30s"),
+                ("TERN_QUEUE__MIN_FREE_SPACE", "0"),
+                ("TERN_TLS__CERTIFICATE", "/etc/ssl/x.pem"),
+                ("TERN_TLS__PRIVATE_KEY", "/etc/ssl/x.key"),
+                // Not configuration keys: no `__`, or not ours.
+                ("TERN_CONFIG", "/elsewhere.toml"),
+                ("HOME", "/root"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.server.hostname, "from-env");
+        // A single element is still a list.
+        assert_eq!(c.smtp.listen, vec!["127.0.0.1:2600".parse().unwrap()]);
+        assert_eq!(
+            c.smtp.submission_listen,
+            vec![
+                "127.0.0.1:2601".parse().unwrap(),
+                "[::1]:2601".parse().unwrap()
+            ]
+        );
+        assert_eq!(c.smtp.workers, 3, "file value kept");
+        assert_eq!(c.smtp.max_connections, 5);
+        assert!(c.smtp.proxy_protocol);
+        assert_eq!(c.smtp.vrfy, VrfyPolicy::Refuse);
+        assert_eq!(
+            c.relay.networks,
+            vec!["10.0.0.0/8".parse::<IpNet>().unwrap()]
+        );
+        assert_eq!(c.relay.domains, ["example.org"]);
+        assert_eq!(c.limits.command_timeout, Duration::from_secs(30));
+        assert_eq!(c.queue.min_free_space, 0);
+        assert_eq!(c.tls.certificate, PathBuf::from("/etc/ssl/x.pem"));
+    }
+
+    #[test]
+    fn env_empty_list_clears_it() {
+        let c = load_from_env_and(
+            None,
+            env(&[
+                ("TERN_SMTP__SUBMISSION_LISTEN", ""),
+                ("TERN_RELAY__NETWORKS", " "),
+            ]),
+        )
+        .unwrap();
+        assert!(c.smtp.submission_listen.is_empty());
+        assert!(c.relay.networks.is_empty());
+        assert_eq!(c.smtp.listen, Smtp::default().listen);
+    }
+
+    #[test]
+    fn env_errors_name_the_variable() {
+        env_error_msg(
+            &[("TERN_SMTP__MAX_CONNECTIONS", "lots")],
+            &[
+                "config error in environment variable TERN_SMTP__MAX_CONNECTIONS",
+                "smtp.max_connections",
+                "\"lots\"",
+            ],
+        );
+        env_error_msg(
+            &[("TERN_SMTP__LISEN", "127.0.0.1:25")],
+            &[
+                "environment variable TERN_SMTP__LISEN",
+                "unknown key `smtp.lisen`",
+                "listen",
+            ],
+        );
+        env_error_msg(
+            &[("TERN_SMPT__LISTEN", "127.0.0.1:25")],
+            &["TERN_SMPT__LISTEN", "unknown key `smpt`"],
+        );
+        env_error_msg(
+            &[("TERN_SMTP__LISTEN__X", "1")],
+            &["TERN_SMTP__LISTEN__X", "unknown key `smtp.listen.x`"],
+        );
+        env_error_msg(
+            &[
+                ("TERN_SERVER__HOSTNAME", "fine"),
+                ("TERN_SMTP__LISTEN", "127.0.0.1:25,nonsense"),
+            ],
+            &[
+                "config error in environment variable TERN_SMTP__LISTEN",
+                "smtp.listen[1]",
+                "invalid socket address \"nonsense\"",
+            ],
+        );
+        env_error_msg(
+            &[("TERN_LIMITS__DATA_TIMEOUT", "forever")],
+            &[
+                "TERN_LIMITS__DATA_TIMEOUT",
+                "limits.data_timeout",
+                "invalid duration",
+            ],
+        );
+        env_error_msg(
+            &[("TERN_SMTP__PROXY_PROTOCOL", "maybe")],
+            &["TERN_SMTP__PROXY_PROTOCOL", "expected true or false"],
+        );
+        env_error_msg(
+            &[("TERN_LIMITS__ERRORS", "99999999999")],
+            &["TERN_LIMITS__ERRORS", "limits.errors"],
+        );
+        env_error_msg(
+            &[("TERN_AUTH__USERS", "bob")],
+            &["TERN_AUTH__USERS", "config file"],
+        );
+    }
+
+    #[test]
+    fn env_is_blamed_for_validation_errors_it_caused() {
+        let err = load_file(
+            "[limits]\ndata_line = 2000\n",
+            &[("TERN_LIMITS__COMMAND_LINE", "100")],
+        )
+        .unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("environment variable TERN_LIMITS__COMMAND_LINE")
+                && msg.contains("limits.command_line"),
+            "{msg}"
+        );
+        assert_eq!(err.key(), Some("limits.command_line"));
+    }
+
+    const HASH: &str =
+        "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHQ$RdescudvJCsgt3ub+b+dWRWJTmaaJObG";
+
+    #[test]
+    fn validation_errors_name_key_and_file() {
+        file_error(
+            "[smtp]\nlisten = []\nsubmission_listen = []\n",
+            &["smtp.listen:", "no SMTP listener"],
+        );
+        file_error(
+            "[smtp]\nlisten = []\nsubmission_listen = []\nsubmissions_listen = [\"0.0.0.0:465\"]\n[server]\nhostname = \"\"\n",
+            &["server.hostname:", "empty"],
+        );
+        file_error(
+            "[limits]\ncommand_line = 100\n",
+            &["limits.command_line:", "512"],
+        );
+        file_error(
+            "[limits]\ndata_line = 999\n",
+            &["limits.data_line:", "1000"],
+        );
+        file_error("[limits]\nmessage_size = 0\n", &["limits.message_size:"]);
+        file_error("[limits]\nrecipients = 0\n", &["limits.recipients:"]);
+        file_error("[limits]\nerrors = 0\n", &["limits.errors:"]);
+        file_error(
+            "[limits]\ndata_timeout = \"0s\"\n",
+            &["limits.data_timeout:"],
+        );
+        file_error("[smtp]\nmax_connections = 0\n", &["smtp.max_connections:"]);
+        file_error(
+            "[tls]\ncertificate = \"/etc/ssl/cert.pem\"\n",
+            &["tls.private_key:", "tls.certificate"],
+        );
+        file_error(
+            "[tls]\nprivate_key = \"/etc/ssl/key.pem\"\n",
+            &["tls.certificate:"],
+        );
+        file_error(
+            "[http]\nlisten = \"127.0.0.1:2525\"\n",
+            &["http.listen:", "already used by smtp.listen[0]"],
+        );
+        file_error(
+            "[relay]\ndomains = [\"example.org\", \"\"]\n",
+            &["relay.domains[1]:"],
+        );
+        let users = format!(
+            "[[auth.users]]\nname = \"a\"\npassword_hash = \"{HASH}\"\n\
+             [[auth.users]]\nname = \"b\"\npassword_hash = \"{HASH}\"\n\
+             [[auth.users]]\nname = \"c\"\npassword_hash = \"hunter2\"\n"
+        );
+        file_error(&users, &["auth.users[2].password_hash:", "tern auth hash"]);
+        let dup = format!(
+            "[[auth.users]]\nname = \"a\"\npassword_hash = \"{HASH}\"\n\
+             [[auth.users]]\nname = \"a\"\npassword_hash = \"{HASH}\"\n"
+        );
+        file_error(&dup, &["auth.users[1].name:", "duplicate"]);
+    }
+
+    #[test]
+    fn port_zero_may_repeat() {
+        load_file(
+            "[smtp]\nlisten = [\"127.0.0.1:0\"]\nsubmission_listen = [\"127.0.0.1:0\"]\n[http]\nlisten = \"127.0.0.1:0\"\n",
+            &[],
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn validate_uses_given_source() {
+        let mut c = Config::default();
+        c.limits.data_line = 10;
+        let msg = c.validate("/etc/tern.toml").unwrap_err().to_string();
+        assert!(
+            msg.starts_with("config error in /etc/tern.toml: limits.data_line:"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn to_toml_round_trips() {
+        let mut c = Config::default();
+        c.server.hostname = "mx.example.org".into();
+        c.smtp.submissions_listen = vec!["[::]:465".parse().unwrap()];
+        c.limits.data_timeout = Duration::from_secs(90);
+        c.relay.domains = vec!["example.org".into()];
+        c.auth.users = vec![AuthUser {
+            name: "alice".into(),
+            password_hash: hash_password("pw").unwrap(),
+        }];
+        let text = c.to_toml();
+        assert!(text.contains("data_timeout = \"1m 30s\""), "{text}");
+        assert!(text.contains("[[auth.users]]"), "{text}");
+        assert_eq!(load_file(&text, &[]).unwrap(), c);
+    }
 }
