@@ -1483,6 +1483,43 @@ mod tests {
         );
     }
 
+    const DOC: &str = include_str!("../../../docs/configuration.md");
+
+    #[test]
+    fn documented_example_loads() {
+        let start = DOC
+            .find("## Complete example")
+            .and_then(|i| DOC[i..].find("```toml\n").map(|j| i + j + 8))
+            .expect("example block in docs/configuration.md");
+        let end = start + DOC[start..].find("```").unwrap();
+        let c = load_file(&DOC[start..end], &[]).unwrap();
+        assert_eq!(c.server.hostname, "mx.example.org");
+        assert_eq!(c.auth.users.len(), 2);
+    }
+
+    #[test]
+    fn every_key_is_documented() {
+        for section in fields_of::<Config>() {
+            let heading = if *section == "auth" {
+                "## `[[auth.users]]`".to_string()
+            } else {
+                format!("## `[{section}]`")
+            };
+            assert!(DOC.contains(&heading), "{heading} missing from the docs");
+            let keys = if *section == "auth" {
+                fields_of::<AuthUser>()
+            } else {
+                section_fields(section)
+            };
+            for key in keys {
+                assert!(
+                    DOC.contains(&format!("| `{key}` |")),
+                    "{section}.{key} missing from the docs"
+                );
+            }
+        }
+    }
+
     #[test]
     fn to_toml_round_trips() {
         let mut c = Config::default();
