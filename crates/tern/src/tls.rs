@@ -159,7 +159,12 @@ fn ensure_self_signed(dir: &Path, hostname: &str) -> Result<(PathBuf, PathBuf), 
         hostname: hostname.to_string(),
         message: e.to_string(),
     };
-    let mut names = vec![hostname.to_string()];
+    // A non-ASCII name cannot be a DNS SAN (IDNs must be in punycode); the
+    // certificate is still useful for the loopback names.
+    let mut names = Vec::new();
+    if hostname.is_ascii() {
+        names.push(hostname.to_string());
+    }
     for extra in ["localhost", "127.0.0.1", "::1"] {
         if !names.iter().any(|n| n.eq_ignore_ascii_case(extra)) {
             names.push(extra.to_string());
@@ -244,6 +249,12 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn non_ascii_hostname_still_gets_a_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        server_config(&empty_tls(), dir.path(), "почта.example").unwrap();
     }
 
     #[test]
