@@ -41,8 +41,15 @@
 //! [`CHUNK_SIZE`] pieces. Because the kind byte comes first, the metadata records form one
 //! contiguous key range apart from the bodies, so a scan reads only metadata pages, in id
 //! (= arrival) order. One `apply_batch` writes
-//! every record of a message: sled's batch manifest makes the batch all-or-nothing on recovery,
-//! so neither a body without metadata nor metadata with a partial body can exist after a crash.
+//! every record of a message ([`Storage::insert`]) or of a whole group commit
+//! ([`Storage::insert_many`]): sled logs a batch manifest holding the batch's last LSN, and
+//! recovery stops before a batch whose end is not in the log (`pagecache/iterator.rs`, "torn
+//! batch"), so neither a body without metadata nor metadata with a partial body can exist after
+//! a crash. That cut never reaches an acknowledged message: `apply_batch` holds sled's global
+//! write lock (`concurrency_control::write`) and every single-key write and `flush`
+//! (`iobuf::flush`) take its read side, so batches never interleave with other writes and a
+//! flush never ends inside a batch: a batch that returned before `sync` was called lies wholly
+//! below the LSN that `sync`'s `flush` makes stable, and a torn batch can only come after it.
 //!
 //! The metadata is JSON (serde_json) because it is small next to the body and next to an
 //! `fdatasync`, self-describing (fields can be added with `#[serde(default)]` without a migration,
@@ -53,6 +60,7 @@ use std::collections::HashSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use serde::{Deserialize, Serialize};
@@ -85,6 +93,11 @@ pub struct SledOptions {
     /// Refuse a message (with [`StorageError::DiskFull`]) if accepting it would leave fewer than
     /// this many bytes free on the spool's filesystem; 0 disables the check.
     pub min_free_bytes: u64,
+    /// How long `open` keeps retrying while sled's lock on the log is held. sled 0.34's
+    /// background threads can keep a just-dropped database's file (and its `flock`) alive for a
+    /// moment, so a reopen in the same process can briefly fail; another process holding the
+    /// spool fails after this long.
+    pub lock_wait_ms: u64,
 }
 
 impl Default for SledOptions {
@@ -94,6 +107,7 @@ impl Default for SledOptions {
             // Postfix suggests queue_minfree >= 1.5 x the message size limit; this leaves room for
             // a few large messages in flight plus sled's own segment preallocation.
             min_free_bytes: 128 << 20,
+            lock_wait_ms: 5_000,
         }
     }
 }
@@ -205,6 +219,11 @@ fn sled_err(e: sled::Error) -> StorageError {
     }
 }
 
+/// sled reports a held `flock` as an `Other` error with this text (`config.rs`, `try_lock`).
+fn is_lock_conflict(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::Other && e.to_string().contains("could not acquire lock")
+}
+
 fn fsync_dir(path: &Path) -> std::io::Result<()> {
     File::open(path)?.sync_all()
 }
@@ -213,12 +232,21 @@ impl SledStorage {
     /// Opens (creating if needed) the spool in `dir`.
     #[tracing::instrument(name = "spool_open", skip(opts), fields(dir = %dir.display()))]
     pub fn open(dir: &Path, opts: SledOptions) -> Result<Self, StorageError> {
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(dir)
             .cache_capacity(opts.cache_bytes)
-            .segment_size(SEGMENT_SIZE)
-            .open()
-            .map_err(sled_err)?;
+            .segment_size(SEGMENT_SIZE);
+        let deadline = Instant::now() + Duration::from_millis(opts.lock_wait_ms);
+        let db = loop {
+            match config.open() {
+                Ok(db) => break db,
+                Err(sled::Error::Io(e)) if is_lock_conflict(&e) && Instant::now() < deadline => {
+                    debug!(error = %e, "spool locked, retrying");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(sled_err(e)),
+            }
+        };
         let tree = db.open_tree(TREE).map_err(sled_err)?;
 
         let log_file = File::open(dir.join("db"))?;
@@ -577,6 +605,7 @@ mod tests {
         SledOptions {
             cache_bytes: 8 << 20,
             min_free_bytes: 0,
+            ..SledOptions::default()
         }
     }
 

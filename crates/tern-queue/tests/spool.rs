@@ -116,8 +116,17 @@ fn reopen_of_locked_spool_fails_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let _s = SledStorage::open(dir.path(), opts()).unwrap();
     // sled holds an exclusive lock on its log: a second open must be an error, not a panic or
-    // a second writer.
-    assert!(SledStorage::open(dir.path(), opts()).is_err());
+    // a second writer, once the lock wait is over.
+    let start = std::time::Instant::now();
+    let second = SledStorage::open(
+        dir.path(),
+        SledOptions {
+            lock_wait_ms: 200,
+            ..opts()
+        },
+    );
+    assert!(second.is_err());
+    assert!(start.elapsed() >= std::time::Duration::from_millis(200));
 }
 
 #[test]

@@ -13,6 +13,7 @@ pub fn opts() -> SledOptions {
     SledOptions {
         cache_bytes: 16 << 20,
         min_free_bytes: 0,
+        ..SledOptions::default()
     }
 }
 
