@@ -71,7 +71,10 @@ pub fn hash_password(password: &str) -> String {
     );
     let hash = String::from_utf8(out.stdout).expect("utf-8 hash");
     let hash = hash.trim().to_string();
-    assert!(hash.starts_with("$argon2id$"), "not an argon2id PHC hash: {hash:?}");
+    assert!(
+        hash.starts_with("$argon2id$"),
+        "not an argon2id PHC hash: {hash:?}"
+    );
     hash
 }
 
@@ -102,7 +105,9 @@ fn reserve_ports(n: usize) -> Vec<TcpListener> {
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0)
         ^ ((std::process::id() as u64) << 20)
-        ^ PORT_SEQ.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        ^ PORT_SEQ
+            .fetch_add(1, Ordering::Relaxed)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15);
     let mut x = seed | 1;
     let mut out: Vec<TcpListener> = Vec::new();
     while out.len() < n {
@@ -284,7 +289,12 @@ impl TernServer {
                 t.entry(key).or_insert(v);
             };
             let list = |a: SocketAddr| toml::Value::Array(vec![a.to_string().into()]);
-            set_default(&mut cfg, "server", "data_dir", server.data_dir.display().to_string().into());
+            set_default(
+                &mut cfg,
+                "server",
+                "data_dir",
+                server.data_dir.display().to_string().into(),
+            );
             set_default(&mut cfg, "smtp", "listen", list(addrs[0]));
             set_default(&mut cfg, "smtp", "submission_listen", list(addrs[1]));
             set_default(&mut cfg, "smtp", "submissions_listen", list(addrs[2]));
@@ -547,10 +557,15 @@ pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> 
         .nth(1)
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| std::io::Error::other(format!("bad status line in {head:?}")))?;
-    let chunked = head
-        .lines()
-        .any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding:") && l.to_ascii_lowercase().contains("chunked"));
-    let body = if chunked { dechunk(body) } else { body.to_string() };
+    let chunked = head.lines().any(|l| {
+        l.to_ascii_lowercase().starts_with("transfer-encoding:")
+            && l.to_ascii_lowercase().contains("chunked")
+    });
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
     Ok((status, body))
 }
 
@@ -600,4 +615,26 @@ pub fn unique_token() -> String {
             .unwrap_or(0),
         PORT_SEQ.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// Sender domain used by test clients.
+pub const CLIENT_DOMAIN: &str = "client.test";
+/// A domain the tests configure in `relay.domains` when they need one.
+pub const LOCAL_DOMAIN: &str = "example.test";
+/// A domain that is never in `relay.domains`: mail to it is relaying.
+pub const FOREIGN_DOMAIN: &str = "elsewhere.test";
+
+/// `tern config check FILE` with extra environment variables.
+pub fn config_check(file: &Path, env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(tern_bin());
+    cmd.args(["config", "check"]).arg(file).stdin(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run tern config check")
+}
+
+/// One free loopback port (for tests that configure a listener themselves).
+pub fn free_port() -> u16 {
+    reserve_ports(1)[0].local_addr().unwrap().port()
 }

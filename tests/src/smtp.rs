@@ -36,7 +36,9 @@ impl Reply {
                 return Err(format!("reply code out of range: {l:?}"));
             }
             if *code.get_or_insert(c) != c {
-                return Err(format!("code changes inside a multi-line reply: {raw_lines:?}"));
+                return Err(format!(
+                    "code changes inside a multi-line reply: {raw_lines:?}"
+                ));
             }
             let last = i + 1 == raw_lines.len();
             match b.get(3) {
@@ -59,7 +61,9 @@ impl Reply {
         let tok = first.split_whitespace().next()?;
         let parts: Vec<&str> = tok.split('.').collect();
         let ok = parts.len() == 3
-            && parts.iter().all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()))
+            && parts
+                .iter()
+                .all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()))
             && parts[0].len() == 1
             && parts[0].as_bytes()[0] == b'0' + (self.code / 100) as u8;
         ok.then_some(tok)
@@ -128,7 +132,10 @@ impl Reply {
     /// 2xx/4xx/5xx reply except the greeting and the replies to HELO/EHLO).
     #[track_caller]
     pub fn expect_enhanced(&self) -> &Reply {
-        assert!(self.enhanced().is_some(), "reply has no enhanced status code: {self}");
+        assert!(
+            self.enhanced().is_some(),
+            "reply has no enhanced status code: {self}"
+        );
         self
     }
 }
@@ -179,7 +186,8 @@ impl SmtpClient {
 
     /// Connect from a chosen local address (`127.0.0.2` …) — loopback is a whole /8.
     pub fn connect_from(src: IpAddr, addr: SocketAddr) -> SmtpClient {
-        Self::try_connect(addr, Some(src)).unwrap_or_else(|e| panic!("connect {addr} from {src}: {e}"))
+        Self::try_connect(addr, Some(src))
+            .unwrap_or_else(|e| panic!("connect {addr} from {src}: {e}"))
     }
 
     pub fn try_connect(addr: SocketAddr, src: Option<IpAddr>) -> io::Result<SmtpClient> {
@@ -286,18 +294,25 @@ impl SmtpClient {
                 let last = l.len() < 4 || l.as_bytes()[3] != b'-';
                 lines.push(l);
                 if last {
-                    let r = Reply::parse(&lines).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                    let r = Reply::parse(&lines)
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
                     self.transcript.push(r.to_string());
                     return Ok(r);
                 }
             }
             if self.buf.len() > 1 << 20 {
-                return Err(io::Error::new(io::ErrorKind::InvalidData, "reply line over 1 MiB"));
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "reply line over 1 MiB",
+                ));
             }
             if self.fill()? == 0 {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
-                    format!("connection closed; partial reply {lines:?} {:?}", String::from_utf8_lossy(&self.buf)),
+                    format!(
+                        "connection closed; partial reply {lines:?} {:?}",
+                        String::from_utf8_lossy(&self.buf)
+                    ),
                 ));
             }
         }
@@ -308,7 +323,10 @@ impl SmtpClient {
     pub fn read_reply(&mut self) -> Reply {
         match self.try_read_reply() {
             Ok(r) => r,
-            Err(e) => panic!("reading reply: {e}; transcript so far: {:?}", self.transcript),
+            Err(e) => panic!(
+                "reading reply: {e}; transcript so far: {:?}",
+                self.transcript
+            ),
         }
     }
 
@@ -319,7 +337,14 @@ impl SmtpClient {
         self.set_timeout(REPLY_TIMEOUT);
         match r {
             Ok(r) => Some(r),
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => None,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                None
+            }
             Err(e) => panic!("waiting for a reply: {e}"),
         }
     }
@@ -347,11 +372,17 @@ impl SmtpClient {
                 Ok(0) => break,
                 Ok(_) => {
                     if Instant::now() > deadline {
-                        panic!("server kept sending instead of closing: {:?}", String::from_utf8_lossy(&self.buf));
+                        panic!(
+                            "server kept sending instead of closing: {:?}",
+                            String::from_utf8_lossy(&self.buf)
+                        );
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::ConnectionReset => break,
-                Err(e) => panic!("connection not closed within {wait:?}: {e}; transcript {:?}", self.transcript),
+                Err(e) => panic!(
+                    "connection not closed within {wait:?}: {e}; transcript {:?}",
+                    self.transcript
+                ),
             }
         }
         assert!(
@@ -389,8 +420,9 @@ impl SmtpClient {
             _ => panic!("already TLS"),
         };
         let name = rustls::pki_types::ServerName::try_from("tern.test").unwrap();
-        let mut conn = rustls::ClientConnection::new(Arc::new(crate::tls::insecure_client_config()), name)
-            .expect("client connection");
+        let mut conn =
+            rustls::ClientConnection::new(Arc::new(crate::tls::insecure_client_config()), name)
+                .expect("client connection");
         let mut tcp = tcp;
         while conn.is_handshaking() {
             if let Err(e) = conn.complete_io(&mut tcp) {
@@ -458,15 +490,21 @@ impl AsyncSmtpClient {
             let mut l = String::new();
             let n = tokio::time::timeout(REPLY_TIMEOUT, self.stream.read_line(&mut l))
                 .await
-                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("no reply after {lines:?}")))??;
+                .map_err(|_| {
+                    io::Error::new(io::ErrorKind::TimedOut, format!("no reply after {lines:?}"))
+                })??;
             if n == 0 {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("closed after {lines:?}")));
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("closed after {lines:?}"),
+                ));
             }
             let l = l.trim_end_matches(['\r', '\n']).to_string();
             let last = l.len() < 4 || l.as_bytes()[3] != b'-';
             lines.push(l);
             if last {
-                return Reply::parse(&lines).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e));
+                return Reply::parse(&lines)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e));
             }
         }
     }

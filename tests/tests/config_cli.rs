@@ -1,0 +1,163 @@
+//! The command line around the server: `tern config check`, TERN_* environment overrides,
+//! `tern auth hash`, `tern spool list`, and `/health`.
+
+use std::fs;
+
+use tern_tests::{config_check, free_port, hash_password, SmtpClient, TernServer};
+
+#[test]
+fn config_check_prints_the_effective_config_with_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tern.toml");
+    fs::write(
+        &file,
+        "[limits]\nmessage_size = 12345\n\n[relay]\ndomains = [\"example.test\"]\n",
+    )
+    .unwrap();
+    let out = config_check(&file, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let cfg: toml::Table =
+        toml::from_str(&text).unwrap_or_else(|e| panic!("not TOML: {e}\n{text}"));
+    assert_eq!(cfg["limits"]["message_size"].as_integer(), Some(12345));
+    assert_eq!(
+        cfg["limits"]["recipients"].as_integer(),
+        Some(1000),
+        "default filled in"
+    );
+    assert_eq!(cfg["limits"]["errors"].as_integer(), Some(10));
+    assert_eq!(cfg["smtp"]["proxy_protocol"].as_bool(), Some(false));
+    assert_eq!(cfg["smtp"]["bare_line_endings"].as_str(), Some("reject"));
+    assert_eq!(
+        cfg["relay"]["domains"].as_array().unwrap()[0].as_str(),
+        Some("example.test")
+    );
+    assert_eq!(cfg["http"]["listen"].as_str(), Some("127.0.0.1:8025"));
+}
+
+#[test]
+fn config_check_rejects_a_bad_value_naming_key_and_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("broken.toml");
+    fs::write(&file, "[limits]\nmessage_size = \"lots\"\n").unwrap();
+    let out = config_check(&file, &[]);
+    assert!(
+        !out.status.success(),
+        "a string message_size must be rejected"
+    );
+    let msg = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        msg.contains("message_size"),
+        "error should name the key: {msg}"
+    );
+    assert!(
+        msg.contains("broken.toml"),
+        "error should name the file: {msg}"
+    );
+}
+
+#[test]
+fn config_check_rejects_an_unparseable_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("garbage.toml");
+    fs::write(&file, "[smtp\nlisten = \n").unwrap();
+    let out = config_check(&file, &[]);
+    assert!(!out.status.success());
+    let msg = String::from_utf8_lossy(&out.stderr);
+    assert!(msg.contains("garbage.toml"), "{msg}");
+}
+
+#[test]
+fn config_check_rejects_bad_enum_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("enum.toml");
+    fs::write(&file, "[smtp]\nbare_line_endings = \"sometimes\"\n").unwrap();
+    let out = config_check(&file, &[]);
+    assert!(!out.status.success());
+    let msg = String::from_utf8_lossy(&out.stderr);
+    assert!(msg.contains("bare_line_endings"), "{msg}");
+}
+
+#[test]
+fn env_overrides_the_file_in_config_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tern.toml");
+    fs::write(
+        &file,
+        "[smtp]\nlisten = [\"127.0.0.1:2525\"]\n[limits]\nrecipients = 5\n",
+    )
+    .unwrap();
+    let out = config_check(
+        &file,
+        &[
+            ("TERN_SMTP__LISTEN", "127.0.0.1:2600"),
+            ("TERN_LIMITS__RECIPIENTS", "7"),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cfg: toml::Table = toml::from_str(&String::from_utf8(out.stdout).unwrap()).unwrap();
+    let listen = &cfg["smtp"]["listen"];
+    let listen: Vec<&str> = match listen {
+        toml::Value::Array(a) => a.iter().filter_map(|v| v.as_str()).collect(),
+        toml::Value::String(s) => vec![s.as_str()],
+        other => panic!("smtp.listen: {other:?}"),
+    };
+    assert_eq!(listen, vec!["127.0.0.1:2600"]);
+    assert_eq!(cfg["limits"]["recipients"].as_integer(), Some(7));
+}
+
+#[test]
+fn env_override_moves_the_running_listener() {
+    let port = free_port();
+    let server = TernServer::builder()
+        .env("TERN_SMTP__LISTEN", &format!("127.0.0.1:{port}"))
+        .start();
+    let mut c = SmtpClient::connect(format!("127.0.0.1:{port}").parse().unwrap());
+    c.read_reply().expect_code(220);
+    // The port from the file is not used.
+    assert!(
+        std::net::TcpStream::connect(server.smtp).is_err(),
+        "file's smtp.listen still bound"
+    );
+}
+
+#[test]
+fn auth_hash_is_salted_argon2id() {
+    let a = hash_password("correct horse");
+    let b = hash_password("correct horse");
+    assert_ne!(a, b, "two hashes of one password must differ (random salt)");
+}
+
+#[test]
+fn health_reports_ok_and_queued_count() {
+    let server = TernServer::start();
+    let h = server.health();
+    assert_eq!(h["status"], "ok", "{h}");
+    assert_eq!(h["queued"], 0, "{h}");
+    let mut c = server.session();
+    tern_tests::queued_id(&c.send_mail(
+        "a@client.test",
+        &["b@elsewhere.test"],
+        "Subject: x\r\n\r\nx\r\n",
+    ));
+    assert_eq!(server.queued(), 1);
+}
+
+#[test]
+fn spool_list_of_an_empty_spool_prints_nothing() {
+    let mut server = TernServer::start();
+    server.stop();
+    assert!(server.spool_list().is_empty());
+}

@@ -1,0 +1,243 @@
+//! STARTTLS (RFC 3207), implicit TLS (RFC 8314) and AUTH PLAIN/LOGIN (RFC 4954, 4616), with the
+//! STARTTLS command-injection check (CVE-2011-0411).
+
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use tern_tests::{queued_id, simple_message, SmtpClient, TernServer};
+
+fn server() -> TernServer {
+    TernServer::builder().user("alice", "secret").start()
+}
+
+/// A submission session upgraded with STARTTLS, EHLO done again.
+fn tls_submission(server: &TernServer) -> SmtpClient {
+    let mut c = SmtpClient::connect(server.submission);
+    c.read_reply().expect_code(220);
+    c.ehlo("client.test").expect_code(250);
+    c.starttls();
+    c.ehlo("client.test").expect_code(250);
+    c
+}
+
+#[test]
+fn starttls_is_220_2_0_0_and_negotiates_tls() {
+    let server = server();
+    let mut c = server.connect();
+    c.read_reply().expect_code(220);
+    c.ehlo("client.test").expect_code(250);
+    c.starttls();
+    let (version, cipher) = c.tls_info().expect("TLS is on");
+    assert!(
+        version.contains("TLSv1_2") || version.contains("TLSv1_3"),
+        "{version} {cipher}"
+    );
+    c.ehlo("client.test").expect_code(250);
+    let reply = c.send_mail(
+        "a@client.test",
+        &["b@elsewhere.test"],
+        &simple_message("a@client.test", "b@elsewhere.test", "over tls"),
+    );
+    queued_id(&reply);
+}
+
+#[test]
+fn starttls_injection_is_not_answered_after_the_handshake() {
+    // CVE-2011-0411: a man in the middle appends a plaintext command to STARTTLS in the same
+    // packet. The server must discard it, so the first reply over TLS belongs to the client's
+    // first encrypted command.
+    let server = server();
+    let mut c = server.connect();
+    c.read_reply().expect_code(220);
+    c.ehlo("client.test").expect_code(250);
+    c.send("STARTTLS\r\nRSET\r\n");
+    c.read_reply().expect("220", "2.0.0");
+    // No plaintext answer to RSET may have been sent before the handshake either.
+    if let Some(r) = c.reply_within(Duration::from_millis(300)) {
+        panic!("server answered the injected plaintext command: {r}");
+    }
+    c.tls_handshake();
+    let r = c.ehlo("client.test");
+    r.expect_code(250);
+    assert!(
+        r.lines.len() > 1 && r.lines[0].starts_with(tern_tests::HOSTNAME),
+        "first reply over TLS must be the EHLO reply, not the injected RSET's: {r}"
+    );
+    c.cmd("NOOP").expect("250", "2.0.0");
+    assert!(
+        c.reply_within(Duration::from_millis(300)).is_none(),
+        "stray reply over TLS"
+    );
+}
+
+#[test]
+fn starttls_injection_with_a_whole_transaction_is_not_executed() {
+    let mut server = server();
+    let mut c = server.connect();
+    c.read_reply().expect_code(220);
+    c.ehlo("client.test").expect_code(250);
+    c.send(
+        "STARTTLS\r\nMAIL FROM:<evil@client.test>\r\nRCPT TO:<victim@elsewhere.test>\r\nDATA\r\nSubject: injected\r\n\r\nx\r\n.\r\n",
+    );
+    c.read_reply().expect("220", "2.0.0");
+    if let Some(r) = c.reply_within(Duration::from_millis(300)) {
+        panic!("server answered injected plaintext: {r}");
+    }
+    c.tls_handshake();
+    c.ehlo("client.test").expect_code(250);
+    // No transaction is open: the injected MAIL was dropped.
+    c.cmd("RCPT TO:<b@elsewhere.test>").expect("503", "5.5.1");
+    c.cmd("QUIT").expect("221", "2.0.0");
+    server.stop();
+    assert!(server.spool_list().is_empty(), "injected message spooled");
+}
+
+#[test]
+fn starttls_twice_is_refused() {
+    let server = server();
+    let mut c = tls_submission(&server);
+    let r = c.cmd("STARTTLS");
+    assert_eq!(r.code / 100, 5, "STARTTLS over TLS: {r}");
+    r.expect_enhanced();
+}
+
+#[test]
+fn starttls_with_an_argument_is_501() {
+    let server = server();
+    let mut c = server.session();
+    c.cmd("STARTTLS now").expect("501", "5.5.4");
+}
+
+#[test]
+fn auth_plain_succeeds_with_235_2_7_0() {
+    let server = server();
+    let mut c = tls_submission(&server);
+    let token = B64.encode(b"\0alice\0secret");
+    c.cmd(&format!("AUTH PLAIN {token}")).expect("235", "2.7.0");
+    // A second AUTH in the same session is a sequence error (RFC 4954 §4).
+    c.cmd(&format!("AUTH PLAIN {token}")).expect("503", "5.5.1");
+}
+
+#[test]
+fn auth_plain_with_initial_response_on_the_next_line() {
+    let server = server();
+    let mut c = tls_submission(&server);
+    c.cmd("AUTH PLAIN").expect_code(334);
+    c.cmd(&B64.encode(b"\0alice\0secret"))
+        .expect("235", "2.7.0");
+}
+
+#[test]
+fn auth_login_succeeds() {
+    let server = server();
+    let mut c = tls_submission(&server);
+    c.cmd("AUTH LOGIN").expect_code(334);
+    c.cmd(&B64.encode("alice")).expect_code(334);
+    c.cmd(&B64.encode("secret")).expect("235", "2.7.0");
+}
+
+#[test]
+fn wrong_password_is_535_5_7_8() {
+    let server = server();
+    let mut c = tls_submission(&server);
+    c.cmd(&format!("AUTH PLAIN {}", B64.encode(b"\0alice\0nope")))
+        .expect("535", "5.7.8");
+    c.cmd(&format!("AUTH PLAIN {}", B64.encode(b"\0mallory\0secret")))
+        .expect("535", "5.7.8");
+    // Still usable, and the right password works afterwards.
+    c.cmd(&format!("AUTH PLAIN {}", B64.encode(b"\0alice\0secret")))
+        .expect("235", "2.7.0");
+}
+
+#[test]
+fn auth_cancelled_with_star_is_501() {
+    let server = server();
+    let mut c = tls_submission(&server);
+    c.cmd("AUTH LOGIN").expect_code(334);
+    c.cmd("*").expect("501", "5");
+    c.cmd("NOOP").expect("250", "2.0.0");
+}
+
+#[test]
+fn auth_with_bad_base64_is_501() {
+    let server = server();
+    let mut c = tls_submission(&server);
+    c.cmd("AUTH PLAIN !!!notbase64!!!").expect("501", "5.5.2");
+}
+
+#[test]
+fn auth_unknown_mechanism_is_504() {
+    let server = server();
+    let mut c = tls_submission(&server);
+    c.cmd("AUTH CRAM-MD5").expect("504", "5.5.4");
+}
+
+#[test]
+fn auth_before_tls_is_refused() {
+    let server = server();
+    let mut c = SmtpClient::connect(server.submission);
+    c.read_reply().expect_code(220);
+    c.ehlo("client.test").expect_code(250);
+    let r = c.cmd(&format!("AUTH PLAIN {}", B64.encode(b"\0alice\0secret")));
+    assert_eq!(r.code / 100, 5, "AUTH in clear text accepted: {r}");
+    r.expect_enhanced();
+}
+
+#[test]
+fn auth_on_the_relay_listener_is_refused_even_over_tls() {
+    let server = server();
+    let mut c = server.connect();
+    c.read_reply().expect_code(220);
+    c.ehlo("client.test").expect_code(250);
+    c.starttls();
+    c.ehlo("client.test").expect_code(250);
+    let r = c.cmd(&format!("AUTH PLAIN {}", B64.encode(b"\0alice\0secret")));
+    assert_eq!(r.code / 100, 5, "AUTH on port-25 listener: {r}");
+    r.expect_enhanced();
+}
+
+#[test]
+fn submissions_implicit_tls_send_with_auth() {
+    let mut server = server();
+    let mut c = SmtpClient::connect_tls(server.submissions);
+    c.read_reply().expect_code(220);
+    c.ehlo("client.test").expect_code(250);
+    c.cmd(&format!("AUTH PLAIN {}", B64.encode(b"\0alice\0secret")))
+        .expect("235", "2.7.0");
+    let reply = c.send_mail(
+        "alice@client.test",
+        &["bob@elsewhere.test"],
+        &simple_message("alice@client.test", "bob@elsewhere.test", "implicit tls"),
+    );
+    let id = queued_id(&reply);
+    c.cmd("QUIT").expect("221", "2.0.0");
+    server.stop();
+    let spool = server.spool_list();
+    let e = spool.iter().find(|e| e.id == id).expect("spooled");
+    assert_eq!(e.sender, "alice@client.test");
+}
+
+#[test]
+fn tls_session_is_recorded_in_the_received_header_size() {
+    // The Received header of a TLS session carries the TLS version and cipher, so it is longer
+    // than the header of the same message sent in clear on the same listener.
+    let mut server = server();
+    let body = "Subject: same\r\n\r\nsame body\r\n";
+    let mut plain = server.session();
+    let id_plain = queued_id(&plain.send_mail("a@client.test", &["b@elsewhere.test"], body));
+    let mut tls = server.connect();
+    tls.read_reply().expect_code(220);
+    tls.ehlo("client.test").expect_code(250);
+    tls.starttls();
+    tls.ehlo("client.test").expect_code(250);
+    let id_tls = queued_id(&tls.send_mail("a@client.test", &["b@elsewhere.test"], body));
+    server.stop();
+    let spool = server.spool_list();
+    let size = |id: &str| spool.iter().find(|e| e.id == id).expect("spooled").size;
+    let (p, t) = (size(&id_plain), size(&id_tls));
+    assert!(
+        t >= p + 20,
+        "TLS Received header should add version and cipher: plain {p}, tls {t}"
+    );
+}
