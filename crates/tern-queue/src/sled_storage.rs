@@ -60,12 +60,13 @@ use std::collections::HashSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use serde::{Deserialize, Serialize};
 use tern_message::{ClientInfo, Envelope, InboundMessage, QueueId};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::free_space::FreeSpaceGuard;
 use crate::storage::{io_is_disk_full, ScanIter, SpooledMeta, Storage, StorageError};
@@ -122,6 +123,8 @@ pub struct SledStorage {
     free_space: FreeSpaceGuard,
     /// Spooled messages; maintained by insert/remove so `len` needs no scan.
     count: AtomicUsize,
+    /// Set when an `fsync`/`fdatasync` failed; see [`SledStorage::poison`].
+    poisoned: Mutex<Option<String>>,
 }
 
 /// What a metadata record holds, borrowed for writing.
@@ -281,6 +284,7 @@ impl SledStorage {
             dir: dir.to_path_buf(),
             free_space,
             count: AtomicUsize::new(count),
+            poisoned: Mutex::new(None),
         })
     }
 
@@ -343,6 +347,8 @@ impl SledStorage {
     /// Adds every record of `msg` to `batch`, after the checks that can refuse it alone.
     /// Returns whether the message replaces one already spooled.
     fn prepare(&self, msg: &InboundMessage, batch: &mut sled::Batch) -> Result<bool, StorageError> {
+        // Inserting into a poisoned spool would only fail at the sync; fail fast instead.
+        self.check_poisoned()?;
         let id = msg.id;
         let body_chunks = chunk_count(msg.body.len());
         let meta = serde_json::to_vec(&MetaRef {
@@ -403,6 +409,25 @@ impl SledStorage {
         in_batch.clear();
     }
 
+    /// After a failed `fdatasync`, Linux may already have marked the pages that failed to reach
+    /// the disk clean, so a retry can report success for data that is not there ("fsyncgate",
+    /// PostgreSQL 2018). sled would go on building on a log with holes, and recovery would cut it
+    /// at the first hole, taking later, acknowledged messages with it. So the spool refuses every
+    /// write from then on; a restart recovers from what is really on disk. Messages acknowledged
+    /// before the failure were covered by earlier, successful syncs.
+    fn poison(&self, cause: &StorageError) {
+        error!(error = %cause, "spool sync failed: refusing writes until restart");
+        let mut p = self.poisoned.lock().unwrap_or_else(|e| e.into_inner());
+        p.get_or_insert_with(|| cause.to_string());
+    }
+
+    fn check_poisoned(&self) -> Result<(), StorageError> {
+        match &*self.poisoned.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(cause) => Err(StorageError::Poisoned(cause.clone())),
+            None => Ok(()),
+        }
+    }
+
     /// Test hook: write a raw record, bypassing encoding, to simulate on-disk damage.
     #[cfg(test)]
     pub(crate) fn put_raw(&self, k: &[u8], v: &[u8]) {
@@ -452,9 +477,16 @@ impl Storage for SledStorage {
     }
 
     fn sync(&self) -> Result<(), StorageError> {
+        self.check_poisoned()?;
+        // A sled write error poisons sled itself (its global error fails every later call).
         self.db.flush().map_err(sled_err)?;
-        self.sync_blobs()?;
-        self.log_file.sync_data()?;
+        let synced = self
+            .sync_blobs()
+            .and_then(|()| self.log_file.sync_data().map_err(StorageError::from));
+        if let Err(e) = synced {
+            self.poison(&e);
+            return Err(e);
+        }
         Ok(())
     }
 
@@ -627,6 +659,44 @@ mod tests {
         // plus generous per-entry overhead must fit.
         let threshold = SEGMENT_SIZE / 4 - 20 - 32;
         assert!(20 * (CHUNK_SIZE + 64) < threshold);
+    }
+
+    #[test]
+    fn failed_fsync_poisons_the_spool() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStorage::open(dir.path(), opts()).unwrap();
+        s.sync().unwrap();
+        s.poison(&StorageError::Io(std::io::Error::from_raw_os_error(
+            libc::EIO,
+        )));
+        let m = InboundMessage {
+            id: QueueId::new(),
+            envelope: Envelope {
+                sender: String::new(),
+                recipients: vec![],
+                body_type: Default::default(),
+                smtputf8: false,
+                ret: None,
+                envid: None,
+                auth: None,
+            },
+            client: ClientInfo {
+                addr: "127.0.0.1:1".parse().unwrap(),
+                local_addr: "127.0.0.1:25".parse().unwrap(),
+                helo: String::new(),
+                tls: None,
+                auth_user: None,
+            },
+            arrived_ms: 0,
+            body: Default::default(),
+        };
+        assert!(matches!(s.insert(&m), Err(StorageError::Poisoned(_))));
+        assert!(matches!(s.sync(), Err(StorageError::Poisoned(_))));
+        assert!(matches!(
+            s.insert_many(std::slice::from_ref(&m)).pop(),
+            Some(Err(StorageError::Poisoned(_)))
+        ));
+        assert_eq!(s.len(), 0);
     }
 
     #[test]

@@ -45,7 +45,9 @@ pub trait Storage: Send + Sync + 'static {
     }
 
     /// Makes everything inserted (or removed) before this call durable: it survives a process
-    /// crash, an OS crash and power loss.
+    /// crash, an OS crash and power loss. After a failure nothing since the last successful sync
+    /// may be assumed durable, and an implementation may refuse all further writes
+    /// ([`StorageError::Poisoned`]).
     fn sync(&self) -> Result<(), StorageError>;
 
     /// The whole message, or `None` if it is not spooled. A message whose body does not match
@@ -80,6 +82,10 @@ pub enum StorageError {
     /// A record that cannot be decoded, or a body that does not match its metadata.
     #[error("corrupt spool record{}: {reason}", id.map(|id| format!(" {id}")).unwrap_or_default())]
     Corrupt { id: Option<QueueId>, reason: String },
+    /// An earlier `fsync` failed, so the spool refuses writes until the process restarts and
+    /// recovers from what is really on disk (see `SledStorage::poison`).
+    #[error("spool refuses writes after a failed fsync ({0}); restart to recover")]
+    Poisoned(String),
     /// Any other failure of the storage engine (a bug or an unsupported configuration).
     #[error("storage engine error: {0}")]
     Backend(String),
@@ -106,6 +112,7 @@ impl StorageError {
                 id: *id,
                 reason: reason.clone(),
             },
+            StorageError::Poisoned(s) => StorageError::Poisoned(s.clone()),
             StorageError::Backend(s) => StorageError::Backend(s.clone()),
         }
     }
