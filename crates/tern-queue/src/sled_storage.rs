@@ -34,6 +34,10 @@
 //! Directory entries: the directory, `db`, `conf` and `blobs` are created by the first open and
 //! never renamed, so `open` `fsync`s the spool directory and its parent once.
 //!
+//! A failed `fdatasync` is not retried: the kernel may already have dropped the unwritten pages'
+//! dirty state, so the spool refuses all writes until a restart recovers from the disk's real
+//! contents (`SledStorage::poison`).
+//!
 //! # Layout
 //!
 //! One tree, `spool`. Keys are `kind (1 byte) | QueueId::to_bytes() (16) | chunk index (u32 BE)`:
