@@ -476,7 +476,9 @@ impl AsyncSmtpClient {
         if let Some(src) = src {
             sock.bind(SocketAddr::new(src, 0))?;
         }
-        let s = sock.connect(addr).await?;
+        let s = tokio::time::timeout(REPLY_TIMEOUT, sock.connect(addr))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("connect {addr}")))??;
         s.set_nodelay(true)?;
         Ok(AsyncSmtpClient {
             stream: tokio::io::BufReader::new(s),

@@ -18,15 +18,21 @@ async fn one_session(
     barrier: Arc<tokio::sync::Barrier>,
 ) -> Result<String, String> {
     let ctx = |e: std::io::Error| format!("session {n} from {src}: {e}");
-    let mut c = AsyncSmtpClient::connect(addr, Some(src))
-        .await
-        .map_err(ctx)?;
-    let greet = c.read_reply().await.map_err(ctx)?;
-    // Everyone is connected and greeted before anyone sends: the sessions really overlap.
-    barrier.wait().await;
-    if greet.code != 220 {
-        return Err(format!("session {n}: greeting {greet}"));
+    let greeted = async {
+        let mut c = AsyncSmtpClient::connect(addr, Some(src))
+            .await
+            .map_err(ctx)?;
+        let greet = c.read_reply().await.map_err(ctx)?;
+        if greet.code != 220 {
+            return Err(format!("session {n}: greeting {greet}"));
+        }
+        Ok(c)
     }
+    .await;
+    // Everyone is connected and greeted before anyone sends, so the sessions really overlap.
+    // A session that failed still reaches the barrier, or the others would wait forever.
+    barrier.wait().await;
+    let mut c = greeted?;
     let steps = [
         (format!("EHLO c{n}.client.test"), 250),
         (format!("MAIL FROM:<s{n}@client.test>"), 250),
