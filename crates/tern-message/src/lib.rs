@@ -63,38 +63,9 @@ impl FromStr for QueueId {
     }
 }
 
-/// RFC 6152 / RFC 3030 body type declared with `MAIL FROM:<…> BODY=`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub enum BodyType {
-    #[default]
-    SevenBit,
-    EightBitMime,
-    BinaryMime,
-}
-
-/// RFC 3461 `RET=`: how much of the original message a failure DSN carries.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Ret {
-    Full,
-    Hdrs,
-}
-
-/// RFC 3461 `NOTIFY=`. `None` in [`Recipient::notify`] means the parameter was absent, which
-/// RFC 3461 §4.1 says to treat as `FAILURE,DELAY` at the MTA's discretion.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Notify {
-    pub success: bool,
-    pub failure: bool,
-    pub delay: bool,
-}
-
-impl Notify {
-    pub const NEVER: Notify = Notify {
-        success: false,
-        failure: false,
-        delay: false,
-    };
-}
+// The envelope parameter types belong to the SMTP grammar; re-exported so existing users of
+// `tern_message::Notify` etc. keep working.
+pub use tern_smtp::{BodyType, Notify, Ret};
 
 /// Where one recipient stands. Only `Pending` exists at accept time; delivery fills in the rest.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
