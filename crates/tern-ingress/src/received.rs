@@ -108,7 +108,10 @@ mod tests {
     fn dates_are_rfc5322() {
         assert_eq!(rfc5322_date(0), "Thu, 01 Jan 1970 00:00:00 +0000");
         assert_eq!(rfc5322_date(951_782_400), "Tue, 29 Feb 2000 00:00:00 +0000");
-        assert_eq!(rfc5322_date(1_795_360_455), "Sun, 22 Nov 2026 15:14:15 +0000");
+        assert_eq!(
+            rfc5322_date(1_795_360_455),
+            "Sun, 22 Nov 2026 15:14:15 +0000"
+        );
     }
 
     #[test]

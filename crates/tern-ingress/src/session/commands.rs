@@ -77,7 +77,12 @@ fn code(class: u8, subject: u16, detail: u16) -> Option<EnhancedCode> {
 }
 
 impl Session {
-    pub fn new(shared: Arc<Shared>, kind: ListenerKind, client: SocketAddr, local: SocketAddr) -> Self {
+    pub fn new(
+        shared: Arc<Shared>,
+        kind: ListenerKind,
+        client: SocketAddr,
+        local: SocketAddr,
+    ) -> Self {
         Self {
             shared,
             kind,
@@ -309,7 +314,11 @@ impl Session {
         }
         let limit = self.settings().message_size as u64;
         if mail.size.is_some_and(|size| size > limit) {
-            self.reply(552, code(5, 3, 4), "Error: message size exceeds fixed limit");
+            self.reply(
+                552,
+                code(5, 3, 4),
+                "Error: message size exceeds fixed limit",
+            );
             return Flow::Continue;
         }
         if mail.body == Some(BodyType::BinaryMime) {
@@ -522,7 +531,11 @@ impl Session {
         } else if outcome.line_too_long {
             Some((500, code(5, 5, 2), "Error: message line too long"))
         } else if outcome.size_exceeded {
-            Some((552, code(5, 3, 4), "Error: message size exceeds fixed limit"))
+            Some((
+                552,
+                code(5, 3, 4),
+                "Error: message size exceeds fixed limit",
+            ))
         } else {
             None
         };
@@ -668,15 +681,27 @@ impl Session {
             }
             ("LOGIN", Some(response)) => self.auth_login_user(&response),
             _ => {
-                self.reply(504, code(5, 5, 4), "Error: unsupported authentication mechanism");
+                self.reply(
+                    504,
+                    code(5, 5, 4),
+                    "Error: unsupported authentication mechanism",
+                );
                 Flow::Continue
             }
         }
     }
 
-    pub async fn on_auth_line(&mut self, step: AuthStep, line: Result<BytesMut, LineTooLong>) -> Flow {
+    pub async fn on_auth_line(
+        &mut self,
+        step: AuthStep,
+        line: Result<BytesMut, LineTooLong>,
+    ) -> Flow {
         let Ok(line) = line else {
-            self.reply(500, code(5, 5, 6), "Error: authentication exchange line too long");
+            self.reply(
+                500,
+                code(5, 5, 6),
+                "Error: authentication exchange line too long",
+            );
             return self.after_reply();
         };
         let response = String::from_utf8_lossy(&line).into_owned();
@@ -697,9 +722,7 @@ impl Session {
     fn sasl_error(&mut self, e: SaslError) -> Flow {
         match e {
             SaslError::Cancelled => self.reply(501, code(5, 0, 0), "Authentication aborted"),
-            SaslError::Malformed => {
-                self.reply(501, code(5, 5, 2), "Error: cannot decode response")
-            }
+            SaslError::Malformed => self.reply(501, code(5, 5, 2), "Error: cannot decode response"),
         }
         Flow::Continue
     }
@@ -743,7 +766,11 @@ impl Session {
             self.reply(235, code(2, 7, 0), "Authentication successful");
         } else {
             info!(user = %user, "authentication failed");
-            self.reply(535, code(5, 7, 8), "Error: authentication credentials invalid");
+            self.reply(
+                535,
+                code(5, 7, 8),
+                "Error: authentication credentials invalid",
+            );
         }
         Flow::Continue
     }

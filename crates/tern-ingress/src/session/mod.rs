@@ -12,7 +12,7 @@ mod io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use actix::{Actor, ActorFutureExt, AsyncContext, Context, Recipient, WrapFuture};
+use actix::{Actor, ActorContext, ActorFutureExt, AsyncContext, Context, Recipient, WrapFuture};
 use tern_queue::Enqueue;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
