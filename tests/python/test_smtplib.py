@@ -4,6 +4,7 @@ import smtplib
 import socket
 import ssl
 from email.message import EmailMessage
+from email.policy import SMTP as SMTP_POLICY
 
 import pytest
 
@@ -27,6 +28,12 @@ def text_message(sender, to, subject):
     return msg
 
 
+def wire_bytes(msg):
+    # smtplib sends bytes as given: they must already have CRLF line endings (a bare LF is
+    # refused as SMTP smuggling protection: see test_bare_lf_bytes_are_refused).
+    return msg.as_bytes(policy=SMTP_POLICY)
+
+
 def queued_id(reply_text):
     text = reply_text.decode() if isinstance(reply_text, bytes) else reply_text
     assert text.startswith("2.0.0 "), text
@@ -40,11 +47,11 @@ def test_normal_send_is_queued_and_spooled(tern_server):
         code, _ = s.ehlo()
         assert code == 250
         assert s.has_extn("pipelining") and s.has_extn("8bitmime") and s.has_extn("enhancedstatuscodes")
-        assert s.sendmail("py@client.test", ["one@elsewhere.test"], text_message("py@client.test", "one@elsewhere.test", "first").as_bytes()) == {}
+        assert s.sendmail("py@client.test", ["one@elsewhere.test"], wire_bytes(text_message("py@client.test", "one@elsewhere.test", "first"))) == {}
         # The low-level calls expose the DATA reply and its queue id.
         assert s.mail("py@client.test")[0] == 250
         assert s.rcpt("two@elsewhere.test")[0] == 250
-        code, text = s.data(text_message("py@client.test", "two@elsewhere.test", "second").as_bytes())
+        code, text = s.data(wire_bytes(text_message("py@client.test", "two@elsewhere.test", "second")))
         assert code == 250
         msg_id = queued_id(text)
     server.stop()
@@ -53,6 +60,21 @@ def test_normal_send_is_queued_and_spooled(tern_server):
     entry = next(e for e in spool if e["id"] == msg_id)
     assert entry["sender"] == "py@client.test"
     assert entry["recipients"] == ["two@elsewhere.test"]
+
+
+def test_bare_lf_bytes_are_refused(tern_server):
+    # smtplib passes bytes through unchanged, so "\n" line endings reach the server as bare LFs:
+    # refused with 550 5.6.0 by default, accepted with bare_line_endings = "normalize".
+    raw = text_message("py@client.test", "x@elsewhere.test", "lf").as_bytes()
+    assert b"\n" in raw and b"\r\n" not in raw
+    server = tern_server()
+    with smtplib.SMTP(HOST, server.smtp_port, timeout=30) as s:
+        with pytest.raises(smtplib.SMTPDataError) as e:
+            s.sendmail("py@client.test", ["x@elsewhere.test"], raw)
+        assert (e.value.smtp_code, e.value.smtp_error[:5]) == (550, b"5.6.0")
+    lenient = tern_server(smtp={"bare_line_endings": "normalize"})
+    with smtplib.SMTP(HOST, lenient.smtp_port, timeout=30) as s:
+        assert s.sendmail("py@client.test", ["x@elsewhere.test"], raw) == {}
 
 
 def test_send_message_with_utf8_addresses_uses_smtputf8(tern_server):
@@ -85,7 +107,7 @@ def test_starttls_and_login_on_submission(tern_server, mechanism):
         authobject = s.auth_plain if mechanism == "PLAIN" else s.auth_login
         code, text = s.auth(mechanism, authobject, initial_response_ok=(mechanism == "PLAIN"))
         assert code == 235 and text.startswith(b"2.7.0"), (code, text)
-        assert s.sendmail("alice@client.test", ["bob@elsewhere.test"], text_message("alice@client.test", "bob@elsewhere.test", "auth").as_bytes()) == {}
+        assert s.sendmail("alice@client.test", ["bob@elsewhere.test"], wire_bytes(text_message("alice@client.test", "bob@elsewhere.test", "auth"))) == {}
 
 
 def test_login_with_wrong_password_is_535(tern_server):
