@@ -172,6 +172,11 @@ async fn health(queue: web::Data<Addr<QueueActor>>) -> HttpResponse {
             "status": "ok",
             "queued": stats.messages,
             "bytes": stats.bytes,
+            "recovered": stats.recovered,
+            "corrupt": stats.corrupt,
+            "committed": stats.committed,
+            "syncs": stats.syncs,
+            "failed": stats.failed,
         })),
         Err(e) => HttpResponse::ServiceUnavailable()
             .json(serde_json::json!({"status": "unavailable", "error": e.to_string()})),
