@@ -3,7 +3,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::address::{self, ForwardPath, ReversePath};
-use crate::{xtext, BodyType, Notify, ParseError, Ret};
+pub use crate::error::ParseError;
+use crate::{xtext, BodyType, Notify, Ret};
 
 /// One SMTP command (RFC 5321 §4.1 and the extensions this crate knows).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -475,5 +476,657 @@ impl Command {
             Command::Auth { .. } => "AUTH",
             Command::Verb(_) => "VERB",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::address::{Address, AddressError};
+
+    fn parse(line: &str) -> Result<Command, ParseError> {
+        parse_command(line.as_bytes())
+    }
+
+    fn mail(line: &str) -> MailFrom {
+        match parse(line) {
+            Ok(Command::Mail(m)) => m,
+            other => panic!("{line}: {other:?}"),
+        }
+    }
+
+    fn rcpt(line: &str) -> RcptTo {
+        match parse(line) {
+            Ok(Command::Rcpt(r)) => r,
+            other => panic!("{line}: {other:?}"),
+        }
+    }
+
+    /// The reply code and enhanced code a line earns.
+    fn reply_of(line: &str) -> String {
+        let reply = parse(line).expect_err(line).reply();
+        format!("{} {}", reply.code, reply.enhanced.unwrap())
+    }
+
+    fn sender(local: &str, domain: &str) -> ReversePath {
+        ReversePath::Address(Address::new(local, domain))
+    }
+
+    fn recipient(local: &str, domain: &str) -> ForwardPath {
+        ForwardPath::Address(Address::new(local, domain))
+    }
+
+    #[test]
+    fn verbs_are_case_insensitive() {
+        assert_eq!(parse("quit"), Ok(Command::Quit));
+        assert_eq!(parse("QuIt"), Ok(Command::Quit));
+        assert_eq!(parse("starttls"), Ok(Command::StartTls));
+        assert_eq!(
+            parse("ehlo x.example"),
+            Ok(Command::Ehlo("x.example".into()))
+        );
+        assert_eq!(
+            mail("mail from:<a@b.example>").sender,
+            sender("a", "b.example")
+        );
+    }
+
+    #[test]
+    fn every_verb_without_arguments() {
+        for (line, cmd) in [
+            ("DATA", Command::Data),
+            ("RSET", Command::Rset),
+            ("NOOP", Command::Noop),
+            ("QUIT", Command::Quit),
+            ("STARTTLS", Command::StartTls),
+            ("HELP", Command::Help(None)),
+            ("VERB", Command::Verb(None)),
+        ] {
+            assert_eq!(parse(line), Ok(cmd), "{line}");
+        }
+    }
+
+    #[test]
+    fn unknown_verb_is_500_5_5_1() {
+        for line in [
+            "FOO",
+            "",
+            " QUIT",
+            "MAILFROM:<a@b.example>",
+            "XEXCH50",
+            "GET / HTTP/1.1",
+        ] {
+            assert_eq!(parse(line), Err(ParseError::UnknownCommand), "{line:?}");
+        }
+        assert_eq!(reply_of("FOO"), "500 5.5.1");
+    }
+
+    #[test]
+    fn trailing_whitespace_is_ignored() {
+        assert_eq!(parse("QUIT "), Ok(Command::Quit));
+        assert_eq!(parse("DATA\t"), Ok(Command::Data));
+        assert_eq!(
+            mail("MAIL FROM:<a@b.example>  ").sender,
+            sender("a", "b.example")
+        );
+    }
+
+    #[test]
+    fn argument_where_none_is_allowed_is_501_5_5_4() {
+        for line in ["QUIT now", "RSET x", "DATA x", "STARTTLS x"] {
+            assert_eq!(reply_of(line), "501 5.5.4", "{line}");
+        }
+    }
+
+    #[test]
+    fn noop_argument_is_ignored() {
+        assert_eq!(parse("NOOP anything at all"), Ok(Command::Noop));
+    }
+
+    #[test]
+    fn help_vrfy_expn_verb_take_an_argument() {
+        assert_eq!(parse("HELP MAIL"), Ok(Command::Help(Some("MAIL".into()))));
+        assert_eq!(parse("VRFY Smith"), Ok(Command::Vrfy("Smith".into())));
+        assert_eq!(
+            parse("EXPN list SMTPUTF8"),
+            Ok(Command::Expn("list SMTPUTF8".into()))
+        );
+        assert_eq!(parse("VERB on"), Ok(Command::Verb(Some("on".into()))));
+    }
+
+    #[test]
+    fn vrfy_and_expn_need_an_argument() {
+        assert_eq!(reply_of("VRFY"), "501 5.5.4");
+        assert_eq!(reply_of("EXPN "), "501 5.5.4");
+    }
+
+    #[test]
+    fn ehlo_and_helo_take_a_domain_or_address_literal() {
+        assert_eq!(
+            parse("EHLO mx.example.org"),
+            Ok(Command::Ehlo("mx.example.org".into()))
+        );
+        assert_eq!(
+            parse("HELO [192.0.2.1]"),
+            Ok(Command::Helo("[192.0.2.1]".into()))
+        );
+        assert_eq!(
+            parse("EHLO [IPv6:2001:db8::1]"),
+            Ok(Command::Ehlo("[IPv6:2001:db8::1]".into()))
+        );
+        assert_eq!(
+            parse("EHLO bücher.example"),
+            Ok(Command::Ehlo("bücher.example".into()))
+        );
+        assert_eq!(parse("EHLO my_pc"), Ok(Command::Ehlo("my_pc".into())));
+    }
+
+    #[test]
+    fn bad_ehlo_domain_is_501_5_5_4() {
+        for line in [
+            "EHLO",
+            "EHLO ",
+            "HELO",
+            "EHLO a b",
+            "EHLO -x.example",
+            "EHLO [1.2.3]",
+            "EHLO a..b",
+        ] {
+            assert_eq!(reply_of(line), "501 5.5.4", "{line:?}");
+        }
+        assert_eq!(
+            parse_command(b"EHLO \xff.example"),
+            Err(ParseError::Syntax("invalid EHLO/HELO domain"))
+        );
+    }
+
+    #[test]
+    fn mail_with_plain_sender() {
+        assert_eq!(
+            mail("MAIL FROM:<a@b.example>"),
+            MailFrom {
+                sender: sender("a", "b.example"),
+                ..Default::default()
+            }
+        );
+    }
+
+    #[test]
+    fn mail_with_null_sender() {
+        assert_eq!(mail("MAIL FROM:<>").sender, ReversePath::Null);
+    }
+
+    #[test]
+    fn space_before_the_path_is_tolerated() {
+        assert_eq!(
+            mail("MAIL FROM: <a@b.example>").sender,
+            sender("a", "b.example")
+        );
+        assert_eq!(
+            rcpt("RCPT TO: <a@b.example>").recipient,
+            recipient("a", "b.example")
+        );
+        assert_eq!(
+            mail("MAIL  from:<a@b.example>").sender,
+            sender("a", "b.example")
+        );
+    }
+
+    #[test]
+    fn missing_from_or_to_is_501_5_5_4() {
+        for line in [
+            "MAIL",
+            "MAIL <a@b.example>",
+            "MAIL TO:<a@b.example>",
+            "RCPT",
+            "RCPT FROM:<a@b.example>",
+            "MAIL FROM<a@b.example>",
+        ] {
+            assert_eq!(reply_of(line), "501 5.5.4", "{line}");
+        }
+    }
+
+    #[test]
+    fn malformed_sender_is_501_5_1_7() {
+        for line in [
+            "MAIL FROM:a@b.example",
+            "MAIL FROM:<a@b.example",
+            "MAIL FROM:<a@>",
+            "MAIL FROM:<a..b@c.example>",
+            "MAIL FROM:<postmaster>",
+            "MAIL FROM:",
+        ] {
+            assert_eq!(reply_of(line), "501 5.1.7", "{line}");
+        }
+        assert!(matches!(
+            parse_command(b"MAIL FROM:<\xff@b.example>"),
+            Err(ParseError::BadSender(_))
+        ));
+    }
+
+    #[test]
+    fn malformed_recipient_is_501_5_1_3() {
+        for line in [
+            "RCPT TO:a@b.example",
+            "RCPT TO:<>",
+            "RCPT TO:<abuse>",
+            "RCPT TO:<a b@c.example>",
+            "RCPT TO:<a@[300.1.1.1]>",
+        ] {
+            assert_eq!(reply_of(line), "501 5.1.3", "{line}");
+        }
+    }
+
+    #[test]
+    fn rcpt_to_postmaster_in_any_case() {
+        assert_eq!(
+            rcpt("RCPT TO:<Postmaster>").recipient,
+            ForwardPath::Postmaster
+        );
+        assert_eq!(
+            rcpt("rcpt to:<POSTMASTER>").recipient,
+            ForwardPath::Postmaster
+        );
+    }
+
+    #[test]
+    fn source_route_is_accepted_and_dropped() {
+        assert_eq!(
+            rcpt("RCPT TO:<@a.example,@b.example:user@c.example>").recipient,
+            recipient("user", "c.example")
+        );
+    }
+
+    #[test]
+    fn quoted_local_part_with_spaces_and_params() {
+        let m = mail(r#"MAIL FROM:<"john q. doe"@b.example> SIZE=10"#);
+        assert_eq!(m.sender, sender("john q. doe", "b.example"));
+        assert_eq!(m.size, Some(10));
+    }
+
+    #[test]
+    fn utf8_addresses_parse() {
+        let m = mail("MAIL FROM:<用户@例子.广告> SMTPUTF8");
+        assert!(m.smtputf8);
+        assert!(!m.sender.is_ascii());
+    }
+
+    #[test]
+    fn every_mail_parameter() {
+        let m = mail("MAIL FROM:<a@b.example> SIZE=12345 BODY=8BITMIME SMTPUTF8 RET=HDRS ENVID=QQ314159 AUTH=e+3Dmc2@example.com");
+        assert_eq!(
+            m,
+            MailFrom {
+                sender: sender("a", "b.example"),
+                size: Some(12345),
+                body: Some(BodyType::EightBitMime),
+                smtputf8: true,
+                ret: Some(Ret::Hdrs),
+                envid: Some("QQ314159".into()),
+                auth: Some("e+3Dmc2@example.com".into()),
+            }
+        );
+    }
+
+    #[test]
+    fn parameter_keywords_and_values_are_case_insensitive() {
+        let m = mail("MAIL FROM:<a@b.example> size=1 body=binarymime smtputf8 ret=full");
+        assert_eq!(m.size, Some(1));
+        assert_eq!(m.body, Some(BodyType::BinaryMime));
+        assert!(m.smtputf8);
+        assert_eq!(m.ret, Some(Ret::Full));
+        let r = rcpt("RCPT TO:<a@b.example> notify=success,failure orcpt=rfc822;a@b.example");
+        assert_eq!(
+            r.notify,
+            Some(Notify {
+                success: true,
+                failure: true,
+                delay: false
+            })
+        );
+    }
+
+    #[test]
+    fn several_spaces_between_parameters_are_tolerated() {
+        let m = mail("MAIL FROM:<a@b.example>   SIZE=1   BODY=7BIT");
+        assert_eq!((m.size, m.body), (Some(1), Some(BodyType::SevenBit)));
+    }
+
+    #[test]
+    fn auth_parameter_may_be_null() {
+        assert_eq!(
+            mail("MAIL FROM:<a@b.example> AUTH=<>").auth.as_deref(),
+            Some("<>")
+        );
+    }
+
+    #[test]
+    fn unknown_parameter_is_555_5_5_4() {
+        assert_eq!(reply_of("MAIL FROM:<a@b.example> FOO=bar"), "555 5.5.4");
+        assert_eq!(reply_of("MAIL FROM:<a@b.example> XFOO"), "555 5.5.4");
+        assert_eq!(reply_of("RCPT TO:<a@b.example> SIZE=10"), "555 5.5.4");
+        assert_eq!(reply_of("RCPT TO:<a@b.example> SMTPUTF8"), "555 5.5.4");
+        assert_eq!(
+            parse("MAIL FROM:<a@b.example> X-Thing=1"),
+            Err(ParseError::UnknownParameter("X-Thing".into()))
+        );
+    }
+
+    #[test]
+    fn known_parameter_with_bad_value_is_501_5_5_4() {
+        for line in [
+            "MAIL FROM:<a@b.example> SIZE=abc",
+            "MAIL FROM:<a@b.example> SIZE=",
+            "MAIL FROM:<a@b.example> SIZE",
+            "MAIL FROM:<a@b.example> SIZE=-1",
+            "MAIL FROM:<a@b.example> SIZE=99999999999999999999",
+            "MAIL FROM:<a@b.example> SIZE=123456789012345678901",
+            "MAIL FROM:<a@b.example> BODY=foo",
+            "MAIL FROM:<a@b.example> BODY",
+            "MAIL FROM:<a@b.example> SMTPUTF8=yes",
+            "MAIL FROM:<a@b.example> RET=ALL",
+            "MAIL FROM:<a@b.example> ENVID=a+b",
+            "MAIL FROM:<a@b.example> AUTH=a+zz",
+            "RCPT TO:<a@b.example> NOTIFY=NEVER,SUCCESS",
+            "RCPT TO:<a@b.example> NOTIFY=SOMETIMES",
+            "RCPT TO:<a@b.example> NOTIFY=",
+            "RCPT TO:<a@b.example> ORCPT=a@b.example",
+            "RCPT TO:<a@b.example> ORCPT=;a@b.example",
+            "RCPT TO:<a@b.example> ORCPT=rfc822;",
+            "RCPT TO:<a@b.example> ORCPT=rfc822;a+b",
+            "RCPT TO:<a@b.example> ORCPT=rfc 822;a",
+        ] {
+            assert_eq!(reply_of(line), "501 5.5.4", "{line}");
+        }
+    }
+
+    #[test]
+    fn duplicate_parameter_is_501_5_5_4() {
+        for line in [
+            "MAIL FROM:<a@b.example> SIZE=1 SIZE=1",
+            "MAIL FROM:<a@b.example> BODY=7BIT BODY=8BITMIME",
+            "MAIL FROM:<a@b.example> SMTPUTF8 SMTPUTF8",
+            "MAIL FROM:<a@b.example> RET=FULL ret=HDRS",
+            "MAIL FROM:<a@b.example> ENVID=a ENVID=b",
+            "MAIL FROM:<a@b.example> AUTH=<> AUTH=<>",
+            "RCPT TO:<a@b.example> NOTIFY=NEVER NOTIFY=NEVER",
+            "RCPT TO:<a@b.example> ORCPT=rfc822;a ORCPT=rfc822;a",
+        ] {
+            assert!(
+                matches!(
+                    parse(line),
+                    Err(ParseError::BadParameter {
+                        reason: "given twice",
+                        ..
+                    })
+                ),
+                "{line}"
+            );
+            assert_eq!(reply_of(line), "501 5.5.4", "{line}");
+        }
+    }
+
+    #[test]
+    fn envid_longer_than_100_characters_is_refused() {
+        let ok = format!("MAIL FROM:<a@b.example> ENVID={}", "x".repeat(100));
+        assert_eq!(mail(&ok).envid.unwrap().len(), 100);
+        let long = format!("MAIL FROM:<a@b.example> ENVID={}", "x".repeat(101));
+        assert_eq!(reply_of(&long), "501 5.5.4");
+    }
+
+    #[test]
+    fn malformed_parameter_syntax_is_501_5_5_4() {
+        for line in [
+            "MAIL FROM:<a@b.example>SIZE=1",
+            "MAIL FROM:<a@b.example> =1",
+            "MAIL FROM:<a@b.example> -X=1",
+            "MAIL FROM:<a@b.example> SI_ZE=1",
+            "MAIL FROM:<a@b.example> SIZE=1=2",
+            "RCPT TO:<a@b.example> NOTIFY=NEVER\x01",
+        ] {
+            assert_eq!(reply_of(line), "501 5.5.4", "{line:?}");
+        }
+    }
+
+    #[test]
+    fn rcpt_parameters() {
+        let r = rcpt("RCPT TO:<a@b.example> NOTIFY=NEVER ORCPT=rfc822;a+2Bb@b.example");
+        assert_eq!(r.recipient, recipient("a", "b.example"));
+        assert_eq!(r.notify, Some(Notify::NEVER));
+        assert_eq!(r.orcpt.as_deref(), Some("rfc822;a+2Bb@b.example"));
+        let r = rcpt("RCPT TO:<a@b.example> ORCPT=utf-8;a@b.example");
+        assert_eq!(r.orcpt.as_deref(), Some("utf-8;a@b.example"));
+    }
+
+    #[test]
+    fn bdat_size_and_last() {
+        assert_eq!(
+            parse("BDAT 1000"),
+            Ok(Command::Bdat {
+                size: 1000,
+                last: false
+            })
+        );
+        assert_eq!(
+            parse("bdat 0 last"),
+            Ok(Command::Bdat {
+                size: 0,
+                last: true
+            })
+        );
+        assert_eq!(
+            parse("BDAT 18446744073709551615 LAST"),
+            Ok(Command::Bdat {
+                size: u64::MAX,
+                last: true
+            })
+        );
+    }
+
+    #[test]
+    fn bad_bdat_is_501_5_5_4() {
+        for line in [
+            "BDAT",
+            "BDAT ",
+            "BDAT x",
+            "BDAT -1",
+            "BDAT 18446744073709551616",
+            "BDAT 10 FIRST",
+            "BDAT 10 LAST x",
+        ] {
+            assert_eq!(reply_of(line), "501 5.5.4", "{line:?}");
+        }
+    }
+
+    #[test]
+    fn auth_mechanism_is_uppercased() {
+        assert_eq!(
+            parse("AUTH plain dGVzdAB0ZXN0ADEyMzQ="),
+            Ok(Command::Auth {
+                mechanism: "PLAIN".into(),
+                initial_response: Some("dGVzdAB0ZXN0ADEyMzQ=".into())
+            })
+        );
+        assert_eq!(
+            parse("AUTH login"),
+            Ok(Command::Auth {
+                mechanism: "LOGIN".into(),
+                initial_response: None
+            })
+        );
+        assert_eq!(
+            parse("AUTH EXTERNAL ="),
+            Ok(Command::Auth {
+                mechanism: "EXTERNAL".into(),
+                initial_response: Some("=".into())
+            })
+        );
+    }
+
+    #[test]
+    fn bad_auth_is_501_5_5_4() {
+        for line in [
+            "AUTH",
+            "AUTH ",
+            "AUTH PL@IN",
+            "AUTH PLAIN a b",
+            "AUTH ABCDEFGHIJKLMNOPQRSTU",
+        ] {
+            assert_eq!(reply_of(line), "501 5.5.4", "{line:?}");
+        }
+    }
+
+    #[test]
+    fn non_utf8_argument_is_501_5_5_4() {
+        assert_eq!(
+            parse_command(b"VRFY \xff"),
+            Err(ParseError::Syntax("invalid UTF-8"))
+        );
+    }
+
+    #[test]
+    fn error_replies_carry_printable_text() {
+        let r = parse("MAIL FROM:<a@b.example> X\u{7}Y=1")
+            .unwrap_err()
+            .reply();
+        assert!(r
+            .to_bytes()
+            .iter()
+            .all(|&b| b >= 32 || b == b'\r' || b == b'\n'));
+        let r = ParseError::UnknownParameter("AB\r\nCD".into()).reply();
+        assert_eq!(r.to_bytes(), b"555 5.5.4 Unsupported parameter ABCD\r\n");
+        assert_eq!(
+            parse("MAIL FROM:a@b").unwrap_err().reply().to_bytes(),
+            b"501 5.1.7 Bad sender address syntax: angle brackets required\r\n"
+        );
+    }
+
+    #[test]
+    fn write_to_serialises_mail_with_its_parameters() {
+        let cmd = Command::Mail(MailFrom {
+            sender: sender("john doe", "b.example"),
+            size: Some(10),
+            body: Some(BodyType::EightBitMime),
+            smtputf8: true,
+            ret: Some(Ret::Full),
+            envid: Some("x+2By".into()),
+            auth: Some("<>".into()),
+        });
+        assert_eq!(
+            cmd.to_bytes(),
+            b"MAIL FROM:<\"john doe\"@b.example> SIZE=10 BODY=8BITMIME SMTPUTF8 RET=FULL ENVID=x+2By AUTH=<>\r\n"
+        );
+        assert_eq!(
+            Command::Mail(MailFrom::default()).to_bytes(),
+            b"MAIL FROM:<>\r\n"
+        );
+    }
+
+    #[test]
+    fn write_to_serialises_rcpt_with_its_parameters() {
+        let cmd = Command::Rcpt(RcptTo {
+            recipient: recipient("a", "b.example"),
+            notify: Some(Notify {
+                success: true,
+                failure: false,
+                delay: true,
+            }),
+            orcpt: Some("rfc822;a@b.example".into()),
+        });
+        assert_eq!(
+            cmd.to_bytes(),
+            b"RCPT TO:<a@b.example> NOTIFY=SUCCESS,DELAY ORCPT=rfc822;a@b.example\r\n"
+        );
+        assert_eq!(
+            Command::Rcpt(RcptTo::new(ForwardPath::Postmaster)).to_bytes(),
+            b"RCPT TO:<Postmaster>\r\n"
+        );
+    }
+
+    #[test]
+    fn write_to_cannot_inject_a_second_command() {
+        let cmd = Command::Helo("x.example\r\nMAIL FROM:<evil@x.example>".into());
+        assert_eq!(
+            cmd.to_bytes(),
+            b"HELO x.exampleMAIL FROM:<evil@x.example>\r\n"
+        );
+    }
+
+    #[test]
+    fn every_command_round_trips_through_write_and_parse() {
+        let commands = vec![
+            Command::Helo("x.example".into()),
+            Command::Ehlo("[192.0.2.1]".into()),
+            Command::Mail(MailFrom::default()),
+            Command::Mail(MailFrom {
+                sender: sender("a\"b", "ü.example"),
+                size: Some(u64::MAX),
+                body: Some(BodyType::BinaryMime),
+                smtputf8: true,
+                ret: Some(Ret::Hdrs),
+                envid: Some("id".into()),
+                auth: Some("a@b.example".into()),
+            }),
+            Command::Rcpt(RcptTo::new(ForwardPath::Postmaster)),
+            Command::Rcpt(RcptTo {
+                recipient: recipient("a", "b.example"),
+                notify: Some(Notify::NEVER),
+                orcpt: Some("rfc822;a@b.example".into()),
+            }),
+            Command::Data,
+            Command::Bdat {
+                size: 0,
+                last: true,
+            },
+            Command::Bdat {
+                size: 42,
+                last: false,
+            },
+            Command::Rset,
+            Command::Vrfy("user".into()),
+            Command::Expn("list".into()),
+            Command::Help(None),
+            Command::Help(Some("MAIL".into())),
+            Command::Noop,
+            Command::Quit,
+            Command::StartTls,
+            Command::Auth {
+                mechanism: "PLAIN".into(),
+                initial_response: Some("AGEAYg==".into()),
+            },
+            Command::Auth {
+                mechanism: "LOGIN".into(),
+                initial_response: None,
+            },
+            Command::Verb(None),
+            Command::Verb(Some("on".into())),
+        ];
+        for cmd in commands {
+            let bytes = cmd.to_bytes();
+            assert!(bytes.ends_with(b"\r\n"));
+            assert_eq!(
+                parse_command(&bytes[..bytes.len() - 2]),
+                Ok(cmd.clone()),
+                "{cmd:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn verb_names_for_logs() {
+        assert_eq!(parse("mail from:<>").unwrap().verb(), "MAIL");
+        assert_eq!(Command::StartTls.verb(), "STARTTLS");
+    }
+
+    #[test]
+    fn address_error_kinds_are_kept() {
+        assert_eq!(
+            parse("MAIL FROM:<a@b.example"),
+            Err(ParseError::BadSender(AddressError::Unterminated))
+        );
+        assert_eq!(
+            parse("RCPT TO:<>"),
+            Err(ParseError::BadRecipient(AddressError::Empty))
+        );
     }
 }

@@ -846,6 +846,78 @@ mod tests {
         assert!(serde_json::from_str::<BareLineEndings>("\"Normalize\"").is_err());
     }
 
+    /// Dot-stuffs `lines` the way a client must (RFC 5321 §4.5.2) and adds the terminator.
+    fn encode(lines: &[Vec<u8>]) -> Vec<u8> {
+        let mut wire = Vec::new();
+        for line in lines {
+            if line.first() == Some(&b'.') {
+                wire.push(b'.');
+            }
+            wire.extend_from_slice(line);
+            wire.extend_from_slice(b"\r\n");
+        }
+        wire.extend_from_slice(b".\r\n");
+        wire
+    }
+
+    #[test]
+    fn random_messages_round_trip_through_stuffing() {
+        let mut rng = Splitter::new(7);
+        for _ in 0..300 {
+            let lines: Vec<Vec<u8>> = (0..rng.next() % 6)
+                .map(|_| {
+                    (0..rng.next() % 5)
+                        .map(|_| b"a.x\x00\xff"[(rng.next() % 5) as usize])
+                        .collect()
+                })
+                .collect();
+            let mut wire = encode(&lines);
+            let end = wire.len();
+            wire.extend_from_slice(b"RSET\r\n");
+            let content: Vec<u8> = lines
+                .iter()
+                .flat_map(|l| l.iter().copied().chain(*b"\r\n"))
+                .collect();
+            for limits in [reject(), normalize()] {
+                let d = decode_every_way(limits, &wire);
+                assert!(d.done && d.outcome.is_acceptable());
+                assert_eq!(d.consumed, end);
+                assert_eq!(d.out, content);
+            }
+        }
+    }
+
+    #[test]
+    fn random_line_ending_soup_decodes_the_same_however_split() {
+        let mut rng = Splitter::new(11);
+        for _ in 0..300 {
+            let input: Vec<u8> = (0..rng.next() % 24)
+                .map(|_| b"a.\r\n"[(rng.next() % 4) as usize])
+                .collect();
+            for limits in [
+                reject(),
+                normalize(),
+                DataLimits {
+                    max_size: 6,
+                    max_line: 3,
+                    bare_line_endings: BareLineEndings::Normalize,
+                },
+            ] {
+                let d = decode_every_way(limits, &input);
+                assert!(d.out.len() <= limits.max_size);
+                if d.done {
+                    assert!(input[..d.consumed].ends_with(b"\r\n.\r\n") || d.consumed == 3);
+                }
+                // (Truncation at the size limit may cut a CRLF in half.)
+                if limits.bare_line_endings == BareLineEndings::Normalize
+                    && !d.outcome.size_exceeded
+                {
+                    assert_crlf_only(&d.out, "soup");
+                }
+            }
+        }
+    }
+
     fn bdat_feed(mut rx: BdatReceiver, pieces: &[&[u8]]) -> (Vec<u8>, usize, bool) {
         let mut out = Vec::new();
         let mut consumed = 0;
