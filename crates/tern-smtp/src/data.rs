@@ -672,7 +672,7 @@ mod tests {
                     bare: true,
                 },
                 Case {
-                    name: "bare CR at the very end of a line start",
+                    name: "bare CR right after a CRLF",
                     input: b"ok\r\n\r.\r\n",
                     out: b"ok\r\n",
                     end: None,

@@ -412,6 +412,7 @@ impl Capabilities {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testutil::{every_split, Splitter};
 
     const E511: EnhancedCode = EnhancedCode::new(5, 1, 1);
 
@@ -484,12 +485,12 @@ mod tests {
         assert_eq!(Reply::new(221, None, "bye").to_string(), "221 bye");
     }
 
-    /// Parses everything in `input` fed in `chunks`, collecting replies and errors.
-    fn parse_all(input: &[u8], chunk: usize) -> Vec<Result<Reply, ReplyError>> {
+    /// Parses everything in `input` fed in `pieces`, collecting replies and errors.
+    fn parse_all(pieces: &[&[u8]]) -> Vec<Result<Reply, ReplyError>> {
         let mut parser = ReplyParser::new();
         let mut buf = BytesMut::new();
         let mut out = Vec::new();
-        for piece in input.chunks(chunk.max(1)) {
+        for piece in pieces {
             buf.extend_from_slice(piece);
             while let Some(r) = parser.ingest(&mut buf) {
                 out.push(r);
@@ -498,10 +499,17 @@ mod tests {
         out
     }
 
+    /// Feeds `input` whole, byte by byte, cut in two at every position and in random pieces;
+    /// every feed must parse the same.
     fn parse_every_way(input: &[u8]) -> Vec<Result<Reply, ReplyError>> {
-        let whole = parse_all(input, input.len());
-        for chunk in 1..=input.len().min(16) {
-            assert_eq!(parse_all(input, chunk), whole, "chunk size {chunk}");
+        let whole = parse_all(&[input]);
+        for pieces in every_split(input) {
+            assert_eq!(parse_all(&pieces), whole, "split {pieces:?}");
+        }
+        let mut rng = Splitter::new(input.len() as u64);
+        for _ in 0..50 {
+            let pieces = rng.random_split(input);
+            assert_eq!(parse_all(&pieces), whole, "split {pieces:?}");
         }
         whole
     }
