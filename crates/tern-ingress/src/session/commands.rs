@@ -22,12 +22,6 @@ use crate::auth::{self, AuthStep, SaslError};
 use crate::received::Trace;
 use crate::settings::{ListenerKind, Settings, VrfyPolicy};
 
-/// RFC 1869 §4 (SIZE), RFC 3461 §4 (RET/ENVID on MAIL, NOTIFY/ORCPT on RCPT), RFC 4954 §5
-/// (AUTH=): each extension we advertise lets MAIL/RCPT lines grow past the base 512 octets. The
-/// last term covers BODY= and SMTPUTF8, which their RFCs leave unbudgeted.
-const MAIL_ALLOWANCE: usize = 26 + 110 + 500 + 32;
-const RCPT_ALLOWANCE: usize = 500;
-
 pub(crate) enum Mode {
     Command,
     Data(Box<DataReceiver>),
@@ -102,9 +96,10 @@ impl Session {
         &self.shared.settings
     }
 
-    /// The longest line the reader must buffer before it knows the verb.
+    /// The longest line (without CRLF) the reader must buffer before it knows the verb: MAIL
+    /// with every advertised extension's allowance.
     pub fn max_command_line(&self) -> usize {
-        self.settings().command_line + MAIL_ALLOWANCE
+        tern_smtp::max_any_command_line(self.settings().command_line) - 2
     }
 
     fn reply(&mut self, code: u16, enhanced: Option<EnhancedCode>, text: &str) {
@@ -158,8 +153,8 @@ impl Session {
                 return self.after_reply();
             }
         };
-        if line.len() + 2 > self.line_limit_for(&line) {
-            self.reply(500, code(5, 5, 2), "Error: line too long");
+        if let Err(e) = tern_smtp::check_command_line(&line, self.settings().command_line) {
+            self.send(e.reply());
             return self.after_reply();
         }
         let flow = match parse_command(&line) {
@@ -172,18 +167,6 @@ impl Session {
         match flow {
             Flow::Continue => self.after_reply(),
             other => other,
-        }
-    }
-
-    fn line_limit_for(&self, line: &[u8]) -> usize {
-        let base = self.settings().command_line;
-        let verb = line.get(..5).unwrap_or(line);
-        if verb.eq_ignore_ascii_case(b"MAIL ") {
-            base + MAIL_ALLOWANCE
-        } else if verb.eq_ignore_ascii_case(b"RCPT ") {
-            base + RCPT_ALLOWANCE
-        } else {
-            base
         }
     }
 
