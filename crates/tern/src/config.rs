@@ -26,7 +26,7 @@ use ipnet::IpNet;
 use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize};
 
-pub use crate::auth_hash::{hash_password, HashError};
+pub use tern_ingress::auth::{hash_password, HashError};
 
 /// Prefix of the environment variables that override configuration keys.
 const ENV_PREFIX: &str = "tern_";
@@ -588,7 +588,7 @@ impl Config {
                     format!("duplicate user {:?}", user.name),
                 );
             }
-            if let Err(message) = crate::auth_hash::check_phc(&user.password_hash) {
+            if let Err(message) = tern_ingress::auth::check_phc(&user.password_hash) {
                 return fail(&format!("auth.users[{i}].password_hash"), message);
             }
         }

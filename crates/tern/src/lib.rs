@@ -1,3 +1,2 @@
-pub mod auth_hash;
 pub mod config;
 pub mod tls;
