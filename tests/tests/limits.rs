@@ -70,6 +70,46 @@ fn rcpt_with_dsn_parameters_may_exceed_512() {
 }
 
 #[test]
+fn mail_line_beyond_the_parameter_allowance_is_500_5_5_2() {
+    let server = TernServer::start();
+    let mut c = server.session();
+    let line = format!("MAIL FROM:<a@client.test> ENVID={}", "E".repeat(2000));
+    c.cmd(&line).expect("500", "5.5.2");
+    c.cmd("MAIL FROM:<a@client.test>").expect("250", "2");
+}
+
+#[test]
+fn a_command_trickled_byte_by_byte_still_times_out() {
+    // The command timeout bounds the whole line, not each read: a client sending one byte per
+    // second cannot hold the session (slowloris).
+    let server = TernServer::builder()
+        .set("limits.command_timeout", "2s")
+        .start();
+    let mut c = server.session();
+    let t0 = Instant::now();
+    let mut answered = None;
+    for b in b"NOOP but very slowly ...........".iter() {
+        if c.try_send(&[*b]).is_err() {
+            break;
+        }
+        if let Some(r) = c.reply_within(Duration::from_millis(500)) {
+            answered = Some(r);
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(12) {
+            break;
+        }
+    }
+    let r = answered.unwrap_or_else(|| panic!("no reply while trickling for {:?}", t0.elapsed()));
+    r.expect("421", "4.4.2");
+    assert!(
+        t0.elapsed() < Duration::from_secs(6),
+        "timed out only after {:?}",
+        t0.elapsed()
+    );
+}
+
+#[test]
 fn data_lines_over_998_are_accepted_up_to_the_data_line_limit() {
     let server = TernServer::start();
     let mut c = server.session();

@@ -184,3 +184,26 @@ fn proxy_line_is_an_unknown_command_when_disabled() {
     c.cmd("MAIL FROM:<a@spoof.test>").expect("250", "2");
     c.cmd("RCPT TO:<b@elsewhere.test>").expect("554", "5.7.1");
 }
+
+#[test]
+fn per_address_connection_limit_counts_the_proxied_address() {
+    // Behind a proxy every connection comes from the proxy's address; the limit must apply to
+    // the original client from the header instead.
+    let server = TernServer::builder()
+        .proxy_protocol(true)
+        .set("smtp.max_connections_per_ip", 1)
+        .start();
+    let open = |src: &str| {
+        let mut c = server.connect();
+        c.send(v1(sa(src), dst(&server)));
+        let r = c.read_reply();
+        (c, r)
+    };
+    let (_a, r) = open("198.51.100.1:40000");
+    r.expect_code(220);
+    let (_b, r) = open("198.51.100.2:40000");
+    r.expect_code(220);
+    let (mut c, r) = open("198.51.100.1:40001");
+    r.expect("421", "4.7.0");
+    c.expect_closed(Duration::from_secs(5));
+}

@@ -147,3 +147,17 @@ fn unauthenticated_submission_cannot_relay_from_outside() {
     c.cmd("MAIL FROM:<alice@client.test>").expect("250", "2");
     c.cmd("RCPT TO:<b@elsewhere.test>").expect("554", "5.7.1");
 }
+
+#[test]
+fn ipv6_loopback_is_trusted_by_default() {
+    let port = tern_tests::free_port();
+    let server = TernServer::builder()
+        .set_list("smtp.listen", &[&format!("[::1]:{port}")])
+        .start();
+    assert!(server.smtp.is_ipv6());
+    let mut c = SmtpClient::connect(server.smtp);
+    c.read_reply().expect_code(220);
+    c.ehlo("v6.test").expect_code(250);
+    c.cmd("MAIL FROM:<a@v6.test>").expect("250", "2");
+    c.cmd("RCPT TO:<b@elsewhere.test>").expect("250", "2");
+}
