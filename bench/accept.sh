@@ -20,6 +20,9 @@ MESSAGES=${MESSAGES:-20000}
 SESSIONS=${SESSIONS:-20}
 SIZE=${SIZE:-5000}
 ONLY=${ONLY:-both}
+# Order of the two modes ("new" = a connection per message, "-d" = reuse).
+MODES=${MODES:-new -d}
+SETTLE=${SETTLE:-10}
 SENDER=${SENDER:-bench@client.bench.test}
 # Postfix relays everything to its relayhost, so any domain works; tern's delivery may look the
 # domain up, so by default it gets an address literal on loopback (no DNS, nothing leaves the
@@ -46,6 +49,10 @@ declare -A RATE
 run_source() {
   local label=$1 mode=$2 port=$3 rcpt=$4 flags=()
   [ "$mode" = "-d" ] && flags+=(-d)
+  # Let the previous run's disk writeback finish first: without this, whichever run came second
+  # was up to 40% slower.
+  sync
+  sleep "$SETTLE"
   log "$label: smtp-source -s $SESSIONS -l $SIZE -m $MESSAGES ${flags[*]} 127.0.0.1:$port"
   T0=$(now)
   smtp-source -s "$SESSIONS" -l "$SIZE" -m "$MESSAGES" "${flags[@]}" \
@@ -58,21 +65,23 @@ record() { # server mode accept_s accept_rate drain_s e2e_rate
   printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$MESSAGES" "$SESSIONS" "$SIZE" "$3" "$4" "$5" "$6" >>"$RESULTS"
 }
 
+# Each mode gets a fresh Postfix instance (new queue directory), as tern gets a fresh data dir:
+# a second run on the same instance was measurably slower (≈ half the rate) than a first one.
 bench_postfix() {
-  local sink port dir conf mode label t0 t1 acc
+  local sink port dir conf mode label t0 t1 t2 acc drain e2e deferred
   sink=$(free_port)
   start_sink "$sink" "$WORK/sink.log"
-  port=$(free_port)
-  dir="$WORK/postfix"
-  start_postfix "$dir" "$port" "$sink"
-  conf=$POSTFIX_CONF
-  log "postfix: config $conf, smtpd 127.0.0.1:$port → smtp-sink 127.0.0.1:$sink"
-  for mode in new -d; do
+  for mode in $MODES; do
     label="postfix${mode/-d/-reuse}"
+    port=$(free_port)
+    dir="$WORK/$label"
+    start_postfix "$dir" "$port" "$sink"
+    conf=$POSTFIX_CONF
+    log "postfix: config $conf, smtpd 127.0.0.1:$port → smtp-sink 127.0.0.1:$sink"
     run_source "$label" "$mode" "$port" "$POSTFIX_RCPT"
     t0=$T0 t1=$T1
     acc=$(rate "$MESSAGES" "$t0" "$t1")
-    local t2 drain="" e2e=""
+    drain="" e2e=""
     if wait_postfix_drained "$dir" 600; then
       t2=$(now)
       drain=$(elapsed "$t0" "$t2")
@@ -83,17 +92,16 @@ bench_postfix() {
     RATE[postfix$mode]=$acc
     log "postfix ($mode): accepted $MESSAGES in $(elapsed "$t0" "$t1") s = $acc msg/s; drained at ${drain:-?} s = ${e2e:-?} msg/s end-to-end"
     record postfix "$mode" "$(elapsed "$t0" "$t1")" "$acc" "$drain" "$e2e"
+    deferred=$(find "$dir/spool/deferred" -type f | wc -l)
+    [ "$deferred" -eq 0 ] || log "WARNING: $deferred messages deferred in Postfix (see $dir/maillog)"
+    postfix -c "$conf" stop >/dev/null 2>&1 || true
   done
-  local deferred
-  deferred=$(find "$dir/spool/deferred" -type f | wc -l)
-  [ "$deferred" -eq 0 ] || log "WARNING: $deferred messages deferred in Postfix (see $dir/maillog)"
-  postfix -c "$conf" stop >/dev/null 2>&1 || true
 }
 
 bench_tern() {
   local bin port http mode label t0 t1 acc dir queued
   bin=$(tern_bin)
-  for mode in new -d; do
+  for mode in $MODES; do
     label="tern${mode/-d/-reuse}"
     port=$(free_port)
     http=$(free_port)
@@ -116,7 +124,7 @@ bench_ceiling() {
   local sink mode t0 t1 acc
   sink=$(free_port)
   start_sink "$sink" "$WORK/sink-ceiling.log"
-  for mode in new -d; do
+  for mode in $MODES; do
     run_source "ceiling${mode/-d/-reuse}" "$mode" "$sink" "$POSTFIX_RCPT"
     t0=$T0 t1=$T1
     acc=$(rate "$MESSAGES" "$t0" "$t1")
@@ -139,7 +147,7 @@ esac
 echo
 printf '%-10s %-20s %12s\n' server mode "accept msg/s"
 for server in ceiling postfix tern; do
-  for mode in new -d; do
+  for mode in $MODES; do
     [ -n "${RATE[$server$mode]:-}" ] || continue
     desc="new connection/msg"
     [ "$mode" = "-d" ] && desc="reuse (-d)"

@@ -35,15 +35,8 @@ start_tern "$bin" "$WORK/tern" "$port" "$http" "max_connections = $((SESSIONS * 
 max_connections_per_ip = $((SESSIONS * 2))"
 log "tern pid $TERN_PID on 127.0.0.1:$port; opening $SESSIONS idle sessions (hold ${HOLD}s)"
 
+# JSON on stdout (kept in bench-out/), a readable summary on stderr.
 result=$(python3 "$REPO/bench/idle_clients.py" --port "$port" --pid "$TERN_PID" \
   --sessions "$SESSIONS" --sources "$SOURCES" --hold "$HOLD")
 echo "$result" | tee "$OUT/idle-$(date +%Y%m%d-%H%M%S).json"
-echo "$result" | python3 -c '
-import json, sys
-r = json.load(sys.stdin)
-mib = lambda kb: kb / 1024
-print(f"sessions open: {r[\"sessions_open\"]}/{r[\"sessions_requested\"]} (alive after hold: {r[\"sessions_alive_after_hold\"]}, errors: {r[\"errors\"]})")
-print(f"tern VmRSS: idle {mib(r[\"rss_before_kb\"]):.1f} MiB, with sessions {mib(r[\"rss_with_sessions_kb\"]):.1f} MiB, after hold {mib(r[\"rss_after_hold_kb\"]):.1f} MiB, peak {mib(r[\"hwm_kb\"]):.1f} MiB")
-print(f"≈ {r[\"rss_per_session_bytes\"] / 1024:.1f} KiB per idle session; {r[\"threads\"]} threads")
-'
 stop_pid "$TERN_PID"

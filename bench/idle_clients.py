@@ -108,6 +108,15 @@ async def main():
     await asyncio.sleep(0.5)
 
     rss_delta = during["VmRSS"] - before["VmRSS"]
+    mib = lambda kb: kb / 1024
+    print(
+        f"sessions open: {len(opened)}/{args.sessions} in {t_open:.1f} s "
+        f"(still answering NOOP after {args.hold:g} s: {alive}; errors: {len(errors)})\n"
+        f"server VmRSS: {mib(before['VmRSS']):.1f} MiB idle, {mib(during['VmRSS']):.1f} MiB with the sessions, "
+        f"{mib(after_hold['VmRSS']):.1f} MiB after the hold, peak {mib(after_hold['VmHWM']):.1f} MiB; "
+        f"≈ {rss_delta / max(len(opened), 1):.1f} KiB per idle session; {during['Threads']} threads",
+        file=sys.stderr,
+    )
     print(
         json.dumps(
             {
