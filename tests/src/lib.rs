@@ -496,6 +496,35 @@ impl TernServer {
             .collect()
     }
 
+    /// A whole spooled message — envelope, client info, and the stored content (Received header
+    /// prepended, dot-unstuffed) — read with the queue's own reader from `<data_dir>/spool`, as
+    /// `tern spool list` does. The server must be stopped (sled locks the spool).
+    pub fn spooled_message(&self, id: &str) -> tern_message::InboundMessage {
+        use tern_queue::Storage;
+        assert!(
+            self.child.is_none(),
+            "spooled_message needs the server stopped"
+        );
+        let storage = tern_queue::SledStorage::open(
+            &self.data_dir.join("spool"),
+            tern_queue::SledOptions {
+                min_free_bytes: 0,
+                ..Default::default()
+            },
+        )
+        .unwrap_or_else(|e| panic!("open spool in {}: {e}", self.data_dir.display()));
+        let qid: tern_message::QueueId = id.parse().unwrap_or_else(|e| panic!("{e}"));
+        storage
+            .get(qid)
+            .unwrap_or_else(|e| panic!("read {id}: {e}"))
+            .unwrap_or_else(|| panic!("{id} is not in the spool"))
+    }
+
+    /// The stored content of a spooled message as text (lossy UTF-8), for header checks.
+    pub fn spooled_text(&self, id: &str) -> String {
+        String::from_utf8_lossy(&self.spooled_message(id).body).into_owned()
+    }
+
     /// A raw client connected to the plain SMTP listener (greeting not yet read).
     pub fn connect(&self) -> SmtpClient {
         SmtpClient::connect(self.smtp)
@@ -637,4 +666,23 @@ pub fn config_check(file: &Path, env: &[(&str, &str)]) -> Output {
 /// One free loopback port (for tests that configure a listener themselves).
 pub fn free_port() -> u16 {
     reserve_ports(1)[0].local_addr().unwrap().port()
+}
+
+/// Split stored content into (the leading `Received:` header with its folded lines, the rest).
+/// Panics if the content does not start with a Received header.
+#[track_caller]
+pub fn split_received(content: &str) -> (String, String) {
+    assert!(
+        content.starts_with("Received: "),
+        "stored message must start with a Received header: {:?}",
+        &content[..content.len().min(200)]
+    );
+    let mut end = 0;
+    for (i, line) in content.split_inclusive("\r\n").enumerate() {
+        if i > 0 && !line.starts_with([' ', '\t']) {
+            break;
+        }
+        end += line.len();
+    }
+    (content[..end].to_string(), content[end..].to_string())
 }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use tern_tests::{queued_id, simple_message, TernServer, FOREIGN_DOMAIN, HOSTNAME};
+use tern_tests::{queued_id, simple_message, split_received, TernServer, FOREIGN_DOMAIN, HOSTNAME};
 
 #[test]
 fn greeting_is_220_and_names_the_host() {
@@ -340,8 +340,13 @@ fn bdat_chunk_containing_a_lone_dot_line_is_data_not_an_end() {
     c.cmd("NOOP").expect("250", "2.0.0");
     server.stop();
     let spool = server.spool_list();
-    let e = spool.iter().find(|e| e.id == id).expect("spooled");
-    assert!(e.size >= chunk.len() as u64, "whole chunk stored: {e:?}");
+    assert!(spool.iter().any(|e| e.id == id), "{spool:?}");
+    let (_, rest) = split_received(&server.spooled_text(&id));
+    assert_eq!(
+        rest.as_bytes(),
+        chunk,
+        "BDAT content is stored verbatim, lone dot included"
+    );
 }
 
 #[test]
@@ -403,4 +408,46 @@ fn every_non_greeting_reply_has_an_enhanced_code() {
         );
     }
     c.cmd("QUIT").expect("221", "2.0.0");
+}
+
+#[test]
+fn stored_message_is_a_received_header_plus_the_exact_body() {
+    // RFC 5321 §4.4 (Received prepended) and §4.5.2 (the server removes the stuffed dots).
+    let mut server = TernServer::start();
+    let mut c = server.connect();
+    c.read_reply().expect_code(220);
+    c.cmd("EHLO exact.client.test").expect_code(250);
+    c.cmd("MAIL FROM:<a@client.test>").expect("250", "2");
+    c.cmd("RCPT TO:<b@elsewhere.test>").expect("250", "2");
+    c.cmd("DATA").expect_code(354);
+    c.send("Subject: exact\r\n\r\n..one dot\r\n...\r\nplain\r\n\r\n.\r\n");
+    let id = queued_id(&c.read_reply());
+    c.cmd("QUIT").expect("221", "2.0.0");
+    server.stop();
+    let msg = server.spooled_message(&id);
+    let text = String::from_utf8(msg.body.to_vec()).expect("utf-8");
+    let (received, rest) = split_received(&text);
+    assert_eq!(
+        rest, "Subject: exact\r\n\r\n.one dot\r\n..\r\nplain\r\n\r\n",
+        "stored body"
+    );
+    assert!(
+        received.contains("exact.client.test"),
+        "HELO name in {received:?}"
+    );
+    assert!(
+        received.contains("127.0.0.1"),
+        "client address in {received:?}"
+    );
+    assert!(
+        received.contains(&format!("by {HOSTNAME}")),
+        "our hostname in {received:?}"
+    );
+    assert!(received.contains(&id), "queue id in {received:?}");
+    assert!(received.contains("ESMTP"), "protocol in {received:?}");
+    assert_eq!(msg.envelope.sender, "a@client.test");
+    assert_eq!(msg.client.helo, "exact.client.test");
+    // The size `tern spool list` reports is the stored content's.
+    let listed = server.spool_list();
+    assert_eq!(listed[0].size, msg.body.len() as u64);
 }

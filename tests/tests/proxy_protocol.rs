@@ -7,7 +7,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use tern_tests::{SmtpClient, TernServer, LOCAL_DOMAIN};
+use tern_tests::{queued_id, split_received, SmtpClient, TernServer, LOCAL_DOMAIN};
 
 const TRUSTED_V4: &str = "198.51.100.0/24";
 const TRUSTED_V6: &str = "2001:db8:1::/48";
@@ -206,4 +206,36 @@ fn per_address_connection_limit_counts_the_proxied_address() {
     let (mut c, r) = open("198.51.100.1:40001");
     r.expect("421", "4.7.0");
     c.expect_closed(Duration::from_secs(5));
+}
+
+#[test]
+fn received_header_shows_the_proxied_client_address() {
+    let mut server = server();
+    let mut ids = Vec::new();
+    for (header, ip) in [
+        (v1(sa("198.51.100.9:40000"), dst(&server)), "198.51.100.9"),
+        (
+            v2(sa("[2001:db8:1::5]:40000"), sa("[2001:db8:ffff::1]:25")),
+            "2001:db8:1::5",
+        ),
+    ] {
+        let mut c = proxied_session(&server, &header, 1);
+        c.cmd("RCPT TO:<b@elsewhere.test>").expect("250", "2");
+        c.cmd("DATA").expect_code(354);
+        c.send("Subject: proxied\r\n\r\nbody\r\n.\r\n");
+        ids.push((queued_id(&c.read_reply()), ip));
+    }
+    server.stop();
+    for (id, ip) in ids {
+        let (received, _) = split_received(&server.spooled_text(&id));
+        assert!(
+            received.contains(ip),
+            "proxied address {ip} in {received:?}"
+        );
+        assert!(
+            !received.contains("127.0.0.1"),
+            "the proxy's own address leaked into {received:?}"
+        );
+        assert_eq!(server.spooled_message(&id).client.addr.ip().to_string(), ip);
+    }
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use tern_tests::{queued_id, simple_message, SmtpClient, TernServer};
+use tern_tests::{queued_id, simple_message, split_received, SmtpClient, TernServer};
 
 fn server() -> TernServer {
     TernServer::builder().user("alice", "secret").start()
@@ -219,25 +219,67 @@ fn submissions_implicit_tls_send_with_auth() {
 }
 
 #[test]
-fn tls_session_is_recorded_in_the_received_header_size() {
-    // The Received header of a TLS session carries the TLS version and cipher, so it is longer
-    // than the header of the same message sent in clear on the same listener.
+fn received_header_records_tls_version_and_cipher() {
     let mut server = server();
-    let body = "Subject: same\r\n\r\nsame body\r\n";
     let mut plain = server.session();
-    let id_plain = queued_id(&plain.send_mail("a@client.test", &["b@elsewhere.test"], body));
+    let id_plain = queued_id(&plain.send_mail(
+        "a@client.test",
+        &["b@elsewhere.test"],
+        "Subject: p\r\n\r\nx\r\n",
+    ));
     let mut tls = server.connect();
     tls.read_reply().expect_code(220);
     tls.ehlo("client.test").expect_code(250);
     tls.starttls();
+    let (version, cipher) = tls.tls_info().expect("tls");
     tls.ehlo("client.test").expect_code(250);
-    let id_tls = queued_id(&tls.send_mail("a@client.test", &["b@elsewhere.test"], body));
+    let id_tls = queued_id(&tls.send_mail(
+        "a@client.test",
+        &["b@elsewhere.test"],
+        "Subject: t\r\n\r\nx\r\n",
+    ));
     server.stop();
-    let spool = server.spool_list();
-    let size = |id: &str| spool.iter().find(|e| e.id == id).expect("spooled").size;
-    let (p, t) = (size(&id_plain), size(&id_tls));
+    // rustls says "TLSv1_3" / "TLS13_AES_256_GCM_SHA384"; headers use "TLSv1.3" and the IANA
+    // name "TLS_AES_256_GCM_SHA384". Accept either spelling of the cipher.
+    let version = version.replace('_', ".");
+    let iana = cipher.replace("TLS13_", "TLS_");
+    let (received, _) = split_received(&server.spooled_text(&id_tls));
     assert!(
-        t >= p + 20,
-        "TLS Received header should add version and cipher: plain {p}, tls {t}"
+        received.contains(&version),
+        "TLS version {version} in {received:?}"
     );
+    assert!(
+        received.contains(&cipher) || received.contains(&iana),
+        "cipher {iana} in {received:?}"
+    );
+    assert!(
+        received.contains("ESMTPS"),
+        "RFC 3848 protocol ESMTPS in {received:?}"
+    );
+    let (received, _) = split_received(&server.spooled_text(&id_plain));
+    assert!(
+        !received.contains(&version) && !received.contains("ESMTPS"),
+        "plain session: {received:?}"
+    );
+}
+
+#[test]
+fn received_header_of_an_authenticated_session_says_esmtpsa() {
+    let mut server = server();
+    let mut c = tls_submission(&server);
+    c.cmd(&format!("AUTH PLAIN {}", B64.encode(b"\0alice\0secret")))
+        .expect("235", "2.7.0");
+    let id = queued_id(&c.send_mail(
+        "alice@client.test",
+        &["b@elsewhere.test"],
+        "Subject: a\r\n\r\nx\r\n",
+    ));
+    server.stop();
+    let (received, _) = split_received(&server.spooled_text(&id));
+    assert!(
+        received.contains("ESMTPSA"),
+        "RFC 3848 protocol ESMTPSA in {received:?}"
+    );
+    let msg = server.spooled_message(&id);
+    assert_eq!(msg.client.auth_user.as_deref(), Some("alice"));
 }
