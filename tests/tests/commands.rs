@@ -45,6 +45,16 @@ fn helo_is_accepted_and_allows_a_transaction() {
 }
 
 #[test]
+fn ehlo_and_helo_without_a_domain_are_501_5_5_4() {
+    let server = TernServer::start();
+    let mut c = server.connect();
+    c.read_reply().expect_code(220);
+    c.cmd("EHLO").expect("501", "5.5.4");
+    c.cmd("HELO").expect("501", "5.5.4");
+    c.cmd("EHLO client.test").expect_code(250);
+}
+
+#[test]
 fn noop_is_250_2_0_0() {
     let server = TernServer::start();
     let mut c = server.session();

@@ -20,6 +20,23 @@ fn command_line_over_512_is_500_5_5_2_and_the_session_survives() {
 }
 
 #[test]
+fn a_huge_line_without_crlf_is_500_5_5_2_not_buffered_forever() {
+    let server = TernServer::start();
+    let mut c = server.session();
+    // 1 MiB with no line end, then the line end: the server must not keep it all, and must
+    // answer the over-long line with 500 5.5.2 (and may close).
+    let big = vec![b'x'; 1 << 20];
+    let _ = c.try_send(&big);
+    let _ = c.try_send(b"\r\n");
+    let r = c.read_reply();
+    r.expect("500", "5.5.2");
+    if let Ok(r) = c.try_send(b"NOOP\r\n").and_then(|_| c.try_read_reply()) {
+        // If the session goes on, it is in sync again.
+        r.expect("250", "2.0.0");
+    }
+}
+
+#[test]
 fn command_line_of_512_octets_is_fine() {
     let server = TernServer::start();
     let mut c = server.session();
