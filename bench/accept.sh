@@ -45,14 +45,19 @@ printf 'server\tmode\tmessages\tsessions\tsize\taccept_s\taccept_msg_s\tdrain_s\
 
 declare -A RATE
 
-# run_source LABEL MODE PORT RCPT: runs smtp-source; sets T0 and T1 (start and end times).
+# run_source LABEL MODE PORT RCPT [PID LOG]: runs smtp-source; sets T0 and T1 (start and end
+# times). With PID, first checks that the server is still running (LOG: its stderr to show).
 run_source() {
-  local label=$1 mode=$2 port=$3 rcpt=$4 flags=()
+  local label=$1 mode=$2 port=$3 rcpt=$4 pid=${5:-} serverlog=${6:-} flags=()
   [ "$mode" = "-d" ] && flags+=(-d)
   # Let the previous run's disk writeback finish first: without this, whichever run came second
   # was up to 40% slower.
   sync
   sleep "$SETTLE"
+  if [ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null; then
+    [ -n "$serverlog" ] && tail -20 "$serverlog" >&2
+    die "$label: the server (pid $pid) exited before the run — killed from outside?"
+  fi
   log "$label: smtp-source -s $SESSIONS -l $SIZE -m $MESSAGES ${flags[*]} 127.0.0.1:$port"
   T0=$(now)
   smtp-source -s "$SESSIONS" -l "$SIZE" -m "$MESSAGES" "${flags[@]}" \
@@ -108,7 +113,7 @@ bench_tern() {
     dir="$WORK/$label"
     # Every smtp-source session comes from 127.0.0.1: allow them all.
     start_tern "$bin" "$dir" "$port" "$http" "max_connections_per_ip = 10000"
-    run_source "$label" "$mode" "$port" "$TERN_RCPT"
+    run_source "$label" "$mode" "$port" "$TERN_RCPT" "$TERN_PID" "$dir/stderr.log"
     t0=$T0 t1=$T1
     acc=$(rate "$MESSAGES" "$t0" "$t1")
     queued=$(health_json "$http" | python3 -c 'import json,sys; print(json.load(sys.stdin).get("queued"))')
