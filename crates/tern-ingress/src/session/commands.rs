@@ -563,6 +563,7 @@ impl Session {
         let _enter = span.enter();
         let size = tx.body.len();
         let nrcpt = tx.recipients.len();
+        let sender = tx.sender.clone();
         let message = InboundMessage {
             id: tx.id,
             envelope: Envelope {
@@ -589,7 +590,18 @@ impl Session {
         let _enter = span.enter();
         match result {
             Ok(Ok(id)) => {
-                info!(size, nrcpt, "queued");
+                // The one line per accepted message an operator greps for (like Postfix's
+                // "queued"): who sent what, from where.
+                info!(
+                    client = %self.client,
+                    helo = self.helo.as_deref().unwrap_or(""),
+                    from = %sender,
+                    size,
+                    nrcpt,
+                    tls = self.tls.is_some(),
+                    user = self.auth_user.as_deref().unwrap_or(""),
+                    "queued"
+                );
                 let text = format!("Ok: queued as {id}");
                 self.reply(250, code(2, 0, 0), &text);
             }

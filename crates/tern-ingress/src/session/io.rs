@@ -62,7 +62,7 @@ async fn serve(connection: Connection) {
         let _ = stream.write_all(reply.as_bytes()).await;
         return;
     }
-    info!(client = %client, "connected");
+    debug!(client = %client, "connected");
 
     let mut session = Session::new(shared.clone(), listener.kind, client, local);
     if listener.kind.implicit_tls() {
