@@ -124,6 +124,21 @@ pub struct Envelope {
     pub auth: Option<String>,
 }
 
+impl Envelope {
+    /// An envelope without ESMTP parameters (`BODY=7BIT`, no SMTPUTF8, RET, ENVID or AUTH).
+    pub fn new(sender: impl Into<String>, recipients: Vec<Recipient>) -> Self {
+        Self {
+            sender: sender.into(),
+            recipients,
+            body_type: BodyType::default(),
+            smtputf8: false,
+            ret: None,
+            envid: None,
+            auth: None,
+        }
+    }
+}
+
 /// Who handed us the message: kept with it for the Received header, logs, DSNs and policy.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClientInfo {
@@ -136,6 +151,19 @@ pub struct ClientInfo {
     pub tls: Option<String>,
     /// The SASL identity, when the client authenticated.
     pub auth_user: Option<String>,
+}
+
+impl ClientInfo {
+    /// A plaintext, unauthenticated client.
+    pub fn new(addr: SocketAddr, local_addr: SocketAddr, helo: impl Into<String>) -> Self {
+        Self {
+            addr,
+            local_addr,
+            helo: helo.into(),
+            tls: None,
+            auth_user: None,
+        }
+    }
 }
 
 /// A whole message as a session hands it to the next stage.

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use actix::System;
 use bytes::Bytes;
-use tern_message::{now_ms, BodyType, ClientInfo, Envelope, InboundMessage, QueueId, Recipient};
+use tern_message::{now_ms, ClientInfo, Envelope, InboundMessage, QueueId, Recipient};
 use tern_queue::{spawn_queue, Enqueue, GetStats, QueueConfig, SledOptions, SledStorage};
 
 fn arg<T: std::str::FromStr>(n: usize, default: T) -> T {
@@ -23,22 +23,15 @@ fn arg<T: std::str::FromStr>(n: usize, default: T) -> T {
 fn message(body: Bytes) -> InboundMessage {
     InboundMessage {
         id: QueueId::new(),
-        envelope: Envelope {
-            sender: "bench@example.org".into(),
-            recipients: vec![Recipient::new("sink@example.net")],
-            body_type: BodyType::SevenBit,
-            smtputf8: false,
-            ret: None,
-            envid: None,
-            auth: None,
-        },
-        client: ClientInfo {
-            addr: "192.0.2.1:40000".parse().unwrap(),
-            local_addr: "192.0.2.10:25".parse().unwrap(),
-            helo: "bench.example.org".into(),
-            tls: None,
-            auth_user: None,
-        },
+        envelope: Envelope::new(
+            "bench@example.org",
+            vec![Recipient::new("sink@example.net")],
+        ),
+        client: ClientInfo::new(
+            "192.0.2.1:40000".parse().unwrap(),
+            "192.0.2.10:25".parse().unwrap(),
+            "bench.example.org",
+        ),
         arrived_ms: now_ms(),
         body,
     }

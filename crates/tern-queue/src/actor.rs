@@ -200,27 +200,17 @@ pub fn spawn_queue(
 mod tests {
     use super::*;
     use crate::sled_storage::{key, SledOptions, SledStorage};
-    use tern_message::{BodyType, ClientInfo, Envelope};
+    use tern_message::{ClientInfo, Envelope};
 
     fn msg(body: &'static [u8]) -> InboundMessage {
         InboundMessage {
             id: QueueId::new(),
-            envelope: Envelope {
-                sender: String::new(),
-                recipients: vec![tern_message::Recipient::new("postmaster")],
-                body_type: BodyType::SevenBit,
-                smtputf8: false,
-                ret: None,
-                envid: None,
-                auth: None,
-            },
-            client: ClientInfo {
-                addr: "127.0.0.1:1".parse().unwrap(),
-                local_addr: "127.0.0.1:25".parse().unwrap(),
-                helo: "localhost".into(),
-                tls: None,
-                auth_user: None,
-            },
+            envelope: Envelope::new("", vec![tern_message::Recipient::new("postmaster")]),
+            client: ClientInfo::new(
+                "127.0.0.1:1".parse().unwrap(),
+                "127.0.0.1:25".parse().unwrap(),
+                "localhost",
+            ),
             arrived_ms: 0,
             body: bytes::Bytes::from_static(body),
         }

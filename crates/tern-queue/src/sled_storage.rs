@@ -694,22 +694,12 @@ mod tests {
         )));
         let m = InboundMessage {
             id: QueueId::new(),
-            envelope: Envelope {
-                sender: String::new(),
-                recipients: vec![],
-                body_type: Default::default(),
-                smtputf8: false,
-                ret: None,
-                envid: None,
-                auth: None,
-            },
-            client: ClientInfo {
-                addr: "127.0.0.1:1".parse().unwrap(),
-                local_addr: "127.0.0.1:25".parse().unwrap(),
-                helo: String::new(),
-                tls: None,
-                auth_user: None,
-            },
+            envelope: Envelope::new("", vec![]),
+            client: ClientInfo::new(
+                "127.0.0.1:1".parse().unwrap(),
+                "127.0.0.1:25".parse().unwrap(),
+                "",
+            ),
             arrived_ms: 0,
             body: Default::default(),
         };
