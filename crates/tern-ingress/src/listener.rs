@@ -37,6 +37,7 @@ pub struct Ingress {
     pub local_addrs: Vec<(ListenerSpec, SocketAddr)>,
     pub limiter: Arc<ConnectionLimiter>,
     arbiters: Vec<Arbiter>,
+    shutdown: tokio::sync::watch::Sender<bool>,
 }
 
 impl Ingress {
@@ -64,11 +65,13 @@ impl Ingress {
         };
         let limiter =
             ConnectionLimiter::new(settings.max_connections, settings.max_connections_per_ip);
+        let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
         let shared = Arc::new(Shared {
             tls: settings.tls.clone().map(TlsAcceptor::from),
             settings,
             limiter: limiter.clone(),
             queue,
+            shutdown: shutdown_rx,
         });
 
         let mut arbiters = Vec::with_capacity(workers);
@@ -90,11 +93,25 @@ impl Ingress {
             local_addrs: bound.into_iter().map(|(s, a, _)| (s, a)).collect(),
             limiter,
             arbiters,
+            shutdown,
         })
     }
 
-    /// Stops accepting and ends every session (their arbiters stop).
-    pub fn stop(&self) {
+    /// Graceful stop: no new connections; every session answers 421 4.3.2 at its next wait for
+    /// input (a message being spooled finishes first and gets its reply); then, after at most
+    /// `grace`, the arbiters stop and take whatever is left with them.
+    pub async fn shutdown(&self, grace: Duration) {
+        let _ = self.shutdown.send(true);
+        let deadline = tokio::time::Instant::now() + grace;
+        while self.limiter.active() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if self.limiter.active() > 0 {
+            info!(
+                sessions = self.limiter.active(),
+                "grace period over; closing the rest"
+            );
+        }
         for arbiter in &self.arbiters {
             arbiter.stop();
         }
@@ -124,8 +141,13 @@ async fn accept_loop(listener: std::net::TcpListener, spec: ListenerSpec, shared
             return;
         }
     };
+    let mut shutdown = shared.shutdown.clone();
     loop {
-        match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.wait_for(|stopping| *stopping) => return,
+        };
+        match accepted {
             Ok((stream, peer)) => match shared.limiter.acquire() {
                 Some(slot) => {
                     SessionActor::new(Connection {

@@ -68,6 +68,10 @@ enum AuthCommand {
     Hash { password: String },
 }
 
+/// How long sessions get, after SIGTERM, to finish what they are doing (a message in the middle
+/// of being spooled) before the process exits; idle sessions are told 421 at once.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
@@ -151,7 +155,7 @@ fn serve(config_file: Option<&Path>) -> Result<()> {
         );
         shutdown_signal().await;
         info!("shutting down");
-        ingress.stop();
+        ingress.shutdown(SHUTDOWN_GRACE).await;
         http_handle.stop(true).await;
         anyhow::Ok(())
     })

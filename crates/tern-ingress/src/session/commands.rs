@@ -140,6 +140,17 @@ impl Session {
         self.tx = None;
     }
 
+    /// RFC 5321 §3.8: a server that must close answers 421 first, so the client retries later
+    /// (elsewhere, behind a load balancer) instead of seeing a broken connection.
+    pub fn shutting_down(&mut self) {
+        let text = format!("{} Service shutting down", self.settings().hostname);
+        Reply::new(421, code(4, 3, 2), text).write_to(&mut self.out);
+    }
+
+    pub fn shutdown_signal(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.shared.shutdown.clone()
+    }
+
     pub fn timed_out(&mut self) {
         let text = format!("{} Error: timeout exceeded", self.settings().hostname);
         Reply::new(421, code(4, 4, 2), text).write_to(&mut self.out);

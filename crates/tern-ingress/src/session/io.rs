@@ -153,6 +153,7 @@ where
     let mut mode = Mode::Command;
     // Slowloris: the whole command must arrive within the timeout, not each byte of it.
     let mut deadline = Instant::now() + command_timeout;
+    let mut shutdown = session.shutdown_signal();
 
     loop {
         // Answer everything already buffered (PIPELINING, RFC 2920), then flush once.
@@ -226,7 +227,19 @@ where
         if rbuf.capacity() - rbuf.len() < reserve / 2 {
             rbuf.reserve(reserve);
         }
-        match timeout_at(deadline, stream.read_buf(rbuf)).await {
+        let read = tokio::select! {
+            read = timeout_at(deadline, stream.read_buf(rbuf)) => read,
+            // Only ever waited on between commands or reads, never while a message is being
+            // spooled, so an acknowledged message is never cut off.
+            _ = shutdown.wait_for(|stopping| *stopping) => {
+                info!("shutting down; closing session");
+                session.shutting_down();
+                let _ = stream.write_all(&session.out).await;
+                let _ = stream.shutdown().await;
+                return None;
+            }
+        };
+        match read {
             Ok(Ok(0)) => {
                 debug!("client closed the connection");
                 return None;

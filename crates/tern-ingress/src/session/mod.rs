@@ -26,6 +26,8 @@ pub(crate) struct Shared {
     pub limiter: Arc<ConnectionLimiter>,
     pub queue: Recipient<Enqueue>,
     pub tls: Option<TlsAcceptor>,
+    /// Flips to `true` once: stop accepting, and answer every idle session 421 4.3.2.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 pub(crate) struct SessionActor {
