@@ -1,0 +1,655 @@
+//! The SMTP client against real peers on loopback: Postfix's `smtp-sink`, and a small scripted
+//! server written here that answers from a script and records what it received.
+
+use std::net::SocketAddr;
+use std::process::{Child, Command as Process, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tern_delivery::{ClientConfig, DeliveryError, RecipientOutcome, SmtpConnection, TlsPolicy};
+use tern_message::{Envelope, Recipient};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+fn config() -> ClientConfig {
+    let mut cfg = ClientConfig::new("client.test");
+    cfg.connect_timeout = Duration::from_secs(5);
+    cfg.command_timeout = Duration::from_secs(5);
+    cfg.data_timeout = Duration::from_secs(5);
+    cfg.tls = TlsPolicy::None;
+    cfg
+}
+
+fn envelope(rcpts: &[&str]) -> Envelope {
+    Envelope::new(
+        "sender@example.org",
+        rcpts.iter().map(|r| Recipient::new(*r)).collect(),
+    )
+}
+
+const BODY: &[u8] = b"Subject: test\r\n\r\nhello\r\n";
+
+// ---------------------------------------------------------------------------------------------
+// The scripted server.
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// What the server answers. Replies are complete wire text without the final CRLF.
+#[derive(Clone)]
+struct Script {
+    greeting: &'static str,
+    /// EHLO keywords after the greeting line.
+    ehlo: Vec<&'static str>,
+    /// (command prefix, reply): the first whose prefix matches the command line
+    /// (case-insensitively) answers it instead of the default.
+    overrides: Vec<(&'static str, &'static str)>,
+    /// The reply after the final dot.
+    data_reply: &'static str,
+    tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+impl Script {
+    fn new(ehlo: &[&'static str]) -> Self {
+        Script {
+            greeting: "220 scripted.test ESMTP",
+            ehlo: ehlo.to_vec(),
+            overrides: Vec::new(),
+            data_reply: "250 2.0.0 queued",
+            tls: None,
+        }
+    }
+
+    fn answer(mut self, prefix: &'static str, reply: &'static str) -> Self {
+        self.overrides.push((prefix, reply));
+        self
+    }
+}
+
+#[derive(Debug, Default)]
+struct Record {
+    /// Each command line, and whether more bytes had already arrived when it was answered
+    /// (i.e. the client did not wait for this reply before sending the next command).
+    commands: Vec<(String, bool)>,
+    /// The raw bytes after each 354, terminator included, still dot-stuffed.
+    data: Vec<Vec<u8>>,
+    tls: bool,
+}
+
+impl Record {
+    fn verbs(&self) -> Vec<String> {
+        self.commands.iter().map(|(c, _)| c.clone()).collect()
+    }
+}
+
+/// Starts the server for one connection; returns its address and the record.
+async fn scripted(script: Script) -> (SocketAddr, Arc<Mutex<Record>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let record = Arc::new(Mutex::new(Record::default()));
+    let rec = record.clone();
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        serve(Box::new(tcp), script, rec).await;
+    });
+    (addr, record)
+}
+
+async fn read_line(io: &mut Box<dyn Io>, buf: &mut Vec<u8>) -> Option<String> {
+    loop {
+        if let Some(pos) = buf.windows(2).position(|w| w == b"\r\n") {
+            let line = String::from_utf8_lossy(&buf[..pos]).into_owned();
+            buf.drain(..pos + 2);
+            return Some(line);
+        }
+        let mut chunk = [0u8; 4096];
+        match io.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+async fn reply(io: &mut Box<dyn Io>, text: &str) {
+    io.write_all(format!("{text}\r\n").as_bytes())
+        .await
+        .unwrap();
+    io.flush().await.unwrap();
+}
+
+async fn serve(mut io: Box<dyn Io>, script: Script, record: Arc<Mutex<Record>>) {
+    reply(&mut io, script.greeting).await;
+    if !script.greeting.starts_with('2') {
+        return;
+    }
+    let mut buf = Vec::new();
+    while let Some(line) = read_line(&mut io, &mut buf).await {
+        // Give a client that does not wait for replies the time to send more, then look
+        // whether it did.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let mut chunk = [0u8; 4096];
+        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(1), io.read(&mut chunk)).await
+        {
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        record
+            .lock()
+            .unwrap()
+            .commands
+            .push((line.clone(), !buf.is_empty()));
+        let upper = line.to_ascii_uppercase();
+        if let Some((_, r)) = script
+            .overrides
+            .iter()
+            .find(|(p, _)| upper.starts_with(&p.to_ascii_uppercase()))
+        {
+            reply(&mut io, r).await;
+            continue;
+        }
+        let verb = upper.split([' ', ':']).next().unwrap_or("").to_string();
+        match verb.as_str() {
+            "EHLO" => {
+                let mut lines = vec!["scripted.test".to_string()];
+                lines.extend(script.ehlo.iter().map(|k| k.to_string()));
+                let last = lines.len() - 1;
+                let text: Vec<String> = lines
+                    .iter()
+                    .enumerate()
+                    .map(|(i, l)| format!("250{}{l}", if i == last { ' ' } else { '-' }))
+                    .collect();
+                reply(&mut io, &text.join("\r\n")).await;
+            }
+            "HELO" | "RSET" | "NOOP" => reply(&mut io, "250 2.0.0 ok").await,
+            "MAIL" => reply(&mut io, "250 2.1.0 ok").await,
+            "RCPT" => reply(&mut io, "250 2.1.5 ok").await,
+            "DATA" => {
+                reply(&mut io, "354 go ahead").await;
+                loop {
+                    if buf.starts_with(b".\r\n") {
+                        record.lock().unwrap().data.push(buf.drain(..3).collect());
+                        break;
+                    }
+                    if let Some(pos) = buf.windows(5).position(|w| w == b"\r\n.\r\n") {
+                        let data: Vec<u8> = buf.drain(..pos + 5).collect();
+                        record.lock().unwrap().data.push(data);
+                        break;
+                    }
+                    let n = io.read(&mut chunk).await.unwrap();
+                    assert!(n > 0, "client closed during DATA");
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                reply(&mut io, script.data_reply).await;
+            }
+            "STARTTLS" => {
+                let Some(tls) = script.tls.clone() else {
+                    reply(&mut io, "502 5.5.1 no TLS here").await;
+                    continue;
+                };
+                reply(&mut io, "220 2.0.0 ready").await;
+                let stream = TlsAcceptor::from(tls).accept(io).await.unwrap();
+                record.lock().unwrap().tls = true;
+                io = Box::new(stream);
+            }
+            "QUIT" => {
+                reply(&mut io, "221 2.0.0 bye").await;
+                return;
+            }
+            _ => reply(&mut io, "500 5.5.2 unknown command").await,
+        }
+    }
+}
+
+fn delivered(o: &RecipientOutcome) -> bool {
+    matches!(o, RecipientOutcome::Delivered(_))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scripted server tests.
+
+#[tokio::test]
+async fn greeting_421_is_a_greeting_error() {
+    let mut script = Script::new(&[]);
+    script.greeting = "421 4.3.2 busy, try later";
+    let (addr, _) = scripted(script).await;
+    let err = SmtpConnection::connect(addr, "scripted.test", &config())
+        .await
+        .unwrap_err();
+    match &err {
+        DeliveryError::Greeting(reply) => assert_eq!(reply.code, 421),
+        other => panic!("expected a greeting error, got {other:?}"),
+    }
+    assert!(!err.is_permanent());
+}
+
+#[tokio::test]
+async fn pipelined_transaction_with_one_refused_recipient() {
+    let script = Script::new(&["PIPELINING", "SIZE 1000000", "8BITMIME"])
+        .answer("RCPT TO:<bad@", "550 5.1.1 no such user");
+    let (addr, record) = scripted(script).await;
+    let mut conn = SmtpConnection::connect(addr, "scripted.test", &config())
+        .await
+        .unwrap();
+    let outcomes = conn
+        .send(
+            &envelope(&["a@example.net", "bad@example.net", "c@example.net"]),
+            BODY,
+        )
+        .await
+        .unwrap();
+    assert!(delivered(&outcomes[0]), "{outcomes:?}");
+    match &outcomes[1] {
+        RecipientOutcome::Failed(r) => assert_eq!(r.code, 550),
+        other => panic!("{other:?}"),
+    }
+    assert!(delivered(&outcomes[2]), "{outcomes:?}");
+    conn.quit().await;
+    let rec = record.lock().unwrap();
+    assert_eq!(
+        rec.verbs(),
+        [
+            "EHLO client.test",
+            &format!("MAIL FROM:<sender@example.org> SIZE={}", BODY.len()),
+            "RCPT TO:<a@example.net>",
+            "RCPT TO:<bad@example.net>",
+            "RCPT TO:<c@example.net>",
+            "DATA",
+            "QUIT",
+        ]
+    );
+    // One write: when MAIL was answered, the RCPTs and DATA were already there.
+    assert!(rec.commands[1].1 && rec.commands[2].1, "{:?}", rec.commands);
+}
+
+#[tokio::test]
+async fn without_pipelining_each_command_waits_for_its_reply() {
+    let (addr, record) = scripted(Script::new(&["8BITMIME"])).await;
+    let mut conn = SmtpConnection::connect(addr, "scripted.test", &config())
+        .await
+        .unwrap();
+    let outcomes = conn
+        .send(&envelope(&["a@example.net", "b@example.net"]), BODY)
+        .await
+        .unwrap();
+    assert!(outcomes.iter().all(delivered), "{outcomes:?}");
+    conn.reset().await.unwrap();
+    conn.quit().await;
+    let rec = record.lock().unwrap();
+    assert_eq!(
+        rec.verbs(),
+        [
+            "EHLO client.test",
+            "MAIL FROM:<sender@example.org>",
+            "RCPT TO:<a@example.net>",
+            "RCPT TO:<b@example.net>",
+            "DATA",
+            "RSET",
+            "QUIT",
+        ]
+    );
+    // Nothing had arrived beyond each command when it was answered: the client waited.
+    assert!(
+        rec.commands.iter().all(|(_, early)| !early),
+        "{:?}",
+        rec.commands
+    );
+    assert_eq!(rec.data, [b"Subject: test\r\n\r\nhello\r\n.\r\n".to_vec()]);
+}
+
+#[tokio::test]
+async fn mail_451_defers_every_recipient() {
+    for pipelining in [true, false] {
+        let ehlo: &[&str] = if pipelining { &["PIPELINING"] } else { &[] };
+        let script = Script::new(ehlo)
+            .answer("MAIL", "451 4.3.0 try later")
+            .answer("RCPT", "503 5.5.1 need MAIL")
+            .answer("DATA", "503 5.5.1 need RCPT");
+        let (addr, record) = scripted(script).await;
+        let mut conn = SmtpConnection::connect(addr, "scripted.test", &config())
+            .await
+            .unwrap();
+        let outcomes = conn
+            .send(&envelope(&["a@example.net", "b@example.net"]), BODY)
+            .await
+            .unwrap();
+        assert_eq!(outcomes.len(), 2);
+        for o in &outcomes {
+            match o {
+                RecipientOutcome::Deferred(r) => assert_eq!(r.code, 451),
+                other => panic!("pipelining={pipelining}: {other:?}"),
+            }
+        }
+        conn.quit().await;
+        let rec = record.lock().unwrap();
+        assert!(rec.data.is_empty());
+        if !pipelining {
+            // No RCPT after a refused MAIL.
+            assert!(!rec.verbs().iter().any(|c| c.starts_with("RCPT")));
+        }
+    }
+}
+
+#[tokio::test]
+async fn no_accepted_recipient_means_rset_not_data() {
+    let script = Script::new(&[]).answer("RCPT", "550 5.1.1 no such user");
+    let (addr, record) = scripted(script).await;
+    let mut conn = SmtpConnection::connect(addr, "scripted.test", &config())
+        .await
+        .unwrap();
+    let outcomes = conn
+        .send(&envelope(&["x@example.net"]), BODY)
+        .await
+        .unwrap();
+    assert!(matches!(outcomes[0], RecipientOutcome::Failed(_)));
+    conn.quit().await;
+    let verbs = record.lock().unwrap().verbs();
+    assert_eq!(verbs[2..], ["RCPT TO:<x@example.net>", "RSET", "QUIT"]);
+}
+
+#[tokio::test]
+async fn reply_554_after_data_fails_every_accepted_recipient() {
+    let mut script = Script::new(&["PIPELINING"]).answer("RCPT TO:<b@", "450 4.2.1 mailbox busy");
+    script.data_reply = "554 5.7.1 content rejected";
+    let (addr, _) = scripted(script).await;
+    let mut conn = SmtpConnection::connect(addr, "scripted.test", &config())
+        .await
+        .unwrap();
+    let outcomes = conn
+        .send(
+            &envelope(&["a@example.net", "b@example.net", "c@example.net"]),
+            BODY,
+        )
+        .await
+        .unwrap();
+    for i in [0, 2] {
+        match &outcomes[i] {
+            RecipientOutcome::Failed(r) => assert_eq!(r.code, 554),
+            other => panic!("{other:?}"),
+        }
+    }
+    // The recipient refused at RCPT keeps its own reply.
+    match &outcomes[1] {
+        RecipientOutcome::Deferred(r) => assert_eq!(r.code, 450),
+        other => panic!("{other:?}"),
+    }
+    conn.quit().await;
+}
+
+#[tokio::test]
+async fn content_is_dot_stuffed_on_the_wire() {
+    let (addr, record) = scripted(Script::new(&["PIPELINING"])).await;
+    let mut conn = SmtpConnection::connect(addr, "scripted.test", &config())
+        .await
+        .unwrap();
+    let body = b".starts with a dot\r\nmiddle\r\n.\r\n..two\r\nno final line end";
+    let outcomes = conn
+        .send(&envelope(&["a@example.net"]), body)
+        .await
+        .unwrap();
+    assert!(delivered(&outcomes[0]));
+    conn.quit().await;
+    assert_eq!(
+        record.lock().unwrap().data,
+        [b"..starts with a dot\r\nmiddle\r\n..\r\n...two\r\nno final line end\r\n.\r\n".to_vec()]
+    );
+}
+
+#[tokio::test]
+async fn size_limit_fails_without_sending_the_message() {
+    let (addr, record) = scripted(Script::new(&["PIPELINING", "SIZE 10"])).await;
+    let mut conn = SmtpConnection::connect(addr, "scripted.test", &config())
+        .await
+        .unwrap();
+    let outcomes = conn
+        .send(&envelope(&["a@example.net", "b@example.net"]), BODY)
+        .await
+        .unwrap();
+    for o in &outcomes {
+        match o {
+            RecipientOutcome::Failed(r) => {
+                assert_eq!(r.code, 552);
+                assert_eq!(r.enhanced.unwrap().to_string(), "5.3.4");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    conn.quit().await;
+    assert_eq!(record.lock().unwrap().verbs(), ["EHLO client.test", "QUIT"]);
+}
+
+#[tokio::test]
+async fn smtputf8_needed_but_not_offered_fails_with_5_6_7() {
+    let (addr, record) = scripted(Script::new(&["PIPELINING", "8BITMIME"])).await;
+    let mut conn = SmtpConnection::connect(addr, "scripted.test", &config())
+        .await
+        .unwrap();
+    let mut env = envelope(&["jösé@example.net"]);
+    env.smtputf8 = true;
+    let outcomes = conn.send(&env, BODY).await.unwrap();
+    match &outcomes[0] {
+        RecipientOutcome::Failed(r) => assert_eq!(r.enhanced.unwrap().to_string(), "5.6.7"),
+        other => panic!("{other:?}"),
+    }
+    conn.quit().await;
+    assert_eq!(record.lock().unwrap().verbs(), ["EHLO client.test", "QUIT"]);
+}
+
+#[tokio::test]
+async fn esmtp_parameters_follow_the_servers_extensions() {
+    let (addr, record) =
+        scripted(Script::new(&["PIPELINING", "8BITMIME", "SMTPUTF8", "DSN"])).await;
+    let mut conn = SmtpConnection::connect(addr, "scripted.test", &config())
+        .await
+        .unwrap();
+    let mut env = envelope(&["jösé@example.net"]);
+    env.smtputf8 = true;
+    env.body_type = tern_message::BodyType::EightBitMime;
+    env.ret = Some(tern_message::Ret::Hdrs);
+    env.envid = Some("abc".into());
+    env.recipients[0].notify = Some(tern_message::Notify {
+        success: false,
+        failure: true,
+        delay: false,
+    });
+    env.recipients[0].orcpt = Some("rfc822;x@example.net".into());
+    let outcomes = conn.send(&env, BODY).await.unwrap();
+    assert!(delivered(&outcomes[0]));
+    conn.quit().await;
+    let verbs = record.lock().unwrap().verbs();
+    assert_eq!(
+        verbs[1..3],
+        [
+            "MAIL FROM:<sender@example.org> BODY=8BITMIME SMTPUTF8 RET=HDRS ENVID=abc",
+            "RCPT TO:<jösé@example.net> NOTIFY=FAILURE ORCPT=rfc822;x@example.net",
+        ]
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// STARTTLS.
+
+/// A self-signed certificate for "localhost" and a server config serving it.
+fn tls_server() -> (Arc<rustls::ServerConfig>, CertificateDer<'static>) {
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let cert = certified.cert.der().clone();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(certified.key_pair.serialize_der()));
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![cert.clone()], key)
+    .unwrap();
+    (Arc::new(config), cert)
+}
+
+#[tokio::test]
+async fn opportunistic_starttls_with_an_unverified_certificate() {
+    let (server, _) = tls_server();
+    let mut script = Script::new(&["PIPELINING", "STARTTLS"]);
+    script.tls = Some(server);
+    let (addr, record) = scripted(script).await;
+    let mut cfg = config();
+    cfg.tls = TlsPolicy::Opportunistic;
+    // The certificate names "localhost", not this name, and no root trusts it: accepted anyway.
+    let mut conn = SmtpConnection::connect(addr, "mx.elsewhere.test", &cfg)
+        .await
+        .unwrap();
+    let tls = conn.tls().expect("TLS negotiated");
+    assert!(tls.starts_with("TLSv1."), "{tls}");
+    let outcomes = conn
+        .send(&envelope(&["a@example.net"]), BODY)
+        .await
+        .unwrap();
+    assert!(delivered(&outcomes[0]));
+    conn.quit().await;
+    let rec = record.lock().unwrap();
+    assert!(rec.tls);
+    // EHLO again after the handshake (RFC 3207 §4.2).
+    assert_eq!(
+        rec.verbs()[..3],
+        ["EHLO client.test", "STARTTLS", "EHLO client.test"]
+    );
+    assert_eq!(rec.data.len(), 1);
+}
+
+#[tokio::test]
+async fn opportunistic_without_starttls_stays_plaintext() {
+    let (addr, _) = scripted(Script::new(&["PIPELINING"])).await;
+    let mut cfg = config();
+    cfg.tls = TlsPolicy::Opportunistic;
+    let conn = SmtpConnection::connect(addr, "scripted.test", &cfg)
+        .await
+        .unwrap();
+    assert_eq!(conn.tls(), None);
+    conn.quit().await;
+}
+
+#[tokio::test]
+async fn required_tls_verifies_against_the_configured_roots() {
+    let (server, cert) = tls_server();
+    let mut script = Script::new(&["STARTTLS"]);
+    script.tls = Some(server.clone());
+    let (addr, _) = scripted(script).await;
+    let mut cfg = config();
+    cfg.tls = TlsPolicy::Required;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert).unwrap();
+    cfg.tls_roots = Arc::new(roots);
+    let conn = SmtpConnection::connect(addr, "localhost", &cfg)
+        .await
+        .unwrap();
+    assert!(conn.tls().is_some());
+    conn.quit().await;
+
+    // Same server, no root for it: the handshake fails, and there is no plaintext fallback.
+    let mut script = Script::new(&["STARTTLS"]);
+    script.tls = Some(server);
+    let (addr, _) = scripted(script).await;
+    cfg.tls_roots = Arc::new(rustls::RootCertStore::empty());
+    let err = SmtpConnection::connect(addr, "localhost", &cfg)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, DeliveryError::Tls(_)), "{err:?}");
+}
+
+#[tokio::test]
+async fn required_tls_without_starttls_offered_is_tls_required() {
+    let (addr, record) = scripted(Script::new(&["PIPELINING"])).await;
+    let mut cfg = config();
+    cfg.tls = TlsPolicy::Required;
+    let err = SmtpConnection::connect(addr, "scripted.test", &cfg)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, DeliveryError::TlsRequired), "{err:?}");
+    assert!(!err.is_permanent());
+    assert!(!record
+        .lock()
+        .unwrap()
+        .verbs()
+        .iter()
+        .any(|c| c.starts_with("MAIL")));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Postfix smtp-sink.
+
+const SMTP_SINK: &str = "/usr/sbin/smtp-sink";
+
+/// Kills smtp-sink when the test ends, pass or fail.
+struct Sink(Child);
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn start_smtp_sink() -> Option<(Sink, SocketAddr)> {
+    if !std::path::Path::new(SMTP_SINK).exists() {
+        eprintln!("{SMTP_SINK} not installed; skipping");
+        return None;
+    }
+    // A free port: bind, read it, release it for smtp-sink.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let root = Process::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0\n"))
+        .unwrap_or(false);
+    let mut cmd = Process::new(SMTP_SINK);
+    // As root smtp-sink insists on dropping privileges (`-u`), see smtp-sink(1).
+    if root {
+        cmd.args(["-u", "nobody"]);
+    }
+    cmd.arg(format!("127.0.0.1:{port}"))
+        .arg("100")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let child = Sink(cmd.spawn().unwrap());
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Some((child, addr));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("smtp-sink did not start listening on {addr}");
+}
+
+#[tokio::test]
+async fn smtp_sink_takes_two_pipelined_messages_on_one_connection() {
+    let Some((_sink, addr)) = start_smtp_sink().await else {
+        return;
+    };
+    let mut conn = SmtpConnection::connect(addr, "localhost", &config())
+        .await
+        .unwrap();
+    assert!(conn.capabilities().has("PIPELINING"));
+    let outcomes = conn
+        .send(
+            &envelope(&["a@example.net", "b@example.net", "c@example.net"]),
+            b"Subject: one\r\n\r\n.dot\r\n",
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcomes.len(), 3);
+    assert!(outcomes.iter().all(delivered), "{outcomes:?}");
+    conn.reset().await.unwrap();
+    let outcomes = conn
+        .send(
+            &envelope(&["d@example.net"]),
+            b"Subject: two\r\n\r\nbody\r\n",
+        )
+        .await
+        .unwrap();
+    assert!(delivered(&outcomes[0]), "{outcomes:?}");
+    conn.quit().await;
+}
