@@ -354,6 +354,67 @@ async fn txt_records_are_served() {
     assert_eq!(record.to_string(), long);
 }
 
+#[tokio::test]
+async fn second_name_server_answers_when_first_is_down() {
+    let down = TestDns::start(TestZone::new());
+    let down_addr = down.addr();
+    down.stop();
+    let up = TestDns::start(
+        TestZone::new()
+            .mx("failover.test", 10, "mx.failover.test")
+            .a("mx.failover.test", v4("192.0.2.70")),
+    );
+    let resolver = MxResolver::with_timeout(
+        Some(vec![down_addr, up.addr()]),
+        false,
+        Duration::from_secs(1),
+        1,
+    )
+    .unwrap();
+    let targets = resolver.resolve("failover.test").await.unwrap();
+    assert_eq!(hosts(&targets), ["mx.failover.test"]);
+    // Negative answers are not trusted from one server when several are
+    // configured, but the last word still is NXDOMAIN.
+    assert_eq!(
+        resolver.resolve("nowhere.test").await.unwrap_err(),
+        DnsError::NoSuchDomain
+    );
+}
+
+#[tokio::test]
+async fn names_are_normalised() {
+    let dns = TestDns::start(
+        TestZone::new()
+            // "bücher.test" in A-labels (RFC 5890).
+            .mx("xn--bcher-kva.test", 10, "mx.xn--bcher-kva.test")
+            .a("mx.xn--bcher-kva.test", v4("192.0.2.80")),
+    );
+    let resolver = resolver(&dns, false);
+    for domain in ["bücher.test", "XN--BCHER-KVA.TEST.", " xn--bcher-kva.test "] {
+        let targets = resolver.resolve(domain).await.unwrap();
+        assert_eq!(hosts(&targets), ["mx.xn--bcher-kva.test"], "{domain}");
+    }
+    for bad in ["", ".", "a..b"] {
+        assert!(
+            matches!(resolver.resolve(bad).await, Err(DnsError::InvalidDomain(_))),
+            "{bad:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn system_configuration_builds() {
+    // Only builds the resolver from /etc/resolv.conf; a domain literal
+    // needs no query, so no packet leaves the machine.
+    match MxResolver::new(None, false) {
+        Ok(resolver) => {
+            let targets = resolver.resolve("[192.0.2.1]").await.unwrap();
+            assert_eq!(targets[0].addrs, [IpAddr::V4(v4("192.0.2.1"))]);
+        }
+        Err(e) => assert!(matches!(e, DnsError::Config(_)), "{e:?}"),
+    }
+}
+
 #[test]
 fn error_classification() {
     assert!(!DnsError::Config("x".into()).is_permanent());
