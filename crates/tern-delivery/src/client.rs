@@ -405,8 +405,14 @@ impl SmtpConnection {
             Command::Data.write_to(&mut out);
             self.write(&out, t, "MAIL/RCPT/DATA").await?;
             let mail_reply = self.read_reply(t, "MAIL").await?;
+            if mail_reply.code == 421 {
+                return Ok(self.server_closing(mail_reply, outcomes));
+            }
             for (i, _) in &rcpts {
                 let reply = self.read_reply(t, "RCPT").await?;
+                if reply.code == 421 {
+                    return Ok(self.server_closing(reply, outcomes));
+                }
                 // After a refused MAIL the RCPT replies are only 503s: MAIL's reply decides.
                 outcomes[*i] = Some(RecipientOutcome::from_reply(
                     if mail_reply.is_positive_completion() {
@@ -417,12 +423,21 @@ impl SmtpConnection {
                 ));
             }
             let data_reply = self.read_reply(t, "DATA").await?;
+            if data_reply.code == 421 {
+                return Ok(self.server_closing(data_reply, outcomes));
+            }
             (mail_reply, Some(data_reply))
         } else {
             let mail_reply = self.command(&mail, t, "MAIL").await?;
+            if mail_reply.code == 421 {
+                return Ok(self.server_closing(mail_reply, outcomes));
+            }
             if mail_reply.is_positive_completion() {
                 for (i, rcpt) in &rcpts {
                     let reply = self.command(rcpt, t, "RCPT").await?;
+                    if reply.code == 421 {
+                        return Ok(self.server_closing(reply, outcomes));
+                    }
                     outcomes[*i] = Some(RecipientOutcome::from_reply(reply));
                 }
             } else {
@@ -460,6 +475,9 @@ impl SmtpConnection {
             Some(reply) => reply,
             None => self.command(&Command::Data, t, "DATA").await?,
         };
+        if data_reply.code == 421 {
+            return Ok(self.server_closing(data_reply, outcomes));
+        }
         let final_reply = if data_reply.code == 354 {
             let content = dot_stuff(body);
             self.write(&content, self.data_timeout, "message content")
@@ -473,10 +491,35 @@ impl SmtpConnection {
             data_reply
         };
         info!(reply = %final_reply, accepted = accepted.len(), "transaction done");
+        if final_reply.code == 421 {
+            // Deferred like any 4yz below; the server is closing (RFC 5321 §3.8).
+            self.broken = true;
+        }
         for i in accepted {
             outcomes[i] = Some(RecipientOutcome::from_reply(final_reply.clone()));
         }
         Ok(outcomes.into_iter().flatten().collect())
+    }
+
+    /// 421 (RFC 5321 §3.8): the server is closing the connection, whatever command it answers.
+    /// Every recipient not settled yet, and every one accepted but not yet given the content,
+    /// is deferred; the connection is done.
+    fn server_closing(
+        &mut self,
+        reply: Reply,
+        outcomes: Vec<Option<RecipientOutcome>>,
+    ) -> Vec<RecipientOutcome> {
+        warn!(%reply, "server is closing the connection");
+        self.broken = true;
+        outcomes
+            .into_iter()
+            .map(|o| match o {
+                None | Some(RecipientOutcome::Delivered(_)) => {
+                    RecipientOutcome::Deferred(reply.clone())
+                }
+                Some(settled) => settled,
+            })
+            .collect()
     }
 
     async fn hello(&mut self, helo_name: &str) -> Result<(), DeliveryError> {

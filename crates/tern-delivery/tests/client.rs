@@ -2,6 +2,8 @@
 //! server written here that answers from a script and records what it received.
 
 use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
 use std::process::{Child, Command as Process, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -578,13 +580,24 @@ async fn required_tls_without_starttls_offered_is_tls_required() {
 
 const SMTP_SINK: &str = "/usr/sbin/smtp-sink";
 
-/// Kills smtp-sink when the test ends, pass or fail.
-struct Sink(Child);
+/// Kills smtp-sink when the test ends, pass or fail, and removes its dump directory.
+struct Sink {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Sink {
+    /// Everything smtp-sink captured so far (its `-D` dump, one file for all transactions).
+    fn dump(&self) -> String {
+        std::fs::read_to_string(self.dir.join("dump")).unwrap_or_default()
+    }
+}
 
 impl Drop for Sink {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -605,16 +618,26 @@ async fn start_smtp_sink() -> Option<(Sink, SocketAddr)> {
         .output()
         .map(|o| o.stdout.starts_with(b"0\n"))
         .unwrap_or(false);
+    // The dump directory must be writable by the user smtp-sink switches to.
+    let dir =
+        std::env::temp_dir().join(format!("tern-delivery-sink-{}-{port}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
     let mut cmd = Process::new(SMTP_SINK);
     // As root smtp-sink insists on dropping privileges (`-u`), see smtp-sink(1).
     if root {
         cmd.args(["-u", "nobody"]);
     }
-    cmd.arg(format!("127.0.0.1:{port}"))
+    cmd.arg("-D")
+        .arg(dir.join("dump"))
+        .arg(format!("127.0.0.1:{port}"))
         .arg("100")
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    let child = Sink(cmd.spawn().unwrap());
+    let child = Sink {
+        child: cmd.spawn().unwrap(),
+        dir,
+    };
     for _ in 0..100 {
         if tokio::net::TcpStream::connect(addr).await.is_ok() {
             return Some((child, addr));
@@ -626,7 +649,7 @@ async fn start_smtp_sink() -> Option<(Sink, SocketAddr)> {
 
 #[tokio::test]
 async fn smtp_sink_takes_two_pipelined_messages_on_one_connection() {
-    let Some((_sink, addr)) = start_smtp_sink().await else {
+    let Some((sink, addr)) = start_smtp_sink().await else {
         return;
     };
     let mut conn = SmtpConnection::connect(addr, "localhost", &config())
@@ -652,4 +675,59 @@ async fn smtp_sink_takes_two_pipelined_messages_on_one_connection() {
         .unwrap();
     assert!(delivered(&outcomes[0]), "{outcomes:?}");
     conn.quit().await;
+    // smtp-sink writes the dump as it goes; give it a moment to finish the second message.
+    let mut dump = sink.dump();
+    for _ in 0..40 {
+        if dump.contains("body\n") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        dump = sink.dump();
+    }
+    assert!(
+        dump.contains(
+            "X-Mail-Args: <sender@example.org>\n\
+             X-Rcpt-Args: <a@example.net>\n\
+             X-Rcpt-Args: <b@example.net>\n\
+             X-Rcpt-Args: <c@example.net>\n"
+        ),
+        "{dump}"
+    );
+    // smtp-sink removed the stuffed dot again: the line arrived as "..dot".
+    assert!(dump.contains("Subject: one\n\n.dot\n"), "{dump}");
+    assert!(dump.contains("X-Rcpt-Args: <d@example.net>\n"), "{dump}");
+    assert!(dump.contains("Subject: two\n\nbody\n"), "{dump}");
+}
+
+#[tokio::test]
+async fn reply_421_mid_transaction_defers_the_rest_and_ends_the_connection() {
+    for pipelining in [true, false] {
+        let ehlo: &[&str] = if pipelining { &["PIPELINING"] } else { &[] };
+        let script = Script::new(ehlo)
+            .answer("RCPT TO:<a@", "550 5.1.1 no such user")
+            .answer("RCPT TO:<c@", "421 4.3.2 shutting down");
+        let (addr, _) = scripted(script).await;
+        let mut conn = SmtpConnection::connect(addr, "scripted.test", &config())
+            .await
+            .unwrap();
+        let outcomes = conn
+            .send(
+                &envelope(&["a@example.net", "b@example.net", "c@example.net"]),
+                BODY,
+            )
+            .await
+            .unwrap();
+        assert!(
+            matches!(&outcomes[0], RecipientOutcome::Failed(r) if r.code == 550),
+            "{outcomes:?}"
+        );
+        // b was accepted but never got the content; c got the 421 itself.
+        for o in &outcomes[1..] {
+            assert!(
+                matches!(o, RecipientOutcome::Deferred(r) if r.code == 421),
+                "pipelining={pipelining}: {outcomes:?}"
+            );
+        }
+        assert!(matches!(conn.reset().await, Err(DeliveryError::Broken)));
+    }
 }
