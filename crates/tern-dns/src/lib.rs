@@ -34,6 +34,7 @@ use hickory_resolver::config::{
     ResolverOpts,
 };
 use hickory_resolver::error::{ResolveError, ResolveErrorKind};
+use hickory_resolver::lookup_ip::LookupIp;
 use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::{Name, TokioAsyncResolver};
 use rand::seq::SliceRandom;
@@ -293,11 +294,33 @@ impl MxResolver {
         domain: &str,
         hosts: Vec<(u16, Name)>,
     ) -> Result<Vec<MxTarget>, DnsError> {
+        // All hosts are looked up at once: done one after the other, five
+        // hosts behind a slow or dead name server would cost five timeouts.
+        // The JoinSet aborts the lookups if this future is dropped.
+        let mut lookups = tokio::task::JoinSet::new();
+        for (index, (_, host)) in hosts.iter().enumerate() {
+            let resolver = self.resolver.clone();
+            let host = host.clone();
+            lookups.spawn(async move { (index, resolver.lookup_ip(host).await) });
+        }
+        let mut results: Vec<Option<Result<LookupIp, ResolveError>>> =
+            hosts.iter().map(|_| None).collect();
+        while let Some(joined) = lookups.join_next().await {
+            match joined {
+                Ok((index, result)) => results[index] = Some(result),
+                // Only a panic inside hickory gets here; the host's slot stays
+                // None and counts as a failed lookup below.
+                Err(e) => tracing::warn!(%domain, error = %e, "MX host lookup task failed"),
+            }
+        }
+
         let mut targets = Vec::with_capacity(hosts.len());
         let mut temporary: Option<String> = None;
         let mut dropped_private = false;
-        for (preference, host) in hosts {
-            let addrs: Vec<IpAddr> = match self.resolver.lookup_ip(host.clone()).await {
+        for ((preference, host), result) in hosts.into_iter().zip(results) {
+            let result =
+                result.unwrap_or_else(|| Err(ResolveError::from("address lookup task failed")));
+            let addrs: Vec<IpAddr> = match result {
                 Ok(lookup) => lookup.iter().collect(),
                 Err(e) => match classify(&e) {
                     // A host without A/AAAA (or a dangling name) is skipped:

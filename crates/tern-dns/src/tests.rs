@@ -422,3 +422,13 @@ fn error_classification() {
     assert_eq!(DnsError::NoAddresses.enhanced_code(), "4.4.4");
     assert!(MxResolver::new(Some(vec![]), false).is_err());
 }
+
+#[tokio::test]
+async fn resolver_and_its_futures_can_cross_threads() {
+    fn send_sync<T: Send + Sync>(_: &T) {}
+    fn send<T: Send>(_: &T) {}
+    let resolver = MxResolver::new(Some(vec!["127.0.0.1:9".parse().unwrap()]), false).unwrap();
+    send_sync(&resolver);
+    // Built, not polled: no query is sent.
+    send(&resolver.resolve("example.test"));
+}
