@@ -731,3 +731,51 @@ async fn reply_421_mid_transaction_defers_the_rest_and_ends_the_connection() {
         assert!(matches!(conn.reset().await, Err(DeliveryError::Broken)));
     }
 }
+
+#[tokio::test]
+async fn greeting_554_is_a_permanent_greeting_error() {
+    let mut script = Script::new(&[]);
+    script.greeting = "554 5.3.2 no SMTP service here";
+    let (addr, _) = scripted(script).await;
+    let err = SmtpConnection::connect(addr, "scripted.test", &config())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, DeliveryError::Greeting(r) if r.code == 554),
+        "{err:?}"
+    );
+    assert!(err.is_permanent());
+}
+
+#[tokio::test]
+async fn ehlo_refused_falls_back_to_helo_without_extensions() {
+    let script = Script::new(&["PIPELINING"]).answer("EHLO", "502 5.5.1 what is EHLO");
+    let (addr, record) = scripted(script).await;
+    let mut conn = SmtpConnection::connect(addr, "scripted.test", &config())
+        .await
+        .unwrap();
+    assert!(!conn.capabilities().has("PIPELINING"));
+    let outcomes = conn
+        .send(&envelope(&["a@example.net"]), BODY)
+        .await
+        .unwrap();
+    assert!(delivered(&outcomes[0]));
+    conn.quit().await;
+    let rec = record.lock().unwrap();
+    assert_eq!(rec.verbs()[..2], ["EHLO client.test", "HELO client.test"]);
+    assert!(rec.commands.iter().all(|(_, early)| !early));
+}
+
+#[tokio::test]
+async fn bytes_after_the_starttls_reply_are_refused() {
+    // Plaintext sent right behind the 220 would be read as if it came over TLS
+    // (CVE-2011-0411): the client must not go on.
+    let script = Script::new(&["STARTTLS"]).answer("STARTTLS", "220 2.0.0 go\r\n250 injected");
+    let (addr, _) = scripted(script).await;
+    let mut cfg = config();
+    cfg.tls = TlsPolicy::Opportunistic;
+    let err = SmtpConnection::connect(addr, "scripted.test", &cfg)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, DeliveryError::Protocol(_)), "{err:?}");
+}
