@@ -6,7 +6,8 @@
 //! Not done yet, on purpose:
 //! - lines longer than 998 octets (RFC 5321 §4.5.3.1.6) are sent as they are; folding or
 //!   re-encoding them is left for later (the ingress limits what it accepts meanwhile);
-//! - BDAT (RFC 3030 CHUNKING) is not used, so BINARYMIME messages are refused with 5.6.3;
+//! - with CHUNKING (RFC 3030) the content goes as one `BDAT <size> LAST` chunk; splitting it
+//!   into several chunks (to stream from the spool) is left for later;
 //! - 8BITMIME content to a server without 8BITMIME is sent unchanged (Postfix does the same by
 //!   default) instead of being downgraded to 7bit as RFC 6152 §3 would prefer;
 //! - `AUTH=` on MAIL is never sent: it is only meaningful to a server we authenticated to
@@ -316,12 +317,17 @@ impl SmtpConnection {
                 "message needs SMTPUTF8, which the server does not offer",
             )));
         }
-        if envelope.body_type == BodyType::BinaryMime {
-            // RFC 3030 §3: BINARYMIME content can only go with BDAT, not implemented yet.
+        // RFC 3030 §3: BDAT sends the content as counted octets, no dot-stuffing, no line
+        // structure needed; it is the only way to send BINARYMIME content.
+        let chunking = self.caps.has("CHUNKING");
+        if envelope.body_type == BodyType::BinaryMime && !(chunking && self.caps.has("BINARYMIME"))
+        {
+            // RFC 3030 §3: without BINARYMIME the content would need converting, which this
+            // client does not do.
             return Ok(all_failed(Reply::new(
                 554,
                 Some(EnhancedCode::new(5, 6, 3)),
-                "BINARYMIME content cannot be relayed (no BDAT support)",
+                "BINARYMIME content, and the server does not offer BINARYMIME with CHUNKING",
             )));
         }
         let size = body.len() as u64;
@@ -355,8 +361,11 @@ impl SmtpConnection {
         let mail = Command::Mail(MailFrom {
             sender,
             size: self.caps.has("SIZE").then_some(size),
-            body: (envelope.body_type == BodyType::EightBitMime && self.caps.has("8BITMIME"))
-                .then_some(BodyType::EightBitMime),
+            body: match envelope.body_type {
+                BodyType::EightBitMime if self.caps.has("8BITMIME") => Some(BodyType::EightBitMime),
+                BodyType::BinaryMime => Some(BodyType::BinaryMime),
+                _ => None,
+            },
             smtputf8: envelope.smtputf8,
             ret: envelope.ret.filter(|_| dsn),
             envid: envelope.envid.clone().filter(|_| dsn),
@@ -396,13 +405,17 @@ impl SmtpConnection {
         let t = self.command_timeout;
         let (mail_reply, data_reply) = if self.caps.has("PIPELINING") {
             // RFC 2920 §3.1: MAIL, the RCPTs and DATA (which must end the group) in one write,
-            // then the replies in the same order.
+            // then the replies in the same order. With CHUNKING the group ends after the RCPTs:
+            // the BDAT chunk follows only once a recipient was accepted, so a message nobody
+            // takes is not sent for nothing.
             let mut out = Vec::new();
             mail.write_to(&mut out);
             for (_, rcpt) in &rcpts {
                 rcpt.write_to(&mut out);
             }
-            Command::Data.write_to(&mut out);
+            if !chunking {
+                Command::Data.write_to(&mut out);
+            }
             self.write(&out, t, "MAIL/RCPT/DATA").await?;
             let mail_reply = self.read_reply(t, "MAIL").await?;
             if mail_reply.code == 421 {
@@ -422,11 +435,15 @@ impl SmtpConnection {
                     },
                 ));
             }
-            let data_reply = self.read_reply(t, "DATA").await?;
-            if data_reply.code == 421 {
-                return Ok(self.server_closing(data_reply, outcomes));
+            if chunking {
+                (mail_reply, None)
+            } else {
+                let data_reply = self.read_reply(t, "DATA").await?;
+                if data_reply.code == 421 {
+                    return Ok(self.server_closing(data_reply, outcomes));
+                }
+                (mail_reply, Some(data_reply))
             }
-            (mail_reply, Some(data_reply))
         } else {
             let mail_reply = self.command(&mail, t, "MAIL").await?;
             if mail_reply.code == 421 {
@@ -464,11 +481,28 @@ impl SmtpConnection {
                     self.read_reply(self.data_timeout, "end of data").await?;
                 }
             }
-            // Pipelined, or MAIL accepted without recipients: a transaction may be open.
+            // MAIL accepted without recipients, or DATA pipelined: a transaction may be open.
             if mail_reply.is_positive_completion() || data_reply.is_some() {
                 self.rset().await?;
             }
             return Ok(outcomes.into_iter().flatten().collect());
+        }
+
+        if chunking {
+            // The same final CRLF as with DATA (which needs it before the dot), so a message
+            // reads the same whichever way it went.
+            let tail = missing_line_end(body);
+            let mut out = Vec::with_capacity(body.len() + 32);
+            Command::Bdat {
+                size: (body.len() + tail.len()) as u64,
+                last: true,
+            }
+            .write_to(&mut out);
+            out.extend_from_slice(body);
+            out.extend_from_slice(tail);
+            self.write(&out, self.data_timeout, "BDAT").await?;
+            let reply = self.read_reply(self.data_timeout, "BDAT").await?;
+            return Ok(self.settle(reply, &accepted, outcomes));
         }
 
         let data_reply = match data_reply {
@@ -490,15 +524,25 @@ impl SmtpConnection {
         } else {
             data_reply
         };
+        Ok(self.settle(final_reply, &accepted, outcomes))
+    }
+
+    /// The reply to the content applies to every accepted recipient.
+    fn settle(
+        &mut self,
+        final_reply: Reply,
+        accepted: &[usize],
+        mut outcomes: Vec<Option<RecipientOutcome>>,
+    ) -> Vec<RecipientOutcome> {
         info!(reply = %final_reply, accepted = accepted.len(), "transaction done");
         if final_reply.code == 421 {
-            // Deferred like any 4yz below; the server is closing (RFC 5321 §3.8).
+            // Deferred like any 4yz; the server is closing (RFC 5321 §3.8).
             self.broken = true;
         }
-        for i in accepted {
+        for &i in accepted {
             outcomes[i] = Some(RecipientOutcome::from_reply(final_reply.clone()));
         }
-        Ok(outcomes.into_iter().flatten().collect())
+        outcomes.into_iter().flatten().collect()
     }
 
     /// 421 (RFC 5321 §3.8): the server is closing the connection, whatever command it answers.
@@ -691,15 +735,21 @@ pub fn dot_stuff(body: &[u8]) -> Vec<u8> {
         out.push(b);
         line_start = b == b'\n';
     }
-    if !body.is_empty() && !body.ends_with(b"\r\n") {
-        if body.ends_with(b"\r") {
-            out.push(b'\n');
-        } else {
-            out.extend_from_slice(b"\r\n");
-        }
-    }
+    out.extend_from_slice(missing_line_end(body));
     out.extend_from_slice(b".\r\n");
     out
+}
+
+/// What completes the last line of `body`: nothing when it ends with CRLF (or is empty), LF
+/// after a trailing CR, else CRLF.
+fn missing_line_end(body: &[u8]) -> &'static [u8] {
+    if body.is_empty() || body.ends_with(b"\r\n") {
+        b""
+    } else if body.ends_with(b"\r") {
+        b"\n"
+    } else {
+        b"\r\n"
+    }
 }
 
 fn tls_client_config(cfg: &ClientConfig) -> Result<rustls::ClientConfig, DeliveryError> {

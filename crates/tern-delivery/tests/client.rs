@@ -184,6 +184,21 @@ async fn serve(mut io: Box<dyn Io>, script: Script, record: Arc<Mutex<Record>>) 
                 }
                 reply(&mut io, script.data_reply).await;
             }
+            "BDAT" => {
+                // RFC 3030: exactly <size> octets follow the command line.
+                let size: usize = upper.split(' ').nth(1).unwrap().parse().unwrap();
+                while buf.len() < size {
+                    let n = io.read(&mut chunk).await.unwrap();
+                    assert!(n > 0, "client closed during BDAT");
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                record
+                    .lock()
+                    .unwrap()
+                    .data
+                    .push(buf.drain(..size).collect());
+                reply(&mut io, script.data_reply).await;
+            }
             "STARTTLS" => {
                 let Some(tls) = script.tls.clone() else {
                     reply(&mut io, "502 5.5.1 no TLS here").await;
@@ -778,4 +793,90 @@ async fn bytes_after_the_starttls_reply_are_refused() {
         .await
         .unwrap_err();
     assert!(matches!(err, DeliveryError::Protocol(_)), "{err:?}");
+}
+
+#[tokio::test]
+async fn chunking_sends_one_bdat_last_chunk_without_stuffing() {
+    let (addr, record) = scripted(Script::new(&["PIPELINING", "CHUNKING", "8BITMIME"])).await;
+    let mut conn = SmtpConnection::connect(addr, "scripted.test", &config())
+        .await
+        .unwrap();
+    let body = b"Subject: x\r\n\r\n.dot\r\nno final line end";
+    let outcomes = conn
+        .send(&envelope(&["a@example.net", "b@example.net"]), body)
+        .await
+        .unwrap();
+    assert!(outcomes.iter().all(delivered), "{outcomes:?}");
+    conn.quit().await;
+    let rec = record.lock().unwrap();
+    let wire = b"Subject: x\r\n\r\n.dot\r\nno final line end\r\n".to_vec();
+    assert_eq!(
+        rec.verbs(),
+        [
+            "EHLO client.test",
+            "MAIL FROM:<sender@example.org>",
+            "RCPT TO:<a@example.net>",
+            "RCPT TO:<b@example.net>",
+            &format!("BDAT {} LAST", wire.len()),
+            "QUIT",
+        ]
+    );
+    assert_eq!(rec.data, [wire]);
+}
+
+#[tokio::test]
+async fn chunking_with_no_accepted_recipient_sends_no_content() {
+    let script = Script::new(&["PIPELINING", "CHUNKING"]).answer("RCPT", "550 5.1.1 no");
+    let (addr, record) = scripted(script).await;
+    let mut conn = SmtpConnection::connect(addr, "scripted.test", &config())
+        .await
+        .unwrap();
+    let outcomes = conn
+        .send(&envelope(&["a@example.net"]), BODY)
+        .await
+        .unwrap();
+    assert!(matches!(outcomes[0], RecipientOutcome::Failed(_)));
+    conn.quit().await;
+    let rec = record.lock().unwrap();
+    assert_eq!(
+        rec.verbs()[2..],
+        ["RCPT TO:<a@example.net>", "RSET", "QUIT"]
+    );
+    assert!(rec.data.is_empty());
+}
+
+#[tokio::test]
+async fn binarymime_needs_chunking_and_binarymime() {
+    let body = b"Subject: bin\r\n\r\n\x00\xff\r\n";
+    let mut env = envelope(&["a@example.net"]);
+    env.body_type = tern_message::BodyType::BinaryMime;
+
+    let (addr, record) = scripted(Script::new(&["CHUNKING", "BINARYMIME"])).await;
+    let mut conn = SmtpConnection::connect(addr, "scripted.test", &config())
+        .await
+        .unwrap();
+    let outcomes = conn.send(&env, body).await.unwrap();
+    assert!(delivered(&outcomes[0]), "{outcomes:?}");
+    conn.quit().await;
+    {
+        let rec = record.lock().unwrap();
+        assert_eq!(
+            rec.verbs()[1],
+            "MAIL FROM:<sender@example.org> BODY=BINARYMIME"
+        );
+        assert_eq!(rec.data, [body.to_vec()]);
+    }
+
+    // Without BINARYMIME the content cannot go as is: 5.6.3, nothing sent.
+    let (addr, record) = scripted(Script::new(&["CHUNKING", "8BITMIME"])).await;
+    let mut conn = SmtpConnection::connect(addr, "scripted.test", &config())
+        .await
+        .unwrap();
+    let outcomes = conn.send(&env, body).await.unwrap();
+    assert!(
+        matches!(&outcomes[0], RecipientOutcome::Failed(r) if r.enhanced.unwrap().to_string() == "5.6.3"),
+        "{outcomes:?}"
+    );
+    conn.quit().await;
+    assert_eq!(record.lock().unwrap().verbs(), ["EHLO client.test", "QUIT"]);
 }
