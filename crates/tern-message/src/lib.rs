@@ -72,7 +72,11 @@ pub use tern_smtp::{BodyType, Notify, Ret};
 pub enum RecipientState {
     #[default]
     Pending,
-    InFlight,
+    /// Handed to a delivery worker; `attempts` counts the attempts before this one, so a crash
+    /// mid-delivery resumes the retry schedule where it was.
+    InFlight {
+        attempts: u32,
+    },
     Delivered {
         at_ms: u64,
         reply: String,

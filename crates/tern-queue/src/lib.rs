@@ -4,6 +4,8 @@
 //!   with the durability argument in the [`sled_storage`] module documentation.
 //! * [`QueueActor`] receives [`Enqueue`] from sessions and answers only once the message is
 //!   durable. A committer thread groups concurrent messages so they share one flush.
+//! * [`schedule`] is the delivery scheduler's pure core (retry policy, recipient state
+//!   transitions, the due-time index), for the delivery milestone to drive from the actor.
 //!
 //! Invariant: nothing acknowledged is ever lost. A message is acknowledged only after
 //! [`Storage::sync`] returned `Ok` for a batch that contains its successful
@@ -12,6 +14,7 @@
 mod actor;
 mod committer;
 mod free_space;
+pub mod schedule;
 pub mod sled_storage;
 mod storage;
 
