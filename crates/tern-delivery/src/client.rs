@@ -289,12 +289,16 @@ impl SmtpConnection {
     }
 
     /// QUIT and close. Best effort: the messages are already settled, so errors are only
-    /// logged.
+    /// logged, and the wait is short (at most 10 s) since nothing rides on the answer. After an
+    /// error the connection is just closed: a server that stopped answering would only make
+    /// us wait.
     pub async fn quit(mut self) {
-        let t = self.command_timeout;
-        match self.command(&Command::Quit, t, "QUIT").await {
-            Ok(reply) => debug!(%reply, "QUIT"),
-            Err(e) => debug!(error = %e, "QUIT failed"),
+        let t = self.command_timeout.min(Duration::from_secs(10));
+        if !self.broken {
+            match self.command(&Command::Quit, t, "QUIT").await {
+                Ok(reply) => debug!(%reply, "QUIT"),
+                Err(e) => debug!(error = %e, "QUIT failed"),
+            }
         }
         let _ = tokio::time::timeout(t, self.io.shutdown()).await;
     }

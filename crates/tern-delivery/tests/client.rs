@@ -48,7 +48,7 @@ struct Script {
     /// (command prefix, reply): the first whose prefix matches the command line
     /// (case-insensitively) answers it instead of the default.
     overrides: Vec<(&'static str, &'static str)>,
-    /// The reply after the final dot.
+    /// The reply after the final dot (or the BDAT chunk); empty for none at all.
     data_reply: &'static str,
     tls: Option<Arc<rustls::ServerConfig>>,
 }
@@ -182,7 +182,9 @@ async fn serve(mut io: Box<dyn Io>, script: Script, record: Arc<Mutex<Record>>) 
                     assert!(n > 0, "client closed during DATA");
                     buf.extend_from_slice(&chunk[..n]);
                 }
-                reply(&mut io, script.data_reply).await;
+                if !script.data_reply.is_empty() {
+                    reply(&mut io, script.data_reply).await;
+                }
             }
             "BDAT" => {
                 // RFC 3030: exactly <size> octets follow the command line.
@@ -681,11 +683,17 @@ async fn smtp_sink_takes_two_pipelined_messages_on_one_connection() {
     assert_eq!(outcomes.len(), 3);
     assert!(outcomes.iter().all(delivered), "{outcomes:?}");
     conn.reset().await.unwrap();
+    // smtp-sink offers DSN: the second message carries its parameters.
+    let mut env = envelope(&["d@example.net"]);
+    env.ret = Some(tern_message::Ret::Hdrs);
+    env.envid = Some("id2".into());
+    env.recipients[0].notify = Some(tern_message::Notify {
+        success: true,
+        failure: true,
+        delay: false,
+    });
     let outcomes = conn
-        .send(
-            &envelope(&["d@example.net"]),
-            b"Subject: two\r\n\r\nbody\r\n",
-        )
+        .send(&env, b"Subject: two\r\n\r\nbody\r\n")
         .await
         .unwrap();
     assert!(delivered(&outcomes[0]), "{outcomes:?}");
@@ -710,7 +718,13 @@ async fn smtp_sink_takes_two_pipelined_messages_on_one_connection() {
     );
     // smtp-sink removed the stuffed dot again: the line arrived as "..dot".
     assert!(dump.contains("Subject: one\n\n.dot\n"), "{dump}");
-    assert!(dump.contains("X-Rcpt-Args: <d@example.net>\n"), "{dump}");
+    assert!(
+        dump.contains(
+            "X-Mail-Args: <sender@example.org> RET=HDRS ENVID=id2\n\
+             X-Rcpt-Args: <d@example.net> NOTIFY=SUCCESS,FAILURE\n"
+        ),
+        "{dump}"
+    );
     assert!(dump.contains("Subject: two\n\nbody\n"), "{dump}");
 }
 
@@ -879,4 +893,52 @@ async fn binarymime_needs_chunking_and_binarymime() {
     );
     conn.quit().await;
     assert_eq!(record.lock().unwrap().verbs(), ["EHLO client.test", "QUIT"]);
+}
+
+#[tokio::test]
+async fn a_silent_server_times_out() {
+    // Accepts the connection and never says a word.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hold = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        drop(tcp);
+    });
+    let mut cfg = config();
+    cfg.command_timeout = Duration::from_millis(200);
+    let started = std::time::Instant::now();
+    let err = SmtpConnection::connect(addr, "scripted.test", &cfg)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, DeliveryError::Timeout("greeting")), "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    hold.abort();
+}
+
+#[tokio::test]
+async fn a_server_silent_after_data_times_out_and_the_connection_is_done() {
+    let mut script = Script::new(&["PIPELINING"]);
+    script.data_reply = "";
+    let (addr, _) = scripted(script).await;
+    let mut cfg = config();
+    cfg.data_timeout = Duration::from_millis(300);
+    let mut conn = SmtpConnection::connect(addr, "scripted.test", &cfg)
+        .await
+        .unwrap();
+    let err = conn
+        .send(&envelope(&["a@example.net"]), BODY)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, DeliveryError::Timeout("end of data")),
+        "{err:?}"
+    );
+    assert!(matches!(
+        conn.send(&envelope(&["a@example.net"]), BODY).await,
+        Err(DeliveryError::Broken)
+    ));
+    let started = std::time::Instant::now();
+    conn.quit().await;
+    assert!(started.elapsed() < Duration::from_secs(1));
 }
