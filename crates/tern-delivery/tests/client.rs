@@ -88,7 +88,11 @@ impl Record {
 
 /// Starts the server for one connection; returns its address and the record.
 async fn scripted(script: Script) -> (SocketAddr, Arc<Mutex<Record>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    scripted_on("127.0.0.1:0", script).await
+}
+
+async fn scripted_on(bind: &str, script: Script) -> (SocketAddr, Arc<Mutex<Record>>) {
+    let listener = TcpListener::bind(bind).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let record = Arc::new(Mutex::new(Record::default()));
     let rec = record.clone();
@@ -941,4 +945,47 @@ async fn a_server_silent_after_data_times_out_and_the_connection_is_done() {
     let started = std::time::Instant::now();
     conn.quit().await;
     assert!(started.elapsed() < Duration::from_secs(1));
+}
+
+#[tokio::test]
+async fn pipelined_data_accepted_without_recipients_gets_an_empty_message_then_rset() {
+    // A sloppy server answers the pipelined DATA with 354 although it refused every RCPT:
+    // RFC 2920 §3.1 has the client send just the terminating dot.
+    let script = Script::new(&["PIPELINING"]).answer("RCPT", "550 5.1.1 no such user");
+    let (addr, record) = scripted(script).await;
+    let mut conn = SmtpConnection::connect(addr, "scripted.test", &config())
+        .await
+        .unwrap();
+    let outcomes = conn
+        .send(&envelope(&["a@example.net"]), BODY)
+        .await
+        .unwrap();
+    assert!(
+        matches!(&outcomes[0], RecipientOutcome::Failed(r) if r.code == 550),
+        "{outcomes:?}"
+    );
+    conn.quit().await;
+    let rec = record.lock().unwrap();
+    assert_eq!(rec.data, [b".\r\n".to_vec()]);
+    assert_eq!(rec.verbs()[3..], ["DATA", "RSET", "QUIT"]);
+}
+
+#[tokio::test]
+async fn connects_over_ipv6_loopback() {
+    let Ok(probe) = std::net::TcpListener::bind("[::1]:0") else {
+        eprintln!("no IPv6 loopback here; skipping");
+        return;
+    };
+    drop(probe);
+    let (addr, _) = scripted_on("[::1]:0", Script::new(&["PIPELINING"])).await;
+    let mut conn = SmtpConnection::connect(addr, "scripted.test", &config())
+        .await
+        .unwrap();
+    assert_eq!(conn.peer(), addr);
+    let outcomes = conn
+        .send(&envelope(&["a@example.net"]), BODY)
+        .await
+        .unwrap();
+    assert!(delivered(&outcomes[0]));
+    conn.quit().await;
 }
