@@ -23,10 +23,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::CryptoProvider;
-use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
-use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::RootCertStore;
+use rustls_pki_types::ServerName;
 use tern_message::{BodyType, Envelope};
 use tern_smtp::address::{Address, ForwardPath, ReversePath};
 use tern_smtp::command::{Command, MailFrom, RcptTo};
@@ -645,7 +643,7 @@ impl SmtpConnection {
             Ok(Err(e)) => return Err(DeliveryError::Tls(e)),
             Ok(Ok(stream)) => stream,
         };
-        self.tls = Some(describe_tls(stream.get_ref().1));
+        self.tls = Some(tern_tls::describe(stream.get_ref().1));
         self.io = Box::new(stream);
         self.parser = ReplyParser::new();
         // RFC 3207 §4.2: forget what the server said before TLS and ask again.
@@ -757,9 +755,7 @@ fn missing_line_end(body: &[u8]) -> &'static [u8] {
 }
 
 fn tls_client_config(cfg: &ClientConfig) -> Result<rustls::ClientConfig, DeliveryError> {
-    // The provider is named rather than left to the process default, which panics at first use
-    // when more than one provider is compiled in.
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = tern_tls::provider();
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| DeliveryError::Tls(io::Error::other(e)))?;
@@ -769,72 +765,9 @@ fn tls_client_config(cfg: &ClientConfig) -> Result<rustls::ClientConfig, Deliver
             .with_no_client_auth(),
         _ => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(provider)))
+            .with_custom_certificate_verifier(tern_tls::AcceptAnyCertificate::new(provider))
             .with_no_client_auth(),
     })
-}
-
-fn describe_tls(conn: &rustls::ClientConnection) -> String {
-    let version = conn
-        .protocol_version()
-        .and_then(|v| v.as_str())
-        .unwrap_or("TLS");
-    let cipher = conn
-        .negotiated_cipher_suite()
-        .and_then(|c| c.suite().as_str())
-        .unwrap_or("unknown");
-    format!("{version} {cipher}").replace("TLSv1_", "TLSv1.")
-}
-
-/// Opportunistic TLS: any certificate is accepted (see [`TlsPolicy::Opportunistic`]), but the
-/// handshake signatures are still checked, so the session is at least bound to the key the
-/// server presented.
-#[derive(Debug)]
-struct AcceptAnyCertificate(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for AcceptAnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
 }
 
 #[cfg(test)]

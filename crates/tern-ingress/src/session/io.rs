@@ -71,7 +71,7 @@ async fn serve(connection: Connection) {
         };
         match timeout(settings.command_timeout, acceptor.accept(stream)).await {
             Ok(Ok(tls)) => {
-                session.tls_started(describe_tls(tls.get_ref().1));
+                session.tls_started(tern_tls::describe(tls.get_ref().1));
                 session.greet();
                 drive(&mut session, tls, &mut rbuf).await;
             }
@@ -93,24 +93,12 @@ async fn serve(connection: Connection) {
     };
     match timeout(settings.command_timeout, acceptor.accept(plain)).await {
         Ok(Ok(tls)) => {
-            session.tls_started(describe_tls(tls.get_ref().1));
+            session.tls_started(tern_tls::describe(tls.get_ref().1));
             drive(&mut session, tls, &mut rbuf).await;
         }
         Ok(Err(e)) => debug!(error = %e, "STARTTLS handshake failed"),
         Err(_) => debug!("STARTTLS handshake timed out"),
     }
-}
-
-fn describe_tls(conn: &rustls::ServerConnection) -> String {
-    let version = conn
-        .protocol_version()
-        .and_then(|v| v.as_str())
-        .unwrap_or("TLS");
-    let cipher = conn
-        .negotiated_cipher_suite()
-        .and_then(|c| c.suite().as_str())
-        .unwrap_or("unknown");
-    format!("{version} {cipher}").replace("TLSv1_", "TLSv1.")
 }
 
 /// Reads a PROXY v1/v2 header; `Ok(None)` for LOCAL/UNKNOWN headers (balancer health checks).
