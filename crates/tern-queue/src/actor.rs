@@ -11,10 +11,11 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 use serde::{Deserialize, Serialize};
-use tern_message::{InboundMessage, QueueId, SpoolError};
+use tern_message::{now_ms, InboundMessage, QueueId, SpoolError};
 use tracing::{info, info_span, warn, Instrument};
 
 use crate::committer::{gone, CommitConfig, Committer};
+use crate::schedule::{self, DueIndex};
 use crate::storage::{SpooledMeta, Storage, StorageError};
 
 /// Hands a message to the queue. `Ok(id)` means it is durably spooled: only then may the session
@@ -36,6 +37,8 @@ pub struct QueueStats {
     pub bytes: u64,
     /// Messages found in the spool at start-up.
     pub recovered: u64,
+    /// Messages with recipients still to deliver, in the due-time index.
+    pub scheduled: u64,
     /// Records found damaged at start-up (logged and left in place for inspection).
     pub corrupt: u64,
     /// Group commits (storage syncs) performed since start-up.
@@ -65,6 +68,9 @@ struct IndexEntry {
 struct SpoolIndex {
     by_id: BTreeMap<QueueId, IndexEntry>,
     bytes: u64,
+    /// When each message with undelivered recipients is next due (the delivery stage will take
+    /// from it; see `docs/delivery.md`).
+    due: DueIndex,
 }
 
 impl SpoolIndex {
@@ -75,8 +81,12 @@ impl SpoolIndex {
         self.bytes += body_len;
     }
 
-    fn add_meta(&mut self, meta: &SpooledMeta) {
+    fn add_meta(&mut self, meta: &SpooledMeta, now_ms: u64) {
         self.add(meta.id, meta.body_len);
+        // Recipients left in flight by a crash are due at once (at-least-once delivery).
+        if let Some(at) = schedule::next_due_ms(&meta.envelope, now_ms) {
+            self.due.schedule(meta.id, at);
+        }
     }
 }
 
@@ -98,9 +108,10 @@ impl QueueActor {
         let _entered = span.enter();
         let mut index = SpoolIndex::default();
         let mut corrupt = 0u64;
+        let now = now_ms();
         for item in storage.scan() {
             match item {
-                Ok(meta) => index.add_meta(&meta),
+                Ok(meta) => index.add_meta(&meta, now),
                 Err(e @ StorageError::Corrupt { .. }) => {
                     warn!(error = %e, "skipping damaged spool record");
                     corrupt += 1;
@@ -131,6 +142,7 @@ impl QueueActor {
             messages: self.index.by_id.len() as u64,
             bytes: self.index.bytes,
             recovered: self.recovered,
+            scheduled: self.index.due.len() as u64,
             corrupt: self.corrupt,
             syncs: c.syncs.load(Ordering::Relaxed),
             committed: c.committed.load(Ordering::Relaxed),
@@ -169,6 +181,7 @@ impl Handler<Enqueue> for QueueActor {
             // Index only what is durable, exactly what a restart would recover.
             result.map(|()| {
                 act.index.add(id, body_len);
+                act.index.due.schedule(id, now_ms());
                 id
             })
         }))

@@ -551,6 +551,34 @@ impl Storage for SledStorage {
         }))
     }
 
+    fn update_envelope(&self, id: QueueId, envelope: &Envelope) -> Result<bool, StorageError> {
+        self.check_poisoned()?;
+        let Some(old) = self.read_meta(id)? else {
+            return Ok(false);
+        };
+        let meta = serde_json::to_vec(&MetaRef {
+            v: META_VERSION,
+            id,
+            envelope,
+            client: &old.client,
+            arrived_ms: old.arrived_ms,
+            body_len: old.body_len,
+            body_chunks: old.body_chunks,
+        })
+        .map_err(|e| StorageError::Backend(format!("cannot encode metadata: {e}")))?;
+        // One batch: the old metadata chunks go and the new ones come together, so a crash
+        // leaves either version whole (the record may shrink or grow by chunks).
+        let mut batch = sled::Batch::default();
+        for k in self.tree.scan_prefix(prefix(META, id)).keys() {
+            batch.remove(k.map_err(sled_err)?);
+        }
+        for (i, piece) in meta.chunks(CHUNK_SIZE).enumerate() {
+            batch.insert(&key(META, id, i as u32), piece);
+        }
+        self.tree.apply_batch(batch).map_err(sled_err)?;
+        Ok(true)
+    }
+
     fn remove(&self, id: QueueId) -> Result<(), StorageError> {
         let existed = self.tree.contains_key(key(META, id, 0)).map_err(sled_err)?;
         let mut batch = sled::Batch::default();

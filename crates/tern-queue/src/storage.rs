@@ -54,6 +54,12 @@ pub trait Storage: Send + Sync + 'static {
     /// its metadata is reported as [`StorageError::Corrupt`].
     fn get(&self, id: QueueId) -> Result<Option<InboundMessage>, StorageError>;
 
+    /// Replaces a spooled message's envelope (recipient states after a delivery attempt),
+    /// leaving its body alone; `Ok(false)` if the message is not spooled. Atomic like `insert`,
+    /// and not durable until the next `sync`: an update lost in a crash only repeats an attempt
+    /// (at-least-once delivery), it never loses a recipient.
+    fn update_envelope(&self, id: QueueId, envelope: &Envelope) -> Result<bool, StorageError>;
+
     /// Removes the message (metadata and body) if present. Not durable until the next `sync`:
     /// a removal lost in a crash makes the message reappear, i.e. at worst a duplicate delivery,
     /// never a loss.

@@ -130,6 +130,13 @@ impl Storage for FaultySync {
     fn get(&self, id: QueueId) -> Result<Option<InboundMessage>, StorageError> {
         self.inner.get(id)
     }
+    fn update_envelope(
+        &self,
+        id: QueueId,
+        envelope: &tern_message::Envelope,
+    ) -> Result<bool, StorageError> {
+        self.inner.update_envelope(id, envelope)
+    }
     fn remove(&self, id: QueueId) -> Result<(), StorageError> {
         self.inner.remove(id)
     }
@@ -175,4 +182,41 @@ fn failed_sync_acknowledges_nobody_and_dead_committer_is_unavailable() {
         let res = addr.send(Enqueue(message(100))).await.unwrap();
         assert!(matches!(res, Err(SpoolError::Unavailable(_))), "{res:?}");
     });
+}
+
+#[test]
+fn recovery_schedules_messages_with_work_left_including_in_flight_ones() {
+    use tern_message::RecipientState;
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = SledStorage::open(dir.path(), opts()).unwrap();
+        let pending = message(10);
+        let mut in_flight = message(10);
+        in_flight.envelope.recipients[0].state = RecipientState::InFlight { attempts: 3 };
+        let mut done = message(10);
+        for r in &mut done.envelope.recipients {
+            r.state = RecipientState::Delivered {
+                at_ms: 1,
+                reply: "250 ok".into(),
+            };
+        }
+        for m in [&pending, &in_flight, &done] {
+            s.insert(m).unwrap();
+        }
+        s.sync().unwrap();
+    }
+    let storage = Arc::new(SledStorage::open(dir.path(), opts()).unwrap());
+    let stats = System::new().block_on(async move {
+        let addr = spawn_queue(storage, QueueConfig::default()).unwrap();
+        let before = addr.send(GetStats).await.unwrap();
+        addr.send(Enqueue(message(5))).await.unwrap().unwrap();
+        (before, addr.send(GetStats).await.unwrap())
+    });
+    // The delivered one has nothing left to do; the pending and the in-flight one are due.
+    assert_eq!(stats.0.recovered, 3);
+    assert_eq!(stats.0.scheduled, 2);
+    assert_eq!(
+        stats.1.scheduled, 3,
+        "an acknowledged enqueue is due at once"
+    );
 }

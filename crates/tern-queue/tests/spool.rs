@@ -3,7 +3,7 @@
 mod common;
 
 use common::{message, message_with_id, opts};
-use tern_message::{QueueId, SpoolError};
+use tern_message::{QueueId, RecipientState, SpoolError};
 use tern_queue::{SledOptions, SledStorage, Storage, StorageError};
 
 #[test]
@@ -172,4 +172,44 @@ fn insert_many_refuses_messages_individually() {
         .iter()
         .all(|r| matches!(r, Err(StorageError::DiskFull(_)))));
     assert_eq!(s.len(), 0);
+}
+
+#[test]
+fn update_envelope_keeps_the_body_and_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut msg = message(20_000);
+    // Enough recipients that the metadata spans several chunks and then shrinks to one.
+    msg.envelope.recipients = (0..400)
+        .map(|i| tern_message::Recipient::new(format!("rcpt{i}@example.net")))
+        .collect();
+    {
+        let s = SledStorage::open(dir.path(), opts()).unwrap();
+        s.insert(&msg).unwrap();
+        s.sync().unwrap();
+
+        let mut updated = msg.envelope.clone();
+        updated.recipients.truncate(1);
+        updated.recipients[0].state = RecipientState::Deferred {
+            next_attempt_ms: 123,
+            attempts: 2,
+            last_reply: "451 4.7.1 try later".into(),
+        };
+        assert!(s.update_envelope(msg.id, &updated).unwrap());
+        assert!(
+            !s.update_envelope(QueueId::new(), &updated).unwrap(),
+            "absent id"
+        );
+        s.sync().unwrap();
+        msg.envelope = updated;
+    }
+    let s = SledStorage::open(dir.path(), opts()).unwrap();
+    assert_eq!(s.len(), 1);
+    assert_eq!(
+        s.get(msg.id).unwrap().as_ref(),
+        Some(&msg),
+        "body unchanged, envelope new"
+    );
+    let meta: Vec<_> = s.scan().map(|r| r.unwrap()).collect();
+    assert_eq!(meta[0].envelope, msg.envelope);
+    assert_eq!(meta[0].body_len, 20_000);
 }

@@ -177,6 +177,7 @@ async fn health(queue: web::Data<Addr<QueueActor>>) -> HttpResponse {
             "queued": stats.messages,
             "bytes": stats.bytes,
             "recovered": stats.recovered,
+            "scheduled": stats.scheduled,
             "corrupt": stats.corrupt,
             "committed": stats.committed,
             "syncs": stats.syncs,
