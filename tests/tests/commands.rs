@@ -360,6 +360,34 @@ fn bdat_chunk_containing_a_lone_dot_line_is_data_not_an_end() {
 }
 
 #[test]
+fn bdat_0_last_ends_a_chunked_message_and_bdat_without_rcpt_is_drained() {
+    // RFC 3030 §2: a zero-length LAST chunk is how a client ends a message it sent in chunks.
+    let mut server = TernServer::start();
+    let mut c = server.session();
+    c.cmd("MAIL FROM:<a@client.test>").expect("250", "2");
+    c.cmd("RCPT TO:<b@elsewhere.test>").expect("250", "2");
+    let part = b"Subject: zero last\r\n\r\nbody\r\n";
+    c.send([format!("BDAT {}\r\n", part.len()).as_bytes(), part].concat());
+    c.read_reply().expect("250", "2.0.0");
+    c.send("BDAT 0 LAST\r\n");
+    let id = queued_id(&c.read_reply());
+    // A BDAT without a transaction is refused, but its octets are still read (RFC 3030 §3):
+    // the bytes "NOOP\r\n" inside the chunk must not run as a command.
+    c.send("BDAT 6 LAST\r\nNOOP\r\n");
+    c.read_reply().expect("503", "5.5.1");
+    assert!(
+        c.reply_within(std::time::Duration::from_millis(300)).is_none(),
+        "the chunk's bytes were executed as a command"
+    );
+    c.cmd("NOOP").expect("250", "2.0.0");
+    server.stop();
+    let spool = server.spool_list();
+    assert_eq!(spool.len(), 1, "{spool:?}");
+    let (_, rest) = split_received(&server.spooled_text(&id));
+    assert_eq!(rest.as_bytes(), part);
+}
+
+#[test]
 fn mail_with_size_and_body_parameters_is_accepted() {
     let server = TernServer::start();
     let mut c = server.session();
