@@ -376,7 +376,8 @@ fn bdat_0_last_ends_a_chunked_message_and_bdat_without_rcpt_is_drained() {
     c.send("BDAT 6 LAST\r\nNOOP\r\n");
     c.read_reply().expect("503", "5.5.1");
     assert!(
-        c.reply_within(std::time::Duration::from_millis(300)).is_none(),
+        c.reply_within(std::time::Duration::from_millis(300))
+            .is_none(),
         "the chunk's bytes were executed as a command"
     );
     c.cmd("NOOP").expect("250", "2.0.0");
