@@ -273,41 +273,77 @@ fn delivery_status(req: &DsnRequest) -> String {
     let mut out = String::new();
     // §2.2: the fields go in the grammar's order.
     if let Some(envid) = req.envid {
-        let _ = write!(out, "Original-Envelope-Id: {}\r\n", header_safe(envid));
+        push_field(&mut out, "Original-Envelope-Id", &header_safe(envid));
     }
-    let _ = write!(
-        out,
-        "Reporting-MTA: dns;{}\r\n",
-        header_safe(req.reporting_mta)
+    push_field(
+        &mut out,
+        "Reporting-MTA",
+        &format!("dns;{}", header_safe(req.reporting_mta)),
     );
-    let _ = write!(out, "Arrival-Date: {}\r\n", rfc5322_date(req.arrived_ms));
+    push_field(&mut out, "Arrival-Date", &rfc5322_date(req.arrived_ms));
     for r in &req.recipients {
         out.push_str("\r\n");
         if let Some(orig) = &r.original_recipient {
-            let _ = write!(out, "Original-Recipient: {}\r\n", typed_address(orig));
+            push_field(&mut out, "Original-Recipient", &typed_address(orig));
         }
-        let _ = write!(
-            out,
-            "Final-Recipient: {}\r\n",
-            typed_address(&r.final_recipient)
+        push_field(
+            &mut out,
+            "Final-Recipient",
+            &typed_address(&r.final_recipient),
         );
-        let _ = write!(out, "Action: {}\r\n", r.action.as_str());
-        let _ = write!(out, "Status: {}\r\n", r.status);
+        push_field(&mut out, "Action", r.action.as_str());
+        push_field(&mut out, "Status", &r.status);
         if let Some(mta) = &r.remote_mta {
-            let _ = write!(out, "Remote-MTA: {}\r\n", header_safe(mta));
+            push_field(&mut out, "Remote-MTA", &header_safe(mta));
         }
         if let Some(d) = &r.diagnostic {
-            let _ = write!(out, "Diagnostic-Code: {}\r\n", header_safe(d));
+            push_field(&mut out, "Diagnostic-Code", &header_safe(d));
         }
         if let Some(ms) = r.last_attempt_ms {
-            let _ = write!(out, "Last-Attempt-Date: {}\r\n", rfc5322_date(ms));
+            push_field(&mut out, "Last-Attempt-Date", &rfc5322_date(ms));
         }
         // §2.3.9: only meaningful for a delayed recipient.
         if let (Action::Delayed, Some(ms)) = (r.action, r.will_retry_until_ms) {
-            let _ = write!(out, "Will-Retry-Until: {}\r\n", rfc5322_date(ms));
+            push_field(&mut out, "Will-Retry-Until", &rfc5322_date(ms));
         }
     }
     out
+}
+
+/// Longest word kept whole in a field; longer ones are cut, so no line can pass RFC 5322
+/// §2.1.1's 998-octet limit (a remote server's reply text is not bounded by anything we trust).
+const MAX_WORD: usize = 900;
+/// RFC 5322 §2.1.1's recommended line length, where folding starts.
+const FOLD_AT: usize = 78;
+
+/// Writes `Name: value` with CRLF, folding at spaces (RFC 5322 §2.2.3; the RFC 3464 §2.1
+/// fields use the same header syntax). `value` must already be single-line ([`header_safe`]).
+fn push_field(out: &mut String, name: &str, value: &str) {
+    out.push_str(name);
+    out.push(':');
+    let mut column = name.len() + 1;
+    for (i, word) in value.split(' ').filter(|w| !w.is_empty()).enumerate() {
+        let word = truncate_word(word);
+        if i > 0 && column + 1 + word.len() > FOLD_AT {
+            out.push_str("\r\n");
+            column = 0;
+        }
+        out.push(' ');
+        out.push_str(word);
+        column += 1 + word.len();
+    }
+    out.push_str("\r\n");
+}
+
+fn truncate_word(word: &str) -> &str {
+    if word.len() <= MAX_WORD {
+        return word;
+    }
+    let mut end = MAX_WORD;
+    while !word.is_char_boundary(end) {
+        end -= 1;
+    }
+    &word[..end]
 }
 
 /// `rfc822;addr` for an ASCII address (RFC 3464 §2.3.2), or the RFC 6533 §3 `utf-8` address

@@ -59,8 +59,16 @@ fn status_groups(body: &str) -> Vec<Vec<(String, String)>> {
     body.split("\r\n\r\n")
         .filter(|g| !g.trim().is_empty())
         .map(|g| {
-            g.split("\r\n")
-                .filter(|l| !l.is_empty())
+            // Unfold (RFC 5322 §2.2.3): a line starting with white space continues the field.
+            let mut lines: Vec<String> = Vec::new();
+            for l in g.split("\r\n").filter(|l| !l.is_empty()) {
+                match lines.last_mut() {
+                    Some(last) if l.starts_with([' ', '\t']) => last.push_str(l),
+                    _ => lines.push(l.to_string()),
+                }
+            }
+            lines
+                .iter()
                 .map(|l| {
                     let (n, v) = l.split_once(':').expect("a field line");
                     (n.trim().to_ascii_lowercase(), v.trim().to_string())
@@ -459,4 +467,35 @@ fn should_notify_truth_table() {
     assert!(should_notify(s, failure, Action::Failed));
     assert!(!should_notify(s, failure, Action::Delayed));
     assert!(!should_notify(s, failure, Action::Delivered));
+}
+
+#[test]
+fn long_diagnostics_are_folded_and_bounded() {
+    let words = vec!["word"; 200].join(" ");
+    let huge = "x".repeat(3000);
+    let diag = format!("smtp;550 5.7.1 {words} {huge}");
+    let bytes = build(&request(vec![failed("bob@example.net", None, &diag)], None)).unwrap();
+    let text = String::from_utf8_lossy(&bytes);
+    assert!(
+        text.split("\r\n").all(|l| l.len() <= 998),
+        "a line is too long"
+    );
+    let p = Parsed::new(&bytes);
+    let groups = status_groups(&p.text(1));
+    let got = field(&groups[1], "diagnostic-code").unwrap();
+    assert!(
+        got.starts_with(&format!("smtp;550 5.7.1 {words} xxx")),
+        "{got}"
+    );
+    assert_eq!(
+        got.len(),
+        "smtp;550 5.7.1 ".len() + words.len() + 1 + MAX_WORD
+    );
+    // Folded: the part has several physical lines for the one field.
+    let raw = p.text(1);
+    let diag_line = raw
+        .lines()
+        .position(|l| l.starts_with("Diagnostic-Code:"))
+        .unwrap();
+    assert!(raw.lines().nth(diag_line + 1).unwrap().starts_with(' '));
 }
