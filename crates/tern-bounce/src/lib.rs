@@ -19,7 +19,7 @@ use mail_builder::headers::message_id::MessageId;
 use mail_builder::headers::raw::Raw;
 use mail_builder::mime::MimePart;
 use mail_builder::MessageBuilder;
-use tern_message::{Notify, Ret};
+use tern_message::{Notify, Recipient, RecipientState, Ret};
 
 /// The `Action` field values (RFC 3464 §2.3.3).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -62,6 +62,88 @@ pub struct RecipientReport {
     pub last_attempt_ms: Option<u64>,
     /// Only written for [`Action::Delayed`] (RFC 3464 §2.3.9).
     pub will_retry_until_ms: Option<u64>,
+}
+
+impl RecipientReport {
+    /// A report for `rcpt` from the last reply we have for it: an SMTP reply
+    /// (`550 5.1.1 no such user`) or our own text for a failure before any reply (DNS, TLS).
+    /// `remote_mta` and the dates are left for the caller.
+    pub fn new(rcpt: &Recipient, action: Action, reply: &str) -> Self {
+        let reply = reply.trim();
+        let diagnostic = if reply.is_empty() {
+            None
+        } else if smtp_code(reply).is_some() {
+            Some(format!("smtp;{reply}"))
+        } else {
+            // RFC 3464 §2.3.6: diagnostic types other than registered ones are `X-` names;
+            // Postfix uses `X-Postfix` the same way.
+            Some(format!("X-Tern;{reply}"))
+        };
+        Self {
+            final_recipient: rcpt.address.clone(),
+            original_recipient: rcpt
+                .orcpt
+                .as_deref()
+                .and_then(original_recipient_from_orcpt),
+            action,
+            status: status_from_reply(reply, action),
+            remote_mta: None,
+            diagnostic,
+            last_attempt_ms: None,
+            will_retry_until_ms: None,
+        }
+    }
+
+    /// The report a recipient's stored state calls for: delivered, failed, or delayed while it
+    /// is deferred. `None` while it is pending or in flight (nothing to report yet).
+    pub fn from_state(rcpt: &Recipient) -> Option<Self> {
+        let (action, reply, at) = match &rcpt.state {
+            RecipientState::Delivered { at_ms, reply } => (Action::Delivered, reply, Some(*at_ms)),
+            RecipientState::Failed { at_ms, reply } => (Action::Failed, reply, Some(*at_ms)),
+            RecipientState::Deferred { last_reply, .. } => (Action::Delayed, last_reply, None),
+            RecipientState::Pending | RecipientState::InFlight { .. } => return None,
+        };
+        let mut report = Self::new(rcpt, action, reply);
+        report.last_attempt_ms = at;
+        Some(report)
+    }
+}
+
+/// The `Status` for a reply: its RFC 3463 enhanced code when it has one whose class agrees
+/// with the reply code (RFC 2034 §4 requires they agree), else `c.0.0` from the reply code's
+/// class, else the action's generic class. A recipient that failed by expiry keeps its last
+/// temporary (4.x.x) status, as Postfix reports it; RFC 3464 §2.3.4 only needs the code to
+/// describe the last problem.
+pub fn status_from_reply(reply: &str, action: Action) -> String {
+    let reply = reply.trim();
+    if let Some(code) = smtp_code(reply) {
+        let class = &code[..1];
+        let rest = reply[3..].trim_start_matches(['-', ' ']);
+        let candidate = rest.split_whitespace().next().unwrap_or("");
+        if candidate.starts_with(class) && check_status(candidate).is_ok() {
+            return candidate.to_string();
+        }
+        if matches!(class, "2" | "4" | "5") {
+            return format!("{class}.0.0");
+        }
+    }
+    match action {
+        Action::Failed => "5.0.0",
+        Action::Delayed => "4.0.0",
+        Action::Delivered | Action::Relayed | Action::Expanded => "2.0.0",
+    }
+    .to_string()
+}
+
+/// The three-digit reply code an SMTP reply starts with (RFC 5321 §4.2).
+fn smtp_code(reply: &str) -> Option<&str> {
+    let code = reply.get(..3)?;
+    let ok = code.bytes().all(|b| b.is_ascii_digit())
+        && reply[3..]
+            .chars()
+            .next()
+            .is_none_or(|c| c == ' ' || c == '-');
+    ok.then_some(code)
 }
 
 /// Everything [`build`] needs for one report about one message.

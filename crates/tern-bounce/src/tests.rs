@@ -499,3 +499,73 @@ fn long_diagnostics_are_folded_and_bounded() {
         .unwrap();
     assert!(raw.lines().nth(diag_line + 1).unwrap().starts_with(' '));
 }
+
+#[test]
+fn status_comes_from_the_reply() {
+    use Action::*;
+    assert_eq!(status_from_reply("550 5.1.1 no such user", Failed), "5.1.1");
+    assert_eq!(status_from_reply("550-5.7.1 policy", Failed), "5.7.1");
+    assert_eq!(status_from_reply("451 4.4.1 try later", Delayed), "4.4.1");
+    // An enhanced code whose class disagrees with the reply is not trusted.
+    assert_eq!(status_from_reply("550 4.1.1 odd", Failed), "5.0.0");
+    assert_eq!(status_from_reply("554 no enhanced code", Failed), "5.0.0");
+    assert_eq!(status_from_reply("250 2.0.0 Ok", Delivered), "2.0.0");
+    // Expired: the last temporary status stays.
+    assert_eq!(status_from_reply("421 4.4.2 timeout", Failed), "4.4.2");
+    // No SMTP reply at all (a DNS failure, say): the action's class.
+    assert_eq!(status_from_reply("host not found", Failed), "5.0.0");
+    assert_eq!(status_from_reply("", Delayed), "4.0.0");
+    assert_eq!(status_from_reply("12", Delivered), "2.0.0");
+}
+
+#[test]
+fn reports_from_recipient_state() {
+    let mut rcpt = tern_message::Recipient::new("carol@example.net");
+    rcpt.orcpt = Some("rfc822;carol+2Bold@example.com".to_string());
+    assert_eq!(RecipientReport::from_state(&rcpt), None);
+
+    rcpt.state = RecipientState::Failed {
+        at_ms: NOW,
+        reply: "550 5.1.1 no such user".to_string(),
+    };
+    let r = RecipientReport::from_state(&rcpt).unwrap();
+    assert_eq!(r.final_recipient, "carol@example.net");
+    assert_eq!(
+        r.original_recipient.as_deref(),
+        Some("carol+old@example.com")
+    );
+    assert_eq!(r.action, Action::Failed);
+    assert_eq!(r.status, "5.1.1");
+    assert_eq!(r.diagnostic.as_deref(), Some("smtp;550 5.1.1 no such user"));
+    assert_eq!(r.last_attempt_ms, Some(NOW));
+
+    rcpt.state = RecipientState::Deferred {
+        next_attempt_ms: NOW + 60_000,
+        attempts: 2,
+        last_reply: "connection refused".to_string(),
+    };
+    let r = RecipientReport::from_state(&rcpt).unwrap();
+    assert_eq!(r.action, Action::Delayed);
+    assert_eq!(r.status, "4.0.0");
+    assert_eq!(r.diagnostic.as_deref(), Some("X-Tern;connection refused"));
+
+    rcpt.state = RecipientState::Delivered {
+        at_ms: NOW,
+        reply: "250 2.0.0 Ok".to_string(),
+    };
+    let r = RecipientReport::from_state(&rcpt).unwrap();
+    assert_eq!((r.action, r.status.as_str()), (Action::Delivered, "2.0.0"));
+
+    // And such a report goes into a DSN that parses.
+    let bytes = build(&request(vec![r], Some(Ret::Hdrs))).unwrap();
+    let p = Parsed::new(&bytes);
+    let groups = status_groups(&p.text(1));
+    assert_eq!(
+        field(&groups[1], "original-recipient"),
+        Some("rfc822;carol+old@example.com")
+    );
+    assert_eq!(
+        field(&groups[1], "diagnostic-code"),
+        Some("smtp;250 2.0.0 Ok")
+    );
+}
