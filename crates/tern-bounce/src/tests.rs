@@ -569,3 +569,37 @@ fn reports_from_recipient_state() {
         Some("smtp;250 2.0.0 Ok")
     );
 }
+
+#[test]
+fn eight_bit_original_is_returned_unencoded() {
+    let original = "Subject: caf\u{e9}\r\nFrom: a@example.org\r\n\r\nd\u{e9}j\u{e0} vu\r\n";
+    let mut req = request(two_failures(), Some(Ret::Full));
+    req.original = original.as_bytes();
+    let bytes = build(&req).unwrap();
+    let p = Parsed::new(&bytes);
+    let part = p.part(2);
+    // RFC 2046 §5.2.1: message/rfc822 is never base64 or quoted-printable.
+    assert_eq!(part.content_transfer_encoding(), Some("8bit"));
+    let PartType::Message(inner) = &part.body else {
+        panic!("not a nested message: {:?}", part.body);
+    };
+    assert_eq!(inner.subject(), Some("caf\u{e9}"));
+    assert_eq!(inner.body_text(0).unwrap().trim_end(), "d\u{e9}j\u{e0} vu");
+    // Only the part that needs it is 8bit; the report's own parts stay 7bit.
+    assert_eq!(p.part(1).content_transfer_encoding(), Some("7bit"));
+}
+
+#[test]
+fn original_without_body_is_all_headers() {
+    let mut req = request(two_failures(), Some(Ret::Hdrs));
+    req.original = b"Subject: only headers\r\nFrom: a@example.org\r\n";
+    let bytes = build(&req).unwrap();
+    let p = Parsed::new(&bytes);
+    let headers = p.text(2);
+    assert!(headers.contains("Subject: only headers"), "{headers}");
+    assert!(headers.contains("From: a@example.org"), "{headers}");
+    assert_eq!(
+        split_header(b"\r\nbody only"),
+        (&b""[..], &b"body only"[..])
+    );
+}
