@@ -161,3 +161,47 @@ fn spool_list_of_an_empty_spool_prints_nothing() {
     server.stop();
     assert!(server.spool_list().is_empty());
 }
+
+/// Runs `tern serve --config FILE` expecting it to refuse to start; returns its stderr.
+fn serve_must_fail(config: &std::path::Path) -> String {
+    let out = std::process::Command::new(tern_tests::tern_bin())
+        .args(["serve", "--config"])
+        .arg(config)
+        // Even with backtraces requested, an operator gets one clear line, not a stack dump.
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .expect("run tern serve");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "tern serve should have failed: {stderr}"
+    );
+    assert!(!stderr.contains("Stack backtrace"), "{stderr}");
+    stderr
+}
+
+#[test]
+fn a_second_server_on_the_same_data_dir_or_port_refuses_to_start_with_a_clear_error() {
+    let server = TernServer::start();
+    // Same config: same data_dir (and ports) → the spool lock is the first thing it meets.
+    let stderr = serve_must_fail(server.config_path());
+    assert!(
+        stderr.contains("in use by another process") && stderr.contains("data_dir"),
+        "{stderr}"
+    );
+    // Another data_dir, same SMTP port → the listener names the address.
+    let text = fs::read_to_string(server.config_path()).unwrap();
+    let mut config: toml::Table = text.parse().unwrap();
+    let other = server.dir().join("other-data");
+    config["server"]
+        .as_table_mut()
+        .unwrap()
+        .insert("data_dir".into(), other.display().to_string().into());
+    let path = server.dir().join("second.toml");
+    fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
+    let stderr = serve_must_fail(&path);
+    assert!(
+        stderr.contains(&format!("cannot listen on {}", server.smtp)),
+        "{stderr}"
+    );
+}

@@ -255,6 +255,9 @@ impl SledStorage {
                     debug!(error = %e, "spool locked, retrying");
                     std::thread::sleep(Duration::from_millis(20));
                 }
+                Err(sled::Error::Io(e)) if is_lock_conflict(&e) => {
+                    return Err(StorageError::Locked(dir.to_path_buf()))
+                }
                 Err(e) => return Err(sled_err(e)),
             }
         };

@@ -85,6 +85,11 @@ pub enum StorageError {
     DiskFull(String),
     #[error("spool I/O error: {0}")]
     Io(#[from] io::Error),
+    /// Another process holds the spool (sled locks its log): two servers on one `data_dir`.
+    #[error(
+        "the spool in {0} is in use by another process (another tern with the same data_dir?)"
+    )]
+    Locked(std::path::PathBuf),
     /// A record that cannot be decoded, or a body that does not match its metadata.
     #[error("corrupt spool record{}: {reason}", id.map(|id| format!(" {id}")).unwrap_or_default())]
     Corrupt { id: Option<QueueId>, reason: String },
@@ -119,6 +124,7 @@ impl StorageError {
                 reason: reason.clone(),
             },
             StorageError::Poisoned(s) => StorageError::Poisoned(s.clone()),
+            StorageError::Locked(p) => StorageError::Locked(p.clone()),
             StorageError::Backend(s) => StorageError::Backend(s.clone()),
         }
     }

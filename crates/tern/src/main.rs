@@ -72,8 +72,35 @@ enum AuthCommand {
 /// of being spooled) before the process exits; idle sessions are told 421 at once.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
-fn main() -> Result<()> {
-    let cli = Cli::parse();
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tern: {}", error_chain(&e));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes on one line, each said once: several library errors repeat their
+/// source in their own message, and an operator needs the chain, not a backtrace (which
+/// anyhow's default report adds whenever RUST_BACKTRACE is set).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve { config } => serve(config.as_deref()),
         Command::Config {
