@@ -86,6 +86,15 @@ impl Record {
     }
 }
 
+/// Starts the scripted server and connects the client to it (the common case).
+async fn connected(script: Script) -> (SmtpConnection, Arc<Mutex<Record>>) {
+    let (addr, record) = scripted(script).await;
+    let conn = SmtpConnection::connect(addr, "scripted.test", &config())
+        .await
+        .unwrap();
+    (conn, record)
+}
+
 /// Starts the server for one connection; returns its address and the record.
 async fn scripted(script: Script) -> (SocketAddr, Arc<Mutex<Record>>) {
     scripted_on("127.0.0.1:0", script).await
@@ -250,10 +259,7 @@ async fn greeting_421_is_a_greeting_error() {
 async fn pipelined_transaction_with_one_refused_recipient() {
     let script = Script::new(&["PIPELINING", "SIZE 1000000", "8BITMIME"])
         .answer("RCPT TO:<bad@", "550 5.1.1 no such user");
-    let (addr, record) = scripted(script).await;
-    let mut conn = SmtpConnection::connect(addr, "scripted.test", &config())
-        .await
-        .unwrap();
+    let (mut conn, record) = connected(script).await;
     let outcomes = conn
         .send(
             &envelope(&["a@example.net", "bad@example.net", "c@example.net"]),
@@ -328,10 +334,7 @@ async fn mail_451_defers_every_recipient() {
             .answer("MAIL", "451 4.3.0 try later")
             .answer("RCPT", "503 5.5.1 need MAIL")
             .answer("DATA", "503 5.5.1 need RCPT");
-        let (addr, record) = scripted(script).await;
-        let mut conn = SmtpConnection::connect(addr, "scripted.test", &config())
-            .await
-            .unwrap();
+        let (mut conn, record) = connected(script).await;
         let outcomes = conn
             .send(&envelope(&["a@example.net", "b@example.net"]), BODY)
             .await
@@ -356,10 +359,7 @@ async fn mail_451_defers_every_recipient() {
 #[tokio::test]
 async fn no_accepted_recipient_means_rset_not_data() {
     let script = Script::new(&[]).answer("RCPT", "550 5.1.1 no such user");
-    let (addr, record) = scripted(script).await;
-    let mut conn = SmtpConnection::connect(addr, "scripted.test", &config())
-        .await
-        .unwrap();
+    let (mut conn, record) = connected(script).await;
     let outcomes = conn
         .send(&envelope(&["x@example.net"]), BODY)
         .await
@@ -374,10 +374,7 @@ async fn no_accepted_recipient_means_rset_not_data() {
 async fn reply_554_after_data_fails_every_accepted_recipient() {
     let mut script = Script::new(&["PIPELINING"]).answer("RCPT TO:<b@", "450 4.2.1 mailbox busy");
     script.data_reply = "554 5.7.1 content rejected";
-    let (addr, _) = scripted(script).await;
-    let mut conn = SmtpConnection::connect(addr, "scripted.test", &config())
-        .await
-        .unwrap();
+    let (mut conn, _) = connected(script).await;
     let outcomes = conn
         .send(
             &envelope(&["a@example.net", "b@example.net", "c@example.net"]),
@@ -739,10 +736,7 @@ async fn reply_421_mid_transaction_defers_the_rest_and_ends_the_connection() {
         let script = Script::new(ehlo)
             .answer("RCPT TO:<a@", "550 5.1.1 no such user")
             .answer("RCPT TO:<c@", "421 4.3.2 shutting down");
-        let (addr, _) = scripted(script).await;
-        let mut conn = SmtpConnection::connect(addr, "scripted.test", &config())
-            .await
-            .unwrap();
+        let (mut conn, _) = connected(script).await;
         let outcomes = conn
             .send(
                 &envelope(&["a@example.net", "b@example.net", "c@example.net"]),
@@ -783,10 +777,7 @@ async fn greeting_554_is_a_permanent_greeting_error() {
 #[tokio::test]
 async fn ehlo_refused_falls_back_to_helo_without_extensions() {
     let script = Script::new(&["PIPELINING"]).answer("EHLO", "502 5.5.1 what is EHLO");
-    let (addr, record) = scripted(script).await;
-    let mut conn = SmtpConnection::connect(addr, "scripted.test", &config())
-        .await
-        .unwrap();
+    let (mut conn, record) = connected(script).await;
     assert!(!conn.capabilities().has("PIPELINING"));
     let outcomes = conn
         .send(&envelope(&["a@example.net"]), BODY)
@@ -845,10 +836,7 @@ async fn chunking_sends_one_bdat_last_chunk_without_stuffing() {
 #[tokio::test]
 async fn chunking_with_no_accepted_recipient_sends_no_content() {
     let script = Script::new(&["PIPELINING", "CHUNKING"]).answer("RCPT", "550 5.1.1 no");
-    let (addr, record) = scripted(script).await;
-    let mut conn = SmtpConnection::connect(addr, "scripted.test", &config())
-        .await
-        .unwrap();
+    let (mut conn, record) = connected(script).await;
     let outcomes = conn
         .send(&envelope(&["a@example.net"]), BODY)
         .await
@@ -952,10 +940,7 @@ async fn pipelined_data_accepted_without_recipients_gets_an_empty_message_then_r
     // A sloppy server answers the pipelined DATA with 354 although it refused every RCPT:
     // RFC 2920 §3.1 has the client send just the terminating dot.
     let script = Script::new(&["PIPELINING"]).answer("RCPT", "550 5.1.1 no such user");
-    let (addr, record) = scripted(script).await;
-    let mut conn = SmtpConnection::connect(addr, "scripted.test", &config())
-        .await
-        .unwrap();
+    let (mut conn, record) = connected(script).await;
     let outcomes = conn
         .send(&envelope(&["a@example.net"]), BODY)
         .await
