@@ -389,6 +389,33 @@ fn bdat_0_last_ends_a_chunked_message_and_bdat_without_rcpt_is_drained() {
 }
 
 #[test]
+fn body_binarymime_is_refused_because_it_is_not_advertised() {
+    let server = TernServer::start();
+    let mut c = server.session();
+    c.cmd("MAIL FROM:<a@client.test> BODY=BINARYMIME")
+        .expect("555", "5.5.4");
+    // The session goes on without a transaction.
+    c.cmd("MAIL FROM:<a@client.test> BODY=8BITMIME")
+        .expect("250", "2.1.0");
+}
+
+#[test]
+fn non_ascii_addresses_need_smtputf8() {
+    // RFC 6531 §3.2: a UTF-8 address without the SMTPUTF8 parameter is refused with 553 5.6.7.
+    let server = TernServer::start();
+    let mut c = server.session();
+    c.cmd("MAIL FROM:<jörg@client.test>").expect("553", "5.6.7");
+    c.cmd("MAIL FROM:<a@client.test>").expect("250", "2.1.0");
+    c.cmd("RCPT TO:<ñandú@elsewhere.test>")
+        .expect("553", "5.6.7");
+    c.cmd("RSET").expect("250", "2.0.0");
+    c.cmd("MAIL FROM:<jörg@client.test> SMTPUTF8")
+        .expect("250", "2.1.0");
+    c.cmd("RCPT TO:<ñandú@elsewhere.test>")
+        .expect("250", "2.1.5");
+}
+
+#[test]
 fn mail_with_size_and_body_parameters_is_accepted() {
     let server = TernServer::start();
     let mut c = server.session();

@@ -181,7 +181,8 @@ fn auth_before_tls_is_refused() {
     c.ehlo("client.test").expect_code(250);
     let r = c.cmd(&format!("AUTH PLAIN {}", B64.encode(b"\0alice\0secret")));
     assert_eq!(r.code / 100, 5, "AUTH in clear text accepted: {r}");
-    r.expect_enhanced();
+    // RFC 4954 §4: "538 5.7.11 Encryption required for requested authentication mechanism".
+    r.expect("538", "5.7.11");
 }
 
 #[test]
@@ -194,7 +195,7 @@ fn auth_on_the_relay_listener_is_refused_even_over_tls() {
     c.ehlo("client.test").expect_code(250);
     let r = c.cmd(&format!("AUTH PLAIN {}", B64.encode(b"\0alice\0secret")));
     assert_eq!(r.code / 100, 5, "AUTH on port-25 listener: {r}");
-    r.expect_enhanced();
+    r.expect("503", "5.5.1");
 }
 
 #[test]
