@@ -11,7 +11,7 @@ use tern_smtp::reply::{Reply, ReplyError};
 pub enum DeliveryError {
     /// The TCP connection could not be established.
     #[error("connect failed: {0}")]
-    Connect(#[source] io::Error),
+    Connect(io::Error),
     /// No reply (or no progress writing) within the configured timeout; names the stage.
     #[error("timed out during {0}")]
     Timeout(&'static str),
@@ -24,22 +24,36 @@ pub enum DeliveryError {
     Refused { command: &'static str, reply: Reply },
     /// The TLS handshake failed (certificate rejected, protocol error, …).
     #[error("TLS handshake failed: {0}")]
-    Tls(#[source] io::Error),
+    Tls(io::Error),
     /// The policy requires TLS and the server did not offer STARTTLS.
     #[error("TLS required but the server does not offer STARTTLS")]
     TlsRequired,
     /// The server's reply could not be parsed.
     #[error("malformed reply: {0}")]
-    Reply(#[from] ReplyError),
+    Reply(ReplyError),
     /// The server broke the protocol in some other way.
     #[error("protocol error: {0}")]
     Protocol(String),
     /// Reading or writing failed, or the server closed the connection.
     #[error("I/O error: {0}")]
-    Io(#[from] io::Error),
+    Io(io::Error),
     /// A previous error left this connection in an unknown state.
     #[error("connection unusable after an earlier error")]
     Broken,
+}
+
+// Manual rather than `#[from]`, which would also make the cause the error's `source()`: the
+// message already includes it, and a reporter printing the chain would say it twice.
+impl From<io::Error> for DeliveryError {
+    fn from(e: io::Error) -> Self {
+        DeliveryError::Io(e)
+    }
+}
+
+impl From<ReplyError> for DeliveryError {
+    fn from(e: ReplyError) -> Self {
+        DeliveryError::Reply(e)
+    }
 }
 
 impl DeliveryError {

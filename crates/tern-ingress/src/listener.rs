@@ -21,11 +21,11 @@ use crate::settings::{ListenerSpec, Settings};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngressError {
-    #[error("cannot listen on {addr} ({kind}): {source}")]
+    #[error("cannot listen on {addr} ({kind}): {error}")]
     Bind {
         addr: SocketAddr,
         kind: &'static str,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("listener {addr} needs TLS (implicit TLS) but no TLS configuration was given")]
     NoTls { addr: SocketAddr },
@@ -49,10 +49,10 @@ impl Ingress {
             if spec.kind.implicit_tls() && settings.tls.is_none() {
                 return Err(IngressError::NoTls { addr: spec.addr });
             }
-            let listener = bind(spec.addr).map_err(|source| IngressError::Bind {
+            let listener = bind(spec.addr).map_err(|error| IngressError::Bind {
                 addr: spec.addr,
                 kind: spec.kind.name(),
-                source,
+                error,
             })?;
             let local = listener.local_addr().unwrap_or(spec.addr);
             info!(addr = %local, kind = spec.kind.name(), proxy_protocol = spec.proxy_protocol, "listening");
@@ -78,10 +78,10 @@ impl Ingress {
         for _ in 0..workers {
             let arbiter = Arbiter::new();
             for (spec, local, listener) in &bound {
-                let listener = listener.try_clone().map_err(|source| IngressError::Bind {
+                let listener = listener.try_clone().map_err(|error| IngressError::Bind {
                     addr: *local,
                     kind: spec.kind.name(),
-                    source,
+                    error,
                 })?;
                 let spec = spec.clone();
                 let shared = shared.clone();

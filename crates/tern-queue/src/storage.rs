@@ -84,7 +84,7 @@ pub enum StorageError {
     #[error("insufficient storage: {0}")]
     DiskFull(String),
     #[error("spool I/O error: {0}")]
-    Io(#[from] io::Error),
+    Io(io::Error),
     /// Another process holds the spool (sled locks its log): two servers on one `data_dir`.
     #[error(
         "the spool in {0} is in use by another process (another tern with the same data_dir?)"
@@ -100,6 +100,14 @@ pub enum StorageError {
     /// Any other failure of the storage engine (a bug or an unsupported configuration).
     #[error("storage engine error: {0}")]
     Backend(String),
+}
+
+// Manual rather than `#[from]`, which would also make the I/O error the `source()`: the
+// message already includes it, and a reporter printing the chain would say it twice.
+impl From<io::Error> for StorageError {
+    fn from(e: io::Error) -> Self {
+        StorageError::Io(e)
+    }
 }
 
 impl StorageError {

@@ -266,11 +266,10 @@ impl Default for Queue {
 /// the bad value came from and, when there is one, the full key path.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("config error in {}: cannot read the file: {source}", path.display())]
+    #[error("config error in {}: cannot read the file: {error}", path.display())]
     Read {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("config error in {origin}: invalid TOML: {message}")]
     Syntax { origin: String, message: String },
@@ -342,9 +341,9 @@ pub fn load_from_env_and(
 
     let file_origin = file.map(|p| p.display().to_string());
     if let Some(path) = file {
-        let content = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let content = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         check_file(&content, &path.display().to_string())?;
         // The content is handed over as read and checked, rather than

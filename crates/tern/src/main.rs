@@ -76,28 +76,12 @@ fn main() -> std::process::ExitCode {
     match run(Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("tern: {}", error_chain(&e));
+            // `{:#}` is the cause chain on one line, never a backtrace (anyhow's `Debug` report
+            // adds one whenever RUST_BACKTRACE is set): an operator needs the causes.
+            eprintln!("tern: {e:#}");
             std::process::ExitCode::FAILURE
         }
     }
-}
-
-/// The error and its causes on one line, each said once: several library errors repeat their
-/// source in their own message, and an operator needs the chain, not a backtrace (which
-/// anyhow's default report adds whenever RUST_BACKTRACE is set).
-fn error_chain(e: &anyhow::Error) -> String {
-    let mut out = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if out.contains(&text) {
-            continue;
-        }
-        if !out.is_empty() {
-            out.push_str(": ");
-        }
-        out.push_str(&text);
-    }
-    out
 }
 
 fn run(cli: Cli) -> Result<()> {

@@ -22,17 +22,15 @@ pub const GENERATED_KEY: &str = "key.pem";
 /// Why no TLS configuration could be built; always names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("TLS: cannot read {}: {source}", path.display())]
+    #[error("TLS: cannot read {}: {error}", path.display())]
     Read {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("TLS: cannot write {}: {source}", path.display())]
+    #[error("TLS: cannot write {}: {error}", path.display())]
     Write {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("TLS: invalid PEM in {}: {message}", path.display())]
     Pem { path: PathBuf, message: String },
@@ -45,15 +43,14 @@ pub enum TlsError {
     )]
     NoPrivateKey { path: PathBuf },
     #[error(
-        "TLS: cannot use certificate {} with private key {}: {source}",
+        "TLS: cannot use certificate {} with private key {}: {error}",
         certificate.display(),
         private_key.display()
     )]
     Rejected {
         certificate: PathBuf,
         private_key: PathBuf,
-        #[source]
-        source: rustls::Error,
+        error: rustls::Error,
     },
     #[error("TLS: cannot generate a self-signed certificate for {hostname:?}: {message}")]
     Generate { hostname: String, message: String },
@@ -84,27 +81,27 @@ pub fn server_config(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
-    .map_err(|source| TlsError::Rejected {
+    .map_err(|error| TlsError::Rejected {
         certificate: cert_path.clone(),
         private_key: key_path.clone(),
-        source,
+        error,
     })?;
     // with_single_cert also checks that the key belongs to the certificate.
     let config = builder
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .map_err(|source| TlsError::Rejected {
+        .map_err(|error| TlsError::Rejected {
             certificate: cert_path,
             private_key: key_path,
-            source,
+            error,
         })?;
     Ok(Arc::new(config))
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    fs::read(path).map_err(|source| TlsError::Read {
+    fs::read(path).map_err(|error| TlsError::Read {
         path: path.to_path_buf(),
-        source,
+        error,
     })
 }
 
@@ -177,9 +174,9 @@ fn ensure_self_signed(dir: &Path, hostname: &str) -> Result<(PathBuf, PathBuf), 
     let key_pair = rcgen::KeyPair::generate().map_err(generate_error)?;
     let cert = params.self_signed(&key_pair).map_err(generate_error)?;
 
-    fs::create_dir_all(dir).map_err(|source| TlsError::Write {
+    fs::create_dir_all(dir).map_err(|error| TlsError::Write {
         path: dir.to_path_buf(),
-        source,
+        error,
     })?;
     // The key first and the certificate last: a crash in between leaves
     // the certificate missing, which regenerates both next time.
@@ -192,9 +189,9 @@ fn ensure_self_signed(dir: &Path, hostname: &str) -> Result<(PathBuf, PathBuf), 
 /// truncated file behind; the file has `mode` from the start, so the key is
 /// never readable by others, not even briefly.
 fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<(), TlsError> {
-    let write_error = |source| TlsError::Write {
+    let write_error = |error| TlsError::Write {
         path: path.to_path_buf(),
-        source,
+        error,
     };
     let tmp = path.with_extension("pem.tmp");
     let mut options = fs::OpenOptions::new();
