@@ -47,10 +47,12 @@ pub struct ListenerSpec {
     pub proxy_protocol: bool,
 }
 
-/// How VRFY and EXPN are answered.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How VRFY and EXPN are answered (`smtp.vrfy` in the configuration).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum VrfyPolicy {
     /// 252: "cannot verify, but will try" (RFC 5321 §3.5.3) — leaks nothing.
+    #[default]
     Ambiguous,
     /// 502 5.5.1: the commands are switched off.
     Refuse,

@@ -115,28 +115,10 @@ impl Default for Smtp {
     }
 }
 
-/// What to do with a bare CR or LF (not part of CRLF) inside DATA.
-///
-/// The default is `Reject` because servers that disagree about line endings
-/// enable SMTP smuggling (CVE-2023-51764 and friends).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BareLineEndings {
-    #[default]
-    Reject,
-    Normalize,
-}
-
-/// How to answer VRFY.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum VrfyPolicy {
-    /// `252 2.5.0` (RFC 5321 §3.5.3): never reveals whether a mailbox exists.
-    #[default]
-    Ambiguous,
-    /// `502 5.5.1`: the command is not implemented.
-    Refuse,
-}
+// The policy enums are the stages' own types (with their serde names), so the configuration
+// and the code that acts on it cannot drift apart.
+pub use tern_ingress::VrfyPolicy;
+pub use tern_smtp::data::BareLineEndings;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

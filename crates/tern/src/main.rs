@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use tern::config::{self, Config};
 use tern::tls;
-use tern_ingress::{Ingress, ListenerKind, ListenerSpec, Settings, VrfyPolicy};
+use tern_ingress::{Ingress, ListenerKind, ListenerSpec, Settings};
 use tern_queue::{GetStats, QueueActor, QueueConfig, SledOptions, SledStorage, Storage};
 use tracing::info;
 
@@ -236,14 +236,8 @@ fn ingress_settings(config: &Config, tls: Arc<rustls::ServerConfig>) -> Settings
         errors: limits.errors,
         command_timeout: limits.command_timeout,
         data_timeout: limits.data_timeout,
-        bare_line_endings: match smtp.bare_line_endings {
-            config::BareLineEndings::Reject => tern_smtp::data::BareLineEndings::Reject,
-            config::BareLineEndings::Normalize => tern_smtp::data::BareLineEndings::Normalize,
-        },
-        vrfy: match smtp.vrfy {
-            config::VrfyPolicy::Ambiguous => VrfyPolicy::Ambiguous,
-            config::VrfyPolicy::Refuse => VrfyPolicy::Refuse,
-        },
+        bare_line_endings: smtp.bare_line_endings,
+        vrfy: smtp.vrfy,
         users: config
             .auth
             .users
