@@ -126,6 +126,12 @@ pub fn status_from_reply(reply: &str, action: Action) -> String {
         if matches!(class, "2" | "4" | "5") {
             return format!("{class}.0.0");
         }
+    } else if let Some(first) = reply.split_whitespace().next() {
+        // Our own texts for failures without an SMTP reply (DNS, connection, expiry) start
+        // with their enhanced code: "5.1.10 example.net: null MX", "4.4.7 message expired".
+        if check_status(first).is_ok() {
+            return first.to_string();
+        }
     }
     match action {
         Action::Failed => "5.0.0",

@@ -514,6 +514,12 @@ fn status_comes_from_the_reply() {
     assert_eq!(status_from_reply("421 4.4.2 timeout", Failed), "4.4.2");
     // No SMTP reply at all (a DNS failure, say): the action's class.
     assert_eq!(status_from_reply("host not found", Failed), "5.0.0");
+    assert_eq!(
+        status_from_reply("5.1.10 example.net: null MX", Failed),
+        "5.1.10"
+    );
+    assert_eq!(status_from_reply("4.4.7 message expired", Failed), "4.4.7");
+    assert_eq!(status_from_reply("4.4 not a code", Failed), "5.0.0");
     assert_eq!(status_from_reply("", Delayed), "4.0.0");
     assert_eq!(status_from_reply("12", Delivered), "2.0.0");
 }

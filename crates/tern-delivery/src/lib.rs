@@ -6,6 +6,10 @@
 
 pub mod client;
 mod error;
+pub mod stage;
 
 pub use client::{ClientConfig, RecipientOutcome, SmtpConnection, TlsPolicy};
 pub use error::DeliveryError;
+pub use stage::{
+    domain_matches, spawn_delivery, DeliverySettings, DestinationLimits, Dispatcher, Route,
+};

@@ -288,6 +288,51 @@ impl MxResolver {
         self.addresses(domain, hosts).await
     }
 
+    /// The addresses of one host, without an MX lookup: for a configured smarthost
+    /// (`relay = "smtp.example.net:587"`, Postfix's `[host]` form). The operator chose it,
+    /// so private and loopback addresses are kept (a smarthost on the LAN is normal).
+    /// An IP literal (bare or in brackets) is returned as it is.
+    pub async fn resolve_host(&self, host: &str) -> Result<MxTarget, DnsError> {
+        let bare = host.trim().trim_start_matches('[').trim_end_matches(']');
+        if let Ok(addr) = bare.parse::<IpAddr>() {
+            return Ok(MxTarget {
+                host: bare.to_string(),
+                preference: 0,
+                addrs: vec![addr],
+            });
+        }
+        let mut name =
+            Name::from_utf8(bare).map_err(|_| DnsError::InvalidDomain(host.to_string()))?;
+        if name.is_root() || name.num_labels() == 0 {
+            return Err(DnsError::InvalidDomain(host.to_string()));
+        }
+        name.set_fqdn(true);
+        match self.resolver.lookup_ip(name.clone()).await {
+            Ok(lookup) => {
+                let mut addrs: Vec<IpAddr> = Vec::new();
+                for a in lookup.iter() {
+                    if !addrs.contains(&a) {
+                        addrs.push(a);
+                    }
+                }
+                if addrs.is_empty() {
+                    return Err(DnsError::NoAddresses);
+                }
+                Ok(MxTarget {
+                    host: host_string(&name),
+                    preference: 0,
+                    addrs,
+                })
+            }
+            Err(e) => Err(match classify(&e) {
+                // A smarthost name that does not resolve is a configuration problem or an
+                // outage, never the recipient's fault: retry rather than bounce.
+                Answer::NoData | Answer::NxDomain => DnsError::NoAddresses,
+                Answer::Failed(msg) => DnsError::Temporary(msg),
+            }),
+        }
+    }
+
     /// Looks up the addresses of already ordered MX hosts.
     async fn addresses(
         &self,

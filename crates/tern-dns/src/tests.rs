@@ -432,3 +432,25 @@ async fn resolver_and_its_futures_can_cross_threads() {
     // Built, not polled: no query is sent.
     send(&resolver.resolve("example.test"));
 }
+
+#[tokio::test]
+async fn smarthost_names_resolve_without_mx_and_keep_private_addresses() {
+    let zone = TestZone::new()
+        // The MX must be ignored: a smarthost is a host, not a mail domain.
+        .mx("relay.test", 10, "elsewhere.test")
+        .a("relay.test", v4("10.0.0.25"))
+        .a("elsewhere.test", v4("192.0.2.9"));
+    let dns = TestDns::start(zone);
+    let strict = resolver(&dns, false);
+    let target = strict.resolve_host("relay.test").await.unwrap();
+    assert_eq!(target.host, "relay.test");
+    assert_eq!(target.addrs, [IpAddr::V4(v4("10.0.0.25"))]);
+
+    let literal = strict.resolve_host("[127.0.0.1]").await.unwrap();
+    assert_eq!(literal.addrs, [IpAddr::V4(Ipv4Addr::LOCALHOST)]);
+    let v6 = strict.resolve_host("::1").await.unwrap();
+    assert_eq!(v6.addrs, [IpAddr::V6(Ipv6Addr::LOCALHOST)]);
+
+    let missing = strict.resolve_host("missing.test").await.unwrap_err();
+    assert!(!missing.is_permanent(), "{missing:?}");
+}

@@ -126,6 +126,10 @@ pub struct Envelope {
     pub envid: Option<String>,
     /// RFC 4954 `AUTH=` on MAIL, kept xtext-encoded.
     pub auth: Option<String>,
+    /// A delay warning (RFC 3464 `Action: delayed`) has been sent for this message; one is
+    /// enough. Absent in records written before it existed, hence the default.
+    #[serde(default)]
+    pub delay_warned: bool,
 }
 
 impl Envelope {
@@ -139,6 +143,7 @@ impl Envelope {
             ret: None,
             envid: None,
             auth: None,
+            delay_warned: false,
         }
     }
 }
@@ -181,6 +186,72 @@ pub struct InboundMessage {
     /// The message content (headers and body), CRLF line endings, dot-unstuffed, Received header
     /// already prepended.
     pub body: Bytes,
+}
+
+/// The result of one delivery attempt for one recipient, as the delivery stage reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AttemptResult {
+    /// 2yz: the remote server took responsibility.
+    Delivered { reply: String },
+    /// 4yz, connection, TLS or DNS trouble: try again later.
+    Temporary { reply: String },
+    /// 5yz or a permanent DNS answer (NXDOMAIN, null MX): never again.
+    Permanent { reply: String },
+}
+
+impl AttemptResult {
+    pub fn reply(&self) -> &str {
+        match self {
+            AttemptResult::Delivered { reply }
+            | AttemptResult::Temporary { reply }
+            | AttemptResult::Permanent { reply } => reply,
+        }
+    }
+}
+
+/// Queue → delivery: deliver this message to these recipients, all of one destination domain.
+/// The body travels with the job so the delivery stage never reads the spool (it may run on
+/// another node).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, actix::Message)]
+#[rtype(result = "()")]
+pub struct DeliveryJob {
+    pub id: QueueId,
+    /// The recipients' domain, lowercased (the routing key).
+    pub domain: String,
+    /// The message's envelope with only this job's recipients.
+    pub envelope: Envelope,
+    /// For each recipient of `envelope`, its index in the spooled envelope (the report's key).
+    pub rcpt_index: Vec<usize>,
+    pub body: Bytes,
+    /// 1 for the first attempt.
+    pub attempt: u32,
+}
+
+/// The server a delivery attempt talked to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteHost {
+    /// The MX or smarthost name (what a TLS certificate is checked against).
+    pub host: String,
+    pub addr: SocketAddr,
+    /// `"TLSv1.3 TLS_AES_256_GCM_SHA384"` when the transaction used TLS.
+    pub tls: Option<String>,
+    /// The server announced DSN (RFC 3461): success notifications become its duty.
+    pub dsn: bool,
+}
+
+/// Delivery → queue: what became of each recipient of a [`DeliveryJob`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, actix::Message)]
+#[rtype(result = "()")]
+pub struct DeliveryReport {
+    pub id: QueueId,
+    pub domain: String,
+    /// (index in the spooled envelope, result), one per recipient of the job.
+    pub results: Vec<(usize, AttemptResult)>,
+    /// The server that gave the results; `None` when no server was reached.
+    pub remote: Option<RemoteHost>,
+    /// When the attempt started (the job left the queue) and ended, ms since the epoch.
+    pub started_ms: u64,
+    pub finished_ms: u64,
 }
 
 /// Why a stage could not take a message. The session maps each kind to an SMTP reply, so the

@@ -5,17 +5,20 @@
 //! awaits the committer's reply in a spawned actor future, so it keeps handling other messages
 //! meanwhile.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use actix::prelude::*;
 use serde::{Deserialize, Serialize};
-use tern_message::{now_ms, InboundMessage, QueueId, SpoolError};
+use tern_message::{now_ms, DeliveryJob, InboundMessage, QueueId, SpoolError};
 use tracing::{info, info_span, warn, Instrument};
 
 use crate::committer::{gone, CommitConfig, Committer};
-use crate::schedule::{self, DueIndex};
+use crate::delivery::Flight;
+use crate::events::{Event, EventLog};
+use crate::schedule::{self, DueIndex, RetryPolicy};
 use crate::storage::{SpooledMeta, Storage, StorageError};
 
 /// Hands a message to the queue. `Ok(id)` means it is durably spooled: only then may the session
@@ -47,38 +50,70 @@ pub struct QueueStats {
     pub committed: u64,
     /// Messages refused since start-up (insert or sync failure).
     pub failed: u64,
+    /// Messages handed to delivery and not reported back yet.
+    pub in_flight: u64,
+    pub delivery: DeliveryCounters,
 }
 
 /// Configuration of the queue actor.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueueConfig {
     pub commit: CommitConfig,
+    pub retry: RetryPolicy,
+    /// Our host name: `Reporting-MTA` and `MAILER-DAEMON@hostname` in notifications, and the
+    /// domain of a bare `postmaster` recipient.
+    pub hostname: String,
+    /// The delivery log (`<data_dir>/delivery.log`) and the suspended-domain list live here;
+    /// `None` keeps them in memory only (tests of the spool alone).
+    pub data_dir: Option<PathBuf>,
+    /// Bounds on the messages handed to delivery and not yet reported back: they hold their
+    /// bodies in memory.
+    pub max_in_flight: usize,
+    pub max_in_flight_bytes: u64,
 }
 
-/// What the actor remembers about one spooled message. Only the size for now; the delivery
-/// scheduler will add the per-recipient due times here (and a due-time ordered index next to
-/// `by_id`), fed from the same two places: start-up recovery and acknowledged enqueues.
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self {
+            commit: CommitConfig::default(),
+            retry: RetryPolicy::default(),
+            hostname: "localhost".into(),
+            data_dir: None,
+            max_in_flight: 10_000,
+            max_in_flight_bytes: 512 << 20,
+        }
+    }
+}
+
+/// What the actor remembers about one spooled message: little, so a million queued messages
+/// fit in memory; the envelope is read from the spool when the message is due.
 #[derive(Clone, Copy, Debug)]
-struct IndexEntry {
-    body_len: u64,
+pub(crate) struct IndexEntry {
+    pub(crate) body_len: u64,
 }
 
 /// In-memory view of the spool, rebuilt from [`Storage::scan`] at start-up.
 #[derive(Debug, Default)]
-struct SpoolIndex {
-    by_id: BTreeMap<QueueId, IndexEntry>,
-    bytes: u64,
-    /// When each message with undelivered recipients is next due (the delivery stage will take
-    /// from it; see `docs/delivery.md`).
-    due: DueIndex,
+pub(crate) struct SpoolIndex {
+    pub(crate) by_id: BTreeMap<QueueId, IndexEntry>,
+    pub(crate) bytes: u64,
+    /// When each message with undelivered recipients is next due.
+    pub(crate) due: DueIndex,
 }
 
 impl SpoolIndex {
-    fn add(&mut self, id: QueueId, body_len: u64) {
+    pub(crate) fn add(&mut self, id: QueueId, body_len: u64) {
         if let Some(old) = self.by_id.insert(id, IndexEntry { body_len }) {
             self.bytes -= old.body_len;
         }
         self.bytes += body_len;
+    }
+
+    pub(crate) fn remove(&mut self, id: QueueId) {
+        if let Some(old) = self.by_id.remove(&id) {
+            self.bytes -= old.body_len;
+        }
+        self.due.remove(id);
     }
 
     fn add_meta(&mut self, meta: &SpooledMeta, now_ms: u64) {
@@ -91,12 +126,33 @@ impl SpoolIndex {
 }
 
 pub struct QueueActor {
-    /// Kept for the delivery side (reads and removals), which will run on this actor too.
-    storage: Arc<dyn Storage>,
-    committer: Committer,
-    index: SpoolIndex,
+    pub(crate) storage: Arc<dyn Storage>,
+    pub(crate) committer: Committer,
+    pub(crate) index: SpoolIndex,
+    pub(crate) config: QueueConfig,
     recovered: u64,
     corrupt: u64,
+    /// Where due work goes; `None` until [`AttachDelivery`] (or never, with delivery off).
+    pub(crate) delivery: Option<actix::Recipient<DeliveryJob>>,
+    /// Messages handed to delivery, waiting for their reports.
+    pub(crate) in_flight: HashMap<QueueId, Flight>,
+    pub(crate) in_flight_bytes: u64,
+    /// Domains whose recipients are held (`tern queue suspend`).
+    pub(crate) suspended: BTreeSet<String>,
+    pub(crate) events: EventLog,
+    /// The armed wake-up for the next due message: (when, timer).
+    pub(crate) timer: Option<(u64, SpawnHandle)>,
+    pub(crate) counters: DeliveryCounters,
+}
+
+/// Delivery outcomes since start-up, for `/health` and `tern queue stats`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliveryCounters {
+    pub delivered: u64,
+    pub deferred: u64,
+    pub failed: u64,
+    pub expired: u64,
+    pub dsn_sent: u64,
 }
 
 impl QueueActor {
@@ -122,12 +178,27 @@ impl QueueActor {
         let recovered = index.by_id.len() as u64;
         info!(recovered, bytes = index.bytes, corrupt, "spool recovered");
         let committer = Committer::start(storage.clone(), config.commit)?;
+        let (events, suspended) = match &config.data_dir {
+            Some(dir) => (
+                EventLog::open(&dir.join("delivery.log"))?,
+                crate::delivery::load_suspended(dir),
+            ),
+            None => (EventLog::disabled(), BTreeSet::new()),
+        };
         Ok(Self {
             storage,
             committer,
             index,
+            config,
             recovered,
             corrupt,
+            delivery: None,
+            in_flight: HashMap::new(),
+            in_flight_bytes: 0,
+            suspended,
+            events,
+            timer: None,
+            counters: DeliveryCounters::default(),
         })
     }
 
@@ -147,6 +218,8 @@ impl QueueActor {
             syncs: c.syncs.load(Ordering::Relaxed),
             committed: c.committed.load(Ordering::Relaxed),
             failed: c.failed.load(Ordering::Relaxed),
+            in_flight: self.in_flight.len() as u64,
+            delivery: self.counters,
         }
     }
 }
@@ -168,6 +241,8 @@ impl Handler<Enqueue> for QueueActor {
         let id = msg.id;
         let body_len = msg.body.len() as u64;
         let span = info_span!("enqueue", queue_id = %id, bytes = body_len);
+        // Kept (the body is shared, not copied) so delivery can start without reading it back.
+        let copy = msg.clone();
         let submitted = self.committer.submit(msg);
         let wait = async move {
             match submitted?.await {
@@ -177,14 +252,38 @@ impl Handler<Enqueue> for QueueActor {
             }
         }
         .instrument(span);
-        Box::pin(wait.into_actor(self).map(move |result, act, _ctx| {
+        Box::pin(wait.into_actor(self).map(move |result, act, ctx| {
             // Index only what is durable, exactly what a restart would recover.
             result.map(|()| {
-                act.index.add(id, body_len);
-                act.index.due.schedule(id, now_ms());
+                act.accepted(copy, ctx);
                 id
             })
         }))
+    }
+}
+
+impl QueueActor {
+    /// A message is durable: index it, log it and start its delivery.
+    pub(crate) fn accepted(&mut self, msg: InboundMessage, ctx: &mut Context<Self>) {
+        let id = msg.id;
+        self.index.add(id, msg.body.len() as u64);
+        self.events.log(&Event {
+            ts_ms: now_ms(),
+            event: "received",
+            queue_id: id.to_string(),
+            sender: Some(&msg.envelope.sender),
+            recipients: Some(msg.envelope.recipients.len()),
+            size: Some(msg.body.len() as u64),
+            ip: Some(msg.client.addr.ip().to_string()),
+            ..Event::default()
+        });
+        self.events.flush();
+        if self.can_dispatch() {
+            self.dispatch(id, Some(msg), now_ms());
+        } else {
+            self.index.due.schedule(id, now_ms());
+            self.arm_timer(ctx);
+        }
     }
 }
 

@@ -12,13 +12,19 @@
 //! [`Storage::insert`].
 
 mod actor;
+pub mod admin;
 mod committer;
+mod delivery;
+pub mod events;
 mod free_space;
 pub mod schedule;
 pub mod sled_storage;
 mod storage;
 
-pub use actor::{spawn_queue, Enqueue, GetStats, QueueActor, QueueConfig, QueueStats};
+pub use actor::{
+    spawn_queue, DeliveryCounters, Enqueue, GetStats, QueueActor, QueueConfig, QueueStats,
+};
 pub use committer::CommitConfig;
+pub use delivery::AttachDelivery;
 pub use sled_storage::{SledOptions, SledStorage};
 pub use storage::{ScanIter, SpooledMeta, Storage, StorageError};

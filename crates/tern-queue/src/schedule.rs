@@ -81,21 +81,7 @@ impl RetryPolicy {
     }
 }
 
-/// The result of one delivery attempt for one recipient, as the delivery stage reports it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum AttemptResult {
-    Delivered {
-        reply: String,
-    },
-    /// 4xx, connection or DNS trouble: try again later.
-    Temporary {
-        reply: String,
-    },
-    /// 5xx or a permanent DNS answer (NXDOMAIN, null MX): never again.
-    Permanent {
-        reply: String,
-    },
-}
+pub use tern_message::AttemptResult;
 
 /// How one recipient's state changed, for logs, DSNs and the suppression list.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -161,7 +147,9 @@ pub fn record_attempt(
                 NextStep::Expire => {
                     rcpt.state = RecipientState::Failed {
                         at_ms: now_ms,
-                        reply: format!("message expired after {attempts} attempts; last: {reply}"),
+                        reply: format!(
+                            "4.4.7 message expired after {attempts} attempts; last: {reply}"
+                        ),
                     };
                     Transition::Expired
                 }

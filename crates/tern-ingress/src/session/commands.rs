@@ -585,6 +585,7 @@ impl Session {
                 ret: tx.mail.ret,
                 envid: tx.mail.envid,
                 auth: tx.mail.auth.filter(|_| self.auth_user.is_some()),
+                delay_warned: false,
             },
             client: ClientInfo {
                 addr: self.client,

@@ -39,6 +39,7 @@ pub fn envelope() -> Envelope {
         ret: Some(Ret::Hdrs),
         envid: Some("QQ314159".into()),
         auth: Some("<>".into()),
+        delay_warned: false,
     }
 }
 

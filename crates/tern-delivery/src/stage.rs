@@ -1,0 +1,719 @@
+//! The delivery stage: a dispatcher actor that routes [`DeliveryJob`]s to one destination
+//! actor per destination, each with its own pool of outbound connections.
+//!
+//! A destination is a recipient domain (MX lookup), or a smarthost when a `[[routes]]` entry
+//! with `relay` matches (then every domain routed there shares its connections). A destination
+//! actor keeps a queue of jobs and at most `max_connections` workers; a worker is a task that
+//! owns one [`SmtpConnection`], takes job after job from its actor (RSET between them, QUIT
+//! after `max_messages_per_connection` or after `idle_timeout` without work) and reports every
+//! job's per-recipient results to the queue.
+//!
+//! When a worker cannot reach any host of the destination, every job waiting for that
+//! destination gets the same answer at once (Postfix's "dead destination"): trying each of
+//! them against the same dead hosts would only multiply the timeouts.
+//!
+//! Every job is answered with exactly one [`DeliveryReport`]: the queue keeps the job's
+//! recipients in flight until then.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use tern_dns::{DnsError, MxResolver, MxTarget};
+use tern_message::{now_ms, AttemptResult, DeliveryJob, DeliveryReport, RemoteHost};
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use crate::client::{ClientConfig, RecipientOutcome, SmtpConnection, TlsPolicy};
+use crate::DeliveryError;
+
+/// Per-destination limits (`[delivery]` defaults, overridden per `[[routes]]` entry).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DestinationLimits {
+    pub max_connections: usize,
+    pub max_messages_per_connection: usize,
+    /// At most `.0` messages per `.1`, spread evenly (one every `.1 / .0`).
+    pub max_message_rate: Option<(u32, Duration)>,
+}
+
+impl Default for DestinationLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 10,
+            max_messages_per_connection: 100,
+            max_message_rate: None,
+        }
+    }
+}
+
+/// Where mail for the matching domains goes and how.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    /// `"example.net"`, `"*.example.net"` (subdomains only) or `"*"`; see [`domain_matches`].
+    pub domain: String,
+    /// A smarthost (host, port) instead of the MX lookup.
+    pub relay: Option<(String, u16)>,
+    pub tls: TlsPolicy,
+    pub limits: DestinationLimits,
+}
+
+/// Whether `domain` matches a route pattern: `*` matches all, `*.example.net` every subdomain
+/// of example.net (not example.net itself), anything else the domain exactly. Case and a
+/// trailing dot are ignored.
+pub fn domain_matches(pattern: &str, domain: &str) -> bool {
+    let pattern = pattern.trim_end_matches('.');
+    let domain = domain.trim_end_matches('.');
+    if pattern == "*" {
+        return true;
+    }
+    match pattern.strip_prefix("*.") {
+        Some(parent) => {
+            domain.len() > parent.len() + 1
+                && domain.as_bytes()[domain.len() - parent.len() - 1] == b'.'
+                && domain[domain.len() - parent.len()..].eq_ignore_ascii_case(parent)
+        }
+        None => pattern.eq_ignore_ascii_case(domain),
+    }
+}
+
+/// Everything the delivery stage is configured with.
+#[derive(Clone, Debug)]
+pub struct DeliverySettings {
+    /// HELO name, timeouts; its `tls` is replaced per destination.
+    pub client: ClientConfig,
+    /// Remote port for MX deliveries (25).
+    pub port: u16,
+    /// TLS policy for destinations no route matches.
+    pub tls: TlsPolicy,
+    pub limits: DestinationLimits,
+    /// Checked in order, first match wins.
+    pub routes: Vec<Route>,
+    /// How long a connection waits for more mail before QUIT.
+    pub idle_timeout: Duration,
+    /// At most this many addresses are tried per connection attempt (Postfix
+    /// `smtp_mx_address_limit` is 5).
+    pub max_addresses: usize,
+}
+
+impl DeliverySettings {
+    pub fn new(client: ClientConfig) -> Self {
+        Self {
+            client,
+            port: 25,
+            tls: TlsPolicy::Opportunistic,
+            limits: DestinationLimits::default(),
+            routes: Vec::new(),
+            idle_timeout: Duration::from_secs(5),
+            max_addresses: 5,
+        }
+    }
+
+    fn route_for(&self, domain: &str) -> Option<&Route> {
+        self.routes
+            .iter()
+            .find(|r| domain_matches(&r.domain, domain))
+    }
+}
+
+struct Shared {
+    settings: DeliverySettings,
+    resolver: MxResolver,
+    report_to: Recipient<DeliveryReport>,
+}
+
+/// What one destination actor delivers to.
+#[derive(Clone, Debug)]
+struct Target {
+    /// `None`: MX lookup of the job's domain.
+    relay: Option<(String, u16)>,
+    tls: TlsPolicy,
+    limits: DestinationLimits,
+}
+
+/// Routes jobs to destination actors, creating them on demand and retiring them when idle.
+pub struct Dispatcher {
+    shared: Arc<Shared>,
+    destinations: HashMap<String, Addr<Destination>>,
+}
+
+impl Dispatcher {
+    pub fn new(
+        settings: DeliverySettings,
+        resolver: MxResolver,
+        report_to: Recipient<DeliveryReport>,
+    ) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                settings,
+                resolver,
+                report_to,
+            }),
+            destinations: HashMap::new(),
+        }
+    }
+}
+
+impl Actor for Dispatcher {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(4096);
+    }
+}
+
+impl Handler<DeliveryJob> for Dispatcher {
+    type Result = ();
+
+    fn handle(&mut self, job: DeliveryJob, ctx: &mut Self::Context) {
+        let settings = &self.shared.settings;
+        let route = settings.route_for(&job.domain);
+        let target = Target {
+            relay: route.and_then(|r| r.relay.clone()),
+            tls: route.map_or(settings.tls, |r| r.tls),
+            limits: route.map_or(settings.limits, |r| r.limits),
+        };
+        // Every domain sent to one smarthost shares its connections.
+        let key = match &target.relay {
+            Some((host, port)) => format!("[{host}]:{port}"),
+            None => job.domain.clone(),
+        };
+        let addr = match self.destinations.get(&key) {
+            Some(addr) if addr.connected() => addr.clone(),
+            _ => {
+                let dest = Destination {
+                    key: key.clone(),
+                    target,
+                    shared: self.shared.clone(),
+                    dispatcher: ctx.address(),
+                    queue: VecDeque::new(),
+                    idle: VecDeque::new(),
+                    workers: 0,
+                    next_slot: None,
+                    stopping: false,
+                };
+                let addr = dest.start();
+                self.destinations.insert(key, addr.clone());
+                addr
+            }
+        };
+        addr.do_send(job);
+    }
+}
+
+/// Destination → dispatcher: nothing queued and no connection open.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Idle {
+    key: String,
+    addr: Addr<Destination>,
+}
+
+impl Handler<Idle> for Dispatcher {
+    type Result = ();
+
+    fn handle(&mut self, idle: Idle, _ctx: &mut Self::Context) {
+        // Only the dispatcher sends jobs to a destination, and it stops doing so here, before
+        // telling it to stop: any job sent earlier is ahead of `Stop` in its mailbox.
+        if self.destinations.get(&idle.key) == Some(&idle.addr) {
+            self.destinations.remove(&idle.key);
+            idle.addr.do_send(Stop);
+        }
+    }
+}
+
+/// Number of destinations with an actor (for health/metrics).
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct ActiveDestinations;
+
+impl Handler<ActiveDestinations> for Dispatcher {
+    type Result = usize;
+
+    fn handle(&mut self, _: ActiveDestinations, _ctx: &mut Self::Context) -> usize {
+        self.destinations.len()
+    }
+}
+
+/// Starts the delivery stage on an arbiter (thread) of its own. Must be called from within a
+/// running actix `System`.
+pub fn spawn_delivery(
+    settings: DeliverySettings,
+    resolver: MxResolver,
+    report_to: Recipient<DeliveryReport>,
+) -> Addr<Dispatcher> {
+    let arbiter = Arbiter::new();
+    Dispatcher::start_in_arbiter(&arbiter.handle(), move |_| {
+        Dispatcher::new(settings, resolver, report_to)
+    })
+}
+
+/// One destination's queue of jobs and its connection workers.
+pub struct Destination {
+    key: String,
+    target: Target,
+    shared: Arc<Shared>,
+    dispatcher: Addr<Dispatcher>,
+    queue: VecDeque<DeliveryJob>,
+    /// Workers waiting for a job, each with the channel to hand it over.
+    idle: VecDeque<oneshot::Sender<Assigned>>,
+    workers: usize,
+    /// Rate limiting: the earliest start of the next message.
+    next_slot: Option<Instant>,
+    /// The dispatcher retired this actor; it stops once its work is done.
+    stopping: bool,
+}
+
+/// A job handed to a worker, with the time it may start (rate limit).
+type Assigned = (DeliveryJob, Option<Instant>);
+
+impl Destination {
+    /// The start time for the next message under `max_message_rate`.
+    fn slot(&mut self) -> Option<Instant> {
+        let (count, per) = self.target.limits.max_message_rate?;
+        let gap = per / count.max(1);
+        let now = Instant::now();
+        let at = self.next_slot.map_or(now, |t| t.max(now));
+        self.next_slot = Some(at + gap);
+        (at > now).then_some(at)
+    }
+
+    fn assign(&mut self, ctx: &mut Context<Self>) {
+        while !self.queue.is_empty() {
+            if let Some(waiter) = self.idle.pop_front() {
+                let job = self.queue.pop_front().expect("queue is not empty");
+                let slot = self.slot();
+                if let Err((job, _)) = waiter.send((job, slot)) {
+                    // That worker timed out meanwhile (it is exiting): keep the job.
+                    self.queue.push_front(job);
+                }
+                continue;
+            }
+            if self.workers >= self.target.limits.max_connections.max(1) {
+                break;
+            }
+            let job = self.queue.pop_front().expect("queue is not empty");
+            let slot = self.slot();
+            self.workers += 1;
+            let worker = Worker {
+                dest: ctx.address(),
+                shared: self.shared.clone(),
+                target: self.target.clone(),
+                key: self.key.clone(),
+            };
+            let span = info_span!("destination", dest = %self.key);
+            ctx.spawn(worker.run((job, slot)).instrument(span).into_actor(self));
+        }
+        if self.queue.is_empty() && self.workers == 0 {
+            if self.stopping {
+                ctx.stop();
+            } else {
+                self.dispatcher.do_send(Idle {
+                    key: self.key.clone(),
+                    addr: ctx.address(),
+                });
+            }
+        }
+    }
+}
+
+impl Actor for Destination {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(4096);
+    }
+}
+
+impl Handler<DeliveryJob> for Destination {
+    type Result = ();
+
+    fn handle(&mut self, job: DeliveryJob, ctx: &mut Self::Context) {
+        self.queue.push_back(job);
+        self.assign(ctx);
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Stop;
+
+impl Handler<Stop> for Destination {
+    type Result = ();
+
+    fn handle(&mut self, _: Stop, ctx: &mut Self::Context) {
+        self.stopping = true;
+        // Idle workers exit rather than wait for jobs that will no longer come.
+        self.idle.clear();
+        if self.queue.is_empty() && self.workers == 0 {
+            ctx.stop();
+        }
+    }
+}
+
+/// Worker → destination: the next job, or a channel to wait on for one.
+#[derive(Message)]
+#[rtype(result = "NextJob")]
+struct TakeJob;
+
+enum NextJob {
+    Job(Box<Assigned>),
+    Wait(oneshot::Receiver<Assigned>),
+    Exit,
+}
+
+impl<A, M> actix::dev::MessageResponse<A, M> for NextJob
+where
+    A: Actor,
+    M: actix::Message<Result = NextJob>,
+{
+    fn handle(self, _ctx: &mut A::Context, tx: Option<actix::dev::OneshotSender<M::Result>>) {
+        if let Some(tx) = tx {
+            let _ = tx.send(self);
+        }
+    }
+}
+
+impl Handler<TakeJob> for Destination {
+    type Result = NextJob;
+
+    fn handle(&mut self, _: TakeJob, _ctx: &mut Self::Context) -> NextJob {
+        if let Some(job) = self.queue.pop_front() {
+            let slot = self.slot();
+            return NextJob::Job(Box::new((job, slot)));
+        }
+        if self.stopping {
+            return NextJob::Exit;
+        }
+        let (tx, rx) = oneshot::channel();
+        self.idle.push_back(tx);
+        NextJob::Wait(rx)
+    }
+}
+
+/// Worker → destination: this worker has ended (its connection is closed).
+#[derive(Message)]
+#[rtype(result = "()")]
+struct WorkerExit;
+
+impl Handler<WorkerExit> for Destination {
+    type Result = ();
+
+    fn handle(&mut self, _: WorkerExit, ctx: &mut Self::Context) {
+        self.workers -= 1;
+        self.assign(ctx);
+    }
+}
+
+/// Worker → destination: no host could be reached; everything queued gets this result.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Unreachable {
+    result: AttemptResult,
+}
+
+impl Handler<Unreachable> for Destination {
+    type Result = ();
+
+    fn handle(&mut self, msg: Unreachable, _ctx: &mut Self::Context) {
+        if !self.queue.is_empty() {
+            info!(dest = %self.key, jobs = self.queue.len(), reply = msg.result.reply(),
+                "destination unreachable: answering its queued jobs at once");
+        }
+        for job in self.queue.drain(..) {
+            let now = now_ms();
+            report(&self.shared, &job, &msg.result, None, now, now);
+        }
+    }
+}
+
+fn report(
+    shared: &Shared,
+    job: &DeliveryJob,
+    result: &AttemptResult,
+    remote: Option<RemoteHost>,
+    started_ms: u64,
+    finished_ms: u64,
+) {
+    let results = job
+        .rcpt_index
+        .iter()
+        .map(|&i| (i, result.clone()))
+        .collect();
+    send_report(
+        shared,
+        DeliveryReport {
+            id: job.id,
+            domain: job.domain.clone(),
+            results,
+            remote,
+            started_ms,
+            finished_ms,
+        },
+    );
+}
+
+fn send_report(shared: &Shared, report: DeliveryReport) {
+    if let Err(e) = shared.report_to.try_send(report) {
+        // Only when the queue is gone (shutting down): the recipients are still in the spool
+        // in their earlier state and are retried after the restart.
+        warn!(error = %e, "cannot report a delivery result to the queue");
+    }
+}
+
+/// An open connection and what it has carried.
+struct Open {
+    smtp: SmtpConnection,
+    host: String,
+    sent: usize,
+}
+
+impl Open {
+    fn remote(&self) -> RemoteHost {
+        RemoteHost {
+            host: self.host.clone(),
+            addr: self.smtp.peer(),
+            tls: self.smtp.tls(),
+            dsn: self.smtp.capabilities().has("DSN"),
+        }
+    }
+}
+
+/// Why no connection could be opened.
+struct NoConnection {
+    permanent: bool,
+    reply: String,
+}
+
+impl NoConnection {
+    fn result(self) -> AttemptResult {
+        if self.permanent {
+            AttemptResult::Permanent { reply: self.reply }
+        } else {
+            AttemptResult::Temporary { reply: self.reply }
+        }
+    }
+}
+
+struct Worker {
+    dest: Addr<Destination>,
+    shared: Arc<Shared>,
+    target: Target,
+    key: String,
+}
+
+impl Worker {
+    async fn run(self, first: Assigned) {
+        let mut next = Some(first);
+        let mut conn: Option<Open> = None;
+        loop {
+            let (job, slot) = match next.take() {
+                Some(assigned) => assigned,
+                None => match self.dest.send(TakeJob).await {
+                    Ok(NextJob::Job(assigned)) => *assigned,
+                    Ok(NextJob::Wait(rx)) => {
+                        match tokio::time::timeout(self.shared.settings.idle_timeout, rx).await {
+                            Ok(Ok(assigned)) => assigned,
+                            _ => break,
+                        }
+                    }
+                    Ok(NextJob::Exit) | Err(_) => break,
+                },
+            };
+            if let Some(at) = slot {
+                tokio::time::sleep_until(at).await;
+            }
+            let span = info_span!("deliver", queue_id = %job.id, domain = %job.domain,
+                rcpts = job.rcpt_index.len(), attempt = job.attempt);
+            let keep = self.deliver(&job, &mut conn).instrument(span).await;
+            if !keep {
+                break;
+            }
+        }
+        if let Some(open) = conn {
+            open.smtp.quit().await;
+        }
+        self.dest.do_send(WorkerExit);
+    }
+
+    /// Delivers one job, reusing `conn` when it is open. Returns false when the worker should
+    /// stop (no host reachable).
+    async fn deliver(&self, job: &DeliveryJob, conn: &mut Option<Open>) -> bool {
+        let started = now_ms();
+        if let Some(open) = conn.as_mut() {
+            if let Err(e) = open.smtp.reset().await {
+                debug!(error = %e, "RSET failed; opening a new connection");
+                *conn = None;
+            }
+        }
+        if conn.is_none() {
+            match self.connect(&job.domain).await {
+                Ok(open) => *conn = Some(open),
+                Err(failure) => {
+                    let result = failure.result();
+                    info!(reply = result.reply(), "no connection");
+                    report(&self.shared, job, &result, None, started, now_ms());
+                    self.dest.do_send(Unreachable { result });
+                    return false;
+                }
+            }
+        }
+        let open = conn.as_mut().expect("connection is open");
+        let remote = open.remote();
+        let results: Vec<(usize, AttemptResult)> =
+            match open.smtp.send(&job.envelope, &job.body).await {
+                Ok(outcomes) => job
+                    .rcpt_index
+                    .iter()
+                    .zip(outcomes)
+                    .map(|(&i, outcome)| (i, attempt_result(outcome)))
+                    .collect(),
+                Err(e) => {
+                    // The outcome is unknown (RFC 5321 §6.1 allows the duplicate a retry may
+                    // cause, never a loss).
+                    let reply = format!("4.4.2 {}[{}]: {e}", remote.host, remote.addr.ip());
+                    job.rcpt_index
+                        .iter()
+                        .map(|&i| {
+                            (
+                                i,
+                                AttemptResult::Temporary {
+                                    reply: reply.clone(),
+                                },
+                            )
+                        })
+                        .collect()
+                }
+            };
+        open.sent += 1;
+        let broken = results.len() != job.rcpt_index.len();
+        send_report(
+            &self.shared,
+            DeliveryReport {
+                id: job.id,
+                domain: job.domain.clone(),
+                results,
+                remote: Some(remote),
+                started_ms: started,
+                finished_ms: now_ms(),
+            },
+        );
+        if broken {
+            warn!("client returned fewer outcomes than recipients");
+        }
+        if open.sent >= self.target.limits.max_messages_per_connection.max(1) {
+            if let Some(open) = conn.take() {
+                open.smtp.quit().await;
+            }
+        }
+        true
+    }
+
+    async fn connect(&self, domain: &str) -> Result<Open, NoConnection> {
+        let settings = &self.shared.settings;
+        let (targets, port) = match &self.target.relay {
+            Some((host, port)) => (
+                self.shared
+                    .resolver
+                    .resolve_host(host)
+                    .await
+                    .map(|t| vec![t]),
+                *port,
+            ),
+            None => (self.shared.resolver.resolve(domain).await, settings.port),
+        };
+        let targets: Vec<MxTarget> = targets.map_err(|e| dns_failure(&e, domain))?;
+        let mut cfg = settings.client.clone();
+        cfg.tls = self.target.tls;
+        let mut errors: Vec<(bool, String)> = Vec::new();
+        let candidates = targets
+            .iter()
+            .flat_map(|t| t.addrs.iter().map(move |ip| (t, *ip)))
+            .take(settings.max_addresses.max(1));
+        for (target, ip) in candidates {
+            let addr = SocketAddr::new(ip, port);
+            match SmtpConnection::connect(addr, &target.host, &cfg).await {
+                Ok(smtp) => {
+                    return Ok(Open {
+                        smtp,
+                        host: target.host.clone(),
+                        sent: 0,
+                    })
+                }
+                Err(e) => {
+                    debug!(dest = %self.key, %addr, error = %e, "connection failed");
+                    errors.push((e.is_permanent(), connect_failure(&e, &target.host, addr)));
+                }
+            }
+        }
+        // Permanent only if every host refused permanently (RFC 5321 §5.1: the next MX may
+        // still take it). The last error is the one reported.
+        let permanent = !errors.is_empty() && errors.iter().all(|(p, _)| *p);
+        let reply = errors
+            .pop()
+            .map(|(_, r)| r)
+            .unwrap_or_else(|| format!("4.4.4 no address to connect to for {domain}"));
+        Err(NoConnection { permanent, reply })
+    }
+}
+
+/// A reply text for a DNS failure: the enhanced code first (so the DSN `Status` is right), then
+/// what happened.
+fn dns_failure(e: &DnsError, domain: &str) -> NoConnection {
+    NoConnection {
+        permanent: e.is_permanent(),
+        reply: format!("{} {domain}: {e}", e.enhanced_code()),
+    }
+}
+
+fn connect_failure(e: &DeliveryError, host: &str, addr: SocketAddr) -> String {
+    match e {
+        // The server's own words, for the DSN's Diagnostic-Code.
+        DeliveryError::Greeting(reply) | DeliveryError::Refused { reply, .. } => {
+            format!("{reply} (from {host}[{}])", addr.ip())
+        }
+        // RFC 3463 X.7.4: security features not supported.
+        DeliveryError::TlsRequired => format!(
+            "4.7.4 TLS is required, but {host}[{}] does not offer STARTTLS",
+            addr.ip()
+        ),
+        DeliveryError::Tls(_) => format!("4.7.5 {host}[{}]: {e}", addr.ip()),
+        // X.4.1: no answer from host; X.4.2: bad connection.
+        DeliveryError::Connect(_) | DeliveryError::Timeout(_) => {
+            format!("4.4.1 connect to {host}[{addr}]: {e}")
+        }
+        _ => format!("4.4.2 {host}[{addr}]: {e}"),
+    }
+}
+
+fn attempt_result(outcome: RecipientOutcome) -> AttemptResult {
+    match outcome {
+        RecipientOutcome::Delivered(r) => AttemptResult::Delivered {
+            reply: r.to_string(),
+        },
+        RecipientOutcome::Deferred(r) => AttemptResult::Temporary {
+            reply: r.to_string(),
+        },
+        RecipientOutcome::Failed(r) => AttemptResult::Permanent {
+            reply: r.to_string(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_patterns() {
+        assert!(domain_matches("*", "example.org"));
+        assert!(domain_matches("Example.ORG", "example.org."));
+        assert!(!domain_matches("example.org", "mail.example.org"));
+        assert!(domain_matches("*.example.org", "mail.example.org"));
+        assert!(domain_matches("*.example.org", "a.b.EXAMPLE.org"));
+        assert!(!domain_matches("*.example.org", "example.org"));
+        assert!(!domain_matches("*.example.org", "badexample.org"));
+    }
+}

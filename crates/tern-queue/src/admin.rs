@@ -1,0 +1,371 @@
+//! Operator requests to the queue (`tern queue …` over the HTTP admin API): list, show, flush,
+//! delete, suspend/resume a domain, and counts by domain and state. Like Postfix's `mailq`,
+//! `postqueue -f`, `postsuper -d` and KumoMTA's `kcli`.
+//!
+//! Listing reads the spool's metadata (not the bodies), so it costs a scan; the in-memory state
+//! of messages in flight takes precedence over what is stored.
+
+use std::collections::BTreeMap;
+
+use actix::prelude::*;
+use serde::{Deserialize, Serialize};
+use tern_message::{now_ms, ClientInfo, Envelope, QueueId, RecipientState};
+use tracing::{info, warn};
+
+use crate::actor::{DeliveryCounters, QueueActor};
+use crate::delivery::{domain_of, save_suspended};
+use crate::storage::SpooledMeta;
+
+/// One recipient as `tern queue list/show` prints it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecipientSummary {
+    pub address: String,
+    pub domain: String,
+    /// `pending`, `in-flight`, `deferred`, `delivered`, `failed`.
+    pub state: String,
+    pub attempts: u32,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub next_attempt_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub last_reply: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageSummary {
+    pub id: String,
+    pub sender: String,
+    pub arrived_ms: u64,
+    pub size: u64,
+    pub recipients: Vec<RecipientSummary>,
+}
+
+/// `tern queue list`: messages with a recipient in `domain` and/or in `state`.
+#[derive(Message, Clone, Debug, Default, Serialize, Deserialize)]
+#[rtype(result = "Vec<MessageSummary>")]
+pub struct ListMessages {
+    pub domain: Option<String>,
+    pub state: Option<String>,
+    /// At most this many (0: no limit).
+    pub limit: usize,
+}
+
+/// `tern queue show ID`: the summary, the client, and the header section.
+#[derive(Message, Clone, Debug, Serialize, Deserialize)]
+#[rtype(result = "Option<MessageDetail>")]
+pub struct ShowMessage(pub QueueId);
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageDetail {
+    #[serde(flatten)]
+    pub summary: MessageSummary,
+    pub client: ClientInfo,
+    pub headers: String,
+}
+
+/// `tern queue flush [--domain D]`: everything deferred (in `domain`) is due now. Answers the
+/// number of messages rescheduled.
+#[derive(Message, Clone, Debug, Default, Serialize, Deserialize)]
+#[rtype(result = "usize")]
+pub struct Flush {
+    pub domain: Option<String>,
+}
+
+/// `tern queue delete ID [--bounce]`. Answers whether the message was there.
+#[derive(Message, Clone, Debug, Serialize, Deserialize)]
+#[rtype(result = "bool")]
+pub struct DeleteMessage {
+    pub id: QueueId,
+    pub bounce: bool,
+}
+
+/// `tern queue suspend DOMAIN` (`suspend: true`) / `resume DOMAIN`. Answers the suspended list.
+#[derive(Message, Clone, Debug, Serialize, Deserialize)]
+#[rtype(result = "Result<Vec<String>, String>")]
+pub struct SuspendDomain {
+    pub domain: String,
+    pub suspend: bool,
+}
+
+/// `tern queue stats`.
+#[derive(Message, Clone, Copy, Debug, Default, Serialize, Deserialize)]
+#[rtype(result = "QueueSummary")]
+pub struct Summarize;
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSummary {
+    pub messages: u64,
+    pub bytes: u64,
+    /// Recipients by state over the whole queue.
+    pub by_state: BTreeMap<String, u64>,
+    /// Recipients by domain, then state.
+    pub by_domain: BTreeMap<String, BTreeMap<String, u64>>,
+    pub suspended: Vec<String>,
+    pub in_flight: u64,
+    /// Outcomes since start-up.
+    pub since_start: DeliveryCounters,
+}
+
+fn state_name(state: &RecipientState) -> &'static str {
+    match state {
+        RecipientState::Pending => "pending",
+        RecipientState::InFlight { .. } => "in-flight",
+        RecipientState::Deferred { .. } => "deferred",
+        RecipientState::Delivered { .. } => "delivered",
+        RecipientState::Failed { .. } => "failed",
+    }
+}
+
+impl QueueActor {
+    /// Every spooled message's metadata with the in-flight envelope in place of the stored one.
+    fn current(&self) -> impl Iterator<Item = SpooledMeta> + '_ {
+        self.storage.scan().filter_map(|item| match item {
+            Ok(mut meta) => {
+                if let Some(flight) = self.in_flight.get(&meta.id) {
+                    meta.envelope = flight.envelope.clone();
+                }
+                Some(meta)
+            }
+            Err(e) => {
+                warn!(error = %e, "skipping damaged spool record");
+                None
+            }
+        })
+    }
+
+    fn summarize(&self, meta: &SpooledMeta) -> MessageSummary {
+        let recipients = meta
+            .envelope
+            .recipients
+            .iter()
+            .map(|r| {
+                let (attempts, next, last) = match &r.state {
+                    RecipientState::InFlight { attempts } => (*attempts, None, None),
+                    RecipientState::Deferred {
+                        next_attempt_ms,
+                        attempts,
+                        last_reply,
+                    } => (*attempts, Some(*next_attempt_ms), Some(last_reply.clone())),
+                    RecipientState::Delivered { reply, .. }
+                    | RecipientState::Failed { reply, .. } => (0, None, Some(reply.clone())),
+                    RecipientState::Pending => (0, None, None),
+                };
+                RecipientSummary {
+                    address: r.address.clone(),
+                    domain: domain_of(&r.address, &self.config.hostname),
+                    state: state_name(&r.state).to_string(),
+                    attempts,
+                    next_attempt_ms: next,
+                    last_reply: last,
+                }
+            })
+            .collect();
+        MessageSummary {
+            id: meta.id.to_string(),
+            sender: meta.envelope.sender.clone(),
+            arrived_ms: meta.arrived_ms,
+            size: meta.body_len,
+            recipients,
+        }
+    }
+}
+
+fn wanted(summary: &MessageSummary, domain: Option<&str>, state: Option<&str>) -> bool {
+    summary.recipients.iter().any(|r| {
+        domain.is_none_or(|d| r.domain.eq_ignore_ascii_case(d.trim_end_matches('.')))
+            && state.is_none_or(|s| r.state.eq_ignore_ascii_case(s))
+    })
+}
+
+impl Handler<ListMessages> for QueueActor {
+    type Result = MessageResult<ListMessages>;
+
+    fn handle(&mut self, req: ListMessages, _ctx: &mut Self::Context) -> Self::Result {
+        let limit = if req.limit == 0 {
+            usize::MAX
+        } else {
+            req.limit
+        };
+        let list = self
+            .current()
+            .map(|meta| self.summarize(&meta))
+            .filter(|s| wanted(s, req.domain.as_deref(), req.state.as_deref()))
+            .take(limit)
+            .collect();
+        MessageResult(list)
+    }
+}
+
+impl Handler<ShowMessage> for QueueActor {
+    type Result = Option<MessageDetail>;
+
+    fn handle(&mut self, ShowMessage(id): ShowMessage, _ctx: &mut Self::Context) -> Self::Result {
+        let msg = match self.storage.get(id) {
+            Ok(Some(msg)) => msg,
+            Ok(None) => return None,
+            Err(e) => {
+                warn!(queue_id = %id, error = %e, "cannot read message");
+                return None;
+            }
+        };
+        let envelope = match self.in_flight.get(&id) {
+            Some(flight) => flight.envelope.clone(),
+            None => msg.envelope,
+        };
+        let meta = SpooledMeta {
+            id,
+            envelope,
+            client: msg.client.clone(),
+            arrived_ms: msg.arrived_ms,
+            body_len: msg.body.len() as u64,
+        };
+        let end = msg
+            .body
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map_or(msg.body.len(), |p| p + 2);
+        Some(MessageDetail {
+            summary: self.summarize(&meta),
+            client: msg.client,
+            headers: String::from_utf8_lossy(&msg.body[..end]).into_owned(),
+        })
+    }
+}
+
+impl Handler<Flush> for QueueActor {
+    type Result = usize;
+
+    fn handle(&mut self, req: Flush, ctx: &mut Self::Context) -> usize {
+        let now = now_ms();
+        let domain = req
+            .domain
+            .map(|d| d.trim_end_matches('.').to_ascii_lowercase());
+        let hostname = self.config.hostname.clone();
+        let mut changed: Vec<(QueueId, Envelope)> = Vec::new();
+        for meta in self.current() {
+            if self.in_flight.contains_key(&meta.id) {
+                continue;
+            }
+            let mut envelope = meta.envelope;
+            let mut touched = false;
+            for r in &mut envelope.recipients {
+                if domain
+                    .as_deref()
+                    .is_some_and(|d| domain_of(&r.address, &hostname) != d)
+                {
+                    continue;
+                }
+                if let RecipientState::Deferred {
+                    next_attempt_ms, ..
+                } = &mut r.state
+                {
+                    *next_attempt_ms = now;
+                    touched = true;
+                }
+                touched |= matches!(r.state, RecipientState::Pending);
+            }
+            if touched {
+                changed.push((meta.id, envelope));
+            }
+        }
+        for (id, envelope) in &changed {
+            if let Err(e) = self.storage.update_envelope(*id, envelope) {
+                warn!(queue_id = %id, error = %e, "flush: cannot update message");
+            }
+            self.index.due.schedule(*id, now);
+        }
+        info!(messages = changed.len(), domain = ?domain, "queue flushed");
+        self.pump(ctx);
+        changed.len()
+    }
+}
+
+impl Handler<DeleteMessage> for QueueActor {
+    type Result = bool;
+
+    fn handle(&mut self, req: DeleteMessage, ctx: &mut Self::Context) -> bool {
+        if let Some(flight) = self.in_flight.get_mut(&req.id) {
+            // Deleted when its round ends: the remote servers may be taking it right now.
+            flight.delete = Some(req.bounce);
+            return true;
+        }
+        let msg = match self.storage.get(req.id) {
+            Ok(Some(msg)) => msg,
+            Ok(None) => return false,
+            Err(e) => {
+                warn!(queue_id = %req.id, error = %e, "cannot read message to delete");
+                // Still removable: the operator may be deleting it because it is damaged.
+                self.index.remove(req.id);
+                return self.storage.remove(req.id).is_ok();
+            }
+        };
+        let mut envelope = msg.envelope;
+        self.delete_now(
+            req.id,
+            &mut envelope,
+            msg.arrived_ms,
+            &msg.body,
+            req.bounce,
+            ctx,
+        );
+        true
+    }
+}
+
+impl Handler<SuspendDomain> for QueueActor {
+    type Result = Result<Vec<String>, String>;
+
+    fn handle(&mut self, req: SuspendDomain, ctx: &mut Self::Context) -> Self::Result {
+        let domain = req.domain.trim().trim_end_matches('.').to_ascii_lowercase();
+        if domain.is_empty() {
+            return Err("empty domain".into());
+        }
+        let changed = if req.suspend {
+            self.suspended.insert(domain.clone())
+        } else {
+            self.suspended.remove(&domain)
+        };
+        if changed {
+            if let Some(dir) = &self.config.data_dir {
+                save_suspended(dir, &self.suspended)
+                    .map_err(|e| format!("cannot save the suspended-domain list: {e}"))?;
+            }
+            info!(%domain, suspended = req.suspend, "domain delivery suspension changed");
+            if !req.suspend {
+                // Its mail waited; send it now.
+                ctx.notify(Flush {
+                    domain: Some(domain),
+                });
+            }
+        }
+        Ok(self.suspended.iter().cloned().collect())
+    }
+}
+
+impl Handler<Summarize> for QueueActor {
+    type Result = MessageResult<Summarize>;
+
+    fn handle(&mut self, _: Summarize, _ctx: &mut Self::Context) -> Self::Result {
+        let mut summary = QueueSummary {
+            messages: self.index.by_id.len() as u64,
+            bytes: self.index.bytes,
+            suspended: self.suspended.iter().cloned().collect(),
+            in_flight: self.in_flight.len() as u64,
+            since_start: self.counters,
+            ..QueueSummary::default()
+        };
+        let hostname = self.config.hostname.clone();
+        for meta in self.current() {
+            for r in &meta.envelope.recipients {
+                let state = state_name(&r.state).to_string();
+                *summary.by_state.entry(state.clone()).or_default() += 1;
+                *summary
+                    .by_domain
+                    .entry(domain_of(&r.address, &hostname))
+                    .or_default()
+                    .entry(state)
+                    .or_default() += 1;
+            }
+        }
+        MessageResult(summary)
+    }
+}

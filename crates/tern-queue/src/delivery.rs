@@ -1,0 +1,673 @@
+//! The queue actor's delivery side: it takes due messages from the due-time index, hands their
+//! recipients to the delivery stage grouped by domain, and applies the reports that come back
+//! (retry schedule, removal when every recipient is final, delivery status notifications).
+//!
+//! State changes are written with [`Storage::update_envelope`] / [`Storage::remove`] and become
+//! durable with the next group commit (or sled's own periodic flush): losing one in a crash only
+//! repeats an attempt. The one ordering that matters is that a notification is durably spooled
+//! before the state that caused it is written, so a crash can repeat a DSN but never lose it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use actix::prelude::*;
+use bytes::Bytes;
+use tern_bounce::{Action, DsnRequest, RecipientReport};
+use tern_message::{
+    now_ms, AttemptResult, BodyType, ClientInfo, DeliveryJob, DeliveryReport, Envelope,
+    InboundMessage, Notify, QueueId, Recipient, RecipientState, Ret,
+};
+use tracing::{debug, info, warn};
+
+use crate::actor::QueueActor;
+use crate::committer::gone;
+use crate::events::Event;
+use crate::schedule::{self, Transition};
+use crate::storage::StorageError;
+
+/// How long a message whose only due recipients are in suspended domains waits before it is
+/// looked at again.
+const SUSPENDED_RECHECK_MS: u64 = 60_000;
+
+/// Gives the queue the delivery stage to send due work to. Until it arrives, messages are only
+/// spooled (`delivery.enabled = false` never sends it).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AttachDelivery(pub actix::Recipient<DeliveryJob>);
+
+/// A message handed to delivery: its current envelope (recipient states are updated here as
+/// reports come in) and body, until every job has reported.
+pub(crate) struct Flight {
+    arrived_ms: u64,
+    client: ClientInfo,
+    pub(crate) envelope: Envelope,
+    body: Bytes,
+    /// Jobs not reported yet.
+    outstanding: usize,
+    /// What happened to each recipient in this round, for the notification.
+    transitions: Vec<(usize, Transition)>,
+    /// Per recipient index: the remote host that answered, and whether it speaks DSN.
+    remote: BTreeMap<usize, (String, bool)>,
+    /// `tern queue delete` arrived while in flight: delete when the round ends (bounce?).
+    pub(crate) delete: Option<bool>,
+}
+
+/// The domain a recipient is routed by: the part after the last `@`, lowercased; a bare
+/// `postmaster` is ours (RFC 5321 §4.5.1).
+pub(crate) fn domain_of(address: &str, hostname: &str) -> String {
+    match address.rsplit_once('@') {
+        Some((_, domain)) => domain.trim_end_matches('.').to_ascii_lowercase(),
+        None => hostname.to_ascii_lowercase(),
+    }
+}
+
+/// Attempts made before the current one.
+fn attempts(state: &RecipientState) -> u32 {
+    match state {
+        RecipientState::InFlight { attempts } | RecipientState::Deferred { attempts, .. } => {
+            *attempts
+        }
+        _ => 0,
+    }
+}
+
+impl QueueActor {
+    pub(crate) fn can_dispatch(&self) -> bool {
+        self.delivery.is_some()
+            && self.in_flight.len() < self.config.max_in_flight
+            && self.in_flight_bytes < self.config.max_in_flight_bytes
+    }
+
+    /// Hands every due message to delivery, as far as the in-flight bounds allow, then arms the
+    /// timer for the next due time.
+    pub(crate) fn pump(&mut self, ctx: &mut Context<Self>) {
+        let now = now_ms();
+        while self.can_dispatch() {
+            let ids = self.index.due.take_due(now, 64);
+            if ids.is_empty() {
+                break;
+            }
+            for id in ids {
+                self.dispatch(id, None, now);
+            }
+        }
+        self.events.flush();
+        self.arm_timer(ctx);
+    }
+
+    /// Makes sure the actor wakes up when the next message is due.
+    pub(crate) fn arm_timer(&mut self, ctx: &mut Context<Self>) {
+        if self.delivery.is_none() {
+            return;
+        }
+        let Some(next) = self.index.due.next_due_ms() else {
+            return;
+        };
+        if let Some((at, handle)) = self.timer {
+            if at <= next {
+                return;
+            }
+            ctx.cancel_future(handle);
+        }
+        // Reports wake the pump when in-flight bounds were the limit, so the timer only
+        // handles time; the floor keeps a busy queue from spinning.
+        let delay = next.saturating_sub(now_ms()).max(5);
+        let handle = ctx.run_later(std::time::Duration::from_millis(delay), |act, ctx| {
+            act.timer = None;
+            act.pump(ctx);
+        });
+        self.timer = Some((next, handle));
+    }
+
+    /// Starts a delivery round for one message: its due recipients, grouped by domain, one job
+    /// per domain. `msg` is the message when the caller has it in memory (just enqueued).
+    pub(crate) fn dispatch(&mut self, id: QueueId, msg: Option<InboundMessage>, now: u64) {
+        if self.in_flight.contains_key(&id) {
+            return;
+        }
+        let msg = match msg {
+            Some(msg) => msg,
+            None => match self.storage.get(id) {
+                Ok(Some(msg)) => msg,
+                Ok(None) => {
+                    // Deleted meanwhile.
+                    self.index.remove(id);
+                    return;
+                }
+                Err(e) => {
+                    // Left in the spool for inspection (`tern spool list`), not retried.
+                    warn!(queue_id = %id, error = %e, "cannot read a due message; skipped");
+                    return;
+                }
+            },
+        };
+        let Some(delivery) = self.delivery.clone() else {
+            self.index.due.schedule(id, now);
+            return;
+        };
+        let InboundMessage {
+            envelope,
+            body,
+            arrived_ms,
+            client,
+            ..
+        } = msg;
+        let mut envelope = envelope;
+
+        let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        let mut held = false;
+        for (i, rcpt) in envelope.recipients.iter().enumerate() {
+            let due = match &rcpt.state {
+                RecipientState::Pending | RecipientState::InFlight { .. } => true,
+                RecipientState::Deferred {
+                    next_attempt_ms, ..
+                } => *next_attempt_ms <= now,
+                RecipientState::Delivered { .. } | RecipientState::Failed { .. } => false,
+            };
+            if !due {
+                continue;
+            }
+            let domain = domain_of(&rcpt.address, &self.config.hostname);
+            if self.suspended.contains(&domain) {
+                held = true;
+                continue;
+            }
+            groups.entry(domain).or_default().push(i);
+        }
+        if groups.is_empty() {
+            // Nothing to do now: wait for the next deferred recipient, or look again later at
+            // the suspended ones.
+            let next = schedule::next_due_ms(&envelope, now)
+                .filter(|&t| t > now || !held)
+                .map(|t| {
+                    if held {
+                        t.min(now + SUSPENDED_RECHECK_MS)
+                    } else {
+                        t
+                    }
+                })
+                .or(held.then_some(now + SUSPENDED_RECHECK_MS));
+            match next {
+                Some(at) => self.index.due.schedule(id, at.max(now + 1)),
+                None => debug!(queue_id = %id, "nothing left to deliver"),
+            }
+            return;
+        }
+
+        let mut jobs = Vec::with_capacity(groups.len());
+        for (domain, indices) in groups {
+            let mut attempt = 1;
+            let mut recipients: Vec<Recipient> = Vec::with_capacity(indices.len());
+            for &i in &indices {
+                let rcpt = &mut envelope.recipients[i];
+                attempt = attempt.max(attempts(&rcpt.state) + 1);
+                schedule::start_attempt(rcpt);
+                recipients.push(rcpt.clone());
+            }
+            jobs.push(DeliveryJob {
+                id,
+                domain,
+                envelope: Envelope {
+                    recipients,
+                    ..envelope.clone()
+                },
+                rcpt_index: indices,
+                body: body.clone(),
+                attempt,
+            });
+        }
+        self.in_flight_bytes += body.len() as u64;
+        self.in_flight.insert(
+            id,
+            Flight {
+                arrived_ms,
+                client,
+                envelope,
+                body,
+                outstanding: jobs.len(),
+                transitions: Vec::new(),
+                remote: BTreeMap::new(),
+                delete: None,
+            },
+        );
+        for job in jobs {
+            if let Err(e) = delivery.try_send(job) {
+                let job = match e {
+                    SendError::Full(job) => {
+                        // A burst: queue it anyway; the in-flight bound limits the backlog.
+                        delivery.do_send(job);
+                        continue;
+                    }
+                    SendError::Closed(job) => job,
+                };
+                warn!(queue_id = %id, "delivery stage unavailable; deferring");
+                let now = now_ms();
+                let results = job
+                    .rcpt_index
+                    .iter()
+                    .map(|&i| {
+                        (
+                            i,
+                            AttemptResult::Temporary {
+                                reply: "4.3.0 delivery stage unavailable".into(),
+                            },
+                        )
+                    })
+                    .collect();
+                self.apply_report(DeliveryReport {
+                    id,
+                    domain: job.domain,
+                    results,
+                    remote: None,
+                    started_ms: now,
+                    finished_ms: now,
+                });
+            }
+        }
+    }
+
+    /// Applies one job's results; returns the id when its round is complete.
+    fn apply_report(&mut self, report: DeliveryReport) -> Option<QueueId> {
+        let Some(flight) = self.in_flight.get_mut(&report.id) else {
+            warn!(queue_id = %report.id, "report for a message not in flight; ignored");
+            return None;
+        };
+        let now = now_ms();
+        let latency = report.finished_ms.saturating_sub(report.started_ms);
+        let ip = report.remote.as_ref().map(|r| r.addr.ip().to_string());
+        for (i, result) in report.results {
+            let Some(rcpt) = flight.envelope.recipients.get_mut(i) else {
+                warn!(queue_id = %report.id, index = i, "report for an unknown recipient");
+                continue;
+            };
+            let attempt = attempts(&rcpt.state) + 1;
+            let reply = result.reply().to_string();
+            let transition =
+                schedule::record_attempt(rcpt, result, flight.arrived_ms, now, &self.config.retry);
+            let (event, next) = match &transition {
+                Transition::Delivered => {
+                    self.counters.delivered += 1;
+                    ("delivered", None)
+                }
+                Transition::Deferred { next_attempt_ms } => {
+                    self.counters.deferred += 1;
+                    ("deferred", Some(*next_attempt_ms))
+                }
+                Transition::Failed => {
+                    self.counters.failed += 1;
+                    ("failed", None)
+                }
+                Transition::Expired => {
+                    self.counters.expired += 1;
+                    ("expired", None)
+                }
+            };
+            self.events.log(&Event {
+                ts_ms: now,
+                event,
+                queue_id: report.id.to_string(),
+                recipient: Some(&rcpt.address),
+                domain: Some(&report.domain),
+                mx: report.remote.as_ref().map(|r| r.host.as_str()),
+                ip: ip.clone(),
+                tls: report.remote.as_ref().and_then(|r| r.tls.as_deref()),
+                reply: Some(&reply),
+                attempt: Some(attempt),
+                latency_ms: Some(latency),
+                next_attempt_ms: next,
+                ..Event::default()
+            });
+            if let Some(remote) = &report.remote {
+                flight.remote.insert(i, (remote.host.clone(), remote.dsn));
+            }
+            flight.transitions.push((i, transition));
+        }
+        flight.outstanding = flight.outstanding.saturating_sub(1);
+        (flight.outstanding == 0).then_some(report.id)
+    }
+
+    /// A round is over: notify the sender if needed, then write the new state.
+    fn finish(&mut self, id: QueueId, ctx: &mut Context<Self>) {
+        let Some(mut flight) = self.in_flight.remove(&id) else {
+            return;
+        };
+        self.in_flight_bytes -= flight.body.len() as u64;
+        let now = now_ms();
+        if let Some(bounce) = flight.delete {
+            self.delete_now(
+                id,
+                &mut flight.envelope,
+                flight.arrived_ms,
+                &flight.body,
+                bounce,
+                ctx,
+            );
+            return;
+        }
+        let dsn = self.notification(id, &mut flight, now);
+        let Some(dsn) = dsn else {
+            self.persist(id, &flight.envelope, now);
+            return;
+        };
+        self.send_dsn(dsn, ctx, move |act, ok, _ctx| {
+            if ok {
+                act.persist(id, &flight.envelope, now_ms());
+            } else {
+                // The stored state still has these recipients due: they are tried (and
+                // reported) again instead of being final without a notification.
+                act.index.due.schedule(id, now_ms() + SUSPENDED_RECHECK_MS);
+            }
+        });
+    }
+
+    /// Spools a notification (through the group committer like any message), then runs `then`
+    /// with whether it is durable.
+    pub(crate) fn send_dsn<F>(&mut self, dsn: InboundMessage, ctx: &mut Context<Self>, then: F)
+    where
+        F: FnOnce(&mut Self, bool, &mut Context<Self>) + 'static,
+    {
+        let copy = dsn.clone();
+        let submitted = self.committer.submit(dsn);
+        let wait = async move {
+            match submitted?.await {
+                Ok(result) => result,
+                Err(_) => Err(gone()),
+            }
+        };
+        ctx.spawn(wait.into_actor(self).map(move |result, act, ctx| {
+            let ok = match result {
+                Ok(()) => {
+                    act.counters.dsn_sent += 1;
+                    act.accepted(copy, ctx);
+                    true
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot spool a delivery status notification");
+                    false
+                }
+            };
+            then(act, ok, ctx);
+            act.events.flush();
+            act.pump(ctx);
+        }));
+    }
+
+    /// Writes a message's state after a round: removed when every recipient is final, else
+    /// updated and rescheduled.
+    pub(crate) fn persist(&mut self, id: QueueId, envelope: &Envelope, now: u64) {
+        let result: Result<(), StorageError> = if schedule::is_complete(envelope) {
+            self.index.remove(id);
+            self.storage.remove(id)
+        } else {
+            match schedule::next_due_ms(envelope, now) {
+                Some(at) => self.index.due.schedule(id, at),
+                None => self.index.due.remove(id),
+            }
+            self.storage.update_envelope(id, envelope).map(|_| ())
+        };
+        if let Err(e) = result {
+            // The spool keeps the earlier state: the attempt is repeated after a restart.
+            warn!(queue_id = %id, error = %e, "cannot write delivery state");
+        }
+    }
+
+    /// The notification this round calls for, if any: failures and expiries (unless
+    /// NOTIFY=NEVER or the sender is null), successes with NOTIFY=SUCCESS to a server that
+    /// does not speak DSN (one that does takes the duty over: RFC 3461 §6.2.1), and one delay
+    /// warning once the message is older than `delay_warning`.
+    fn notification(
+        &mut self,
+        id: QueueId,
+        flight: &mut Flight,
+        now: u64,
+    ) -> Option<InboundMessage> {
+        let sender = flight.envelope.sender.clone();
+        let mut reports = Vec::new();
+        let mut actions: BTreeSet<&'static str> = BTreeSet::new();
+        for (i, transition) in &flight.transitions {
+            let rcpt = &flight.envelope.recipients[*i];
+            let action = match transition {
+                Transition::Failed | Transition::Expired => Action::Failed,
+                Transition::Delivered => match flight.remote.get(i) {
+                    Some((_, true)) => continue,
+                    _ => Action::Relayed,
+                },
+                Transition::Deferred { .. } => continue,
+            };
+            if !tern_bounce::should_notify(&sender, rcpt.notify, action) {
+                continue;
+            }
+            let Some(mut report) = RecipientReport::from_state(rcpt) else {
+                continue;
+            };
+            report.action = action;
+            report.remote_mta = flight.remote.get(i).map(|(host, _)| host.clone());
+            actions.insert(action.as_str());
+            reports.push(report);
+        }
+        let retry = &self.config.retry;
+        if !flight.envelope.delay_warned && retry.delay_warning_due(flight.arrived_ms, now) {
+            let until = flight.arrived_ms + retry.max_lifetime.as_millis() as u64;
+            let mut warned = false;
+            for (i, rcpt) in flight.envelope.recipients.iter().enumerate() {
+                if !matches!(rcpt.state, RecipientState::Deferred { .. })
+                    || !tern_bounce::should_notify(&sender, rcpt.notify, Action::Delayed)
+                {
+                    continue;
+                }
+                let Some(mut report) = RecipientReport::from_state(rcpt) else {
+                    continue;
+                };
+                report.will_retry_until_ms = Some(until);
+                report.remote_mta = flight.remote.get(&i).map(|(host, _)| host.clone());
+                actions.insert(Action::Delayed.as_str());
+                reports.push(report);
+                warned = true;
+            }
+            if warned {
+                flight.envelope.delay_warned = true;
+            }
+        }
+        if reports.is_empty() {
+            return None;
+        }
+        let queue_id = id.to_string();
+        let envid = flight
+            .envelope
+            .envid
+            .as_deref()
+            .and_then(tern_smtp::xtext::decode);
+        let request = DsnRequest {
+            reporting_mta: &self.config.hostname,
+            postmaster: format!("MAILER-DAEMON@{}", self.config.hostname),
+            original_sender: &sender,
+            envid: envid.as_deref(),
+            arrived_ms: flight.arrived_ms,
+            queue_id: &queue_id,
+            recipients: reports,
+            ret: flight.envelope.ret,
+            original: &flight.body,
+            now_ms: now,
+        };
+        let content = match tern_bounce::build(&request) {
+            Ok(content) => content,
+            Err(e) => {
+                warn!(queue_id = %id, error = %e, "cannot build a delivery status notification");
+                return None;
+            }
+        };
+        let dsn = self.dsn_message(&flight.envelope, &flight.client, content, now);
+        let action = actions.into_iter().collect::<Vec<_>>().join(",");
+        info!(queue_id = %id, dsn_id = %dsn.id, %action, "delivery status notification");
+        self.events.log(&Event {
+            ts_ms: now,
+            event: "bounce-sent",
+            queue_id: queue_id.clone(),
+            recipient: Some(&sender),
+            dsn_id: Some(dsn.id.to_string()),
+            action: Some(&action),
+            ..Event::default()
+        });
+        Some(dsn)
+    }
+
+    /// The envelope of a notification about `original`: from the null sender (so it can never
+    /// bounce again, RFC 5321 §4.5.5) to the original sender.
+    pub(crate) fn dsn_message(
+        &self,
+        original: &Envelope,
+        client: &ClientInfo,
+        content: Vec<u8>,
+        now: u64,
+    ) -> InboundMessage {
+        let mut rcpt = Recipient::new(original.sender.clone());
+        rcpt.notify = Some(Notify::NEVER);
+        let mut envelope = Envelope::new("", vec![rcpt]);
+        // A returned 8-bit original (RET=FULL) keeps the report 8-bit; the address may need
+        // SMTPUTF8 like the original did.
+        if original.ret == Some(Ret::Full) && original.body_type != BodyType::SevenBit {
+            envelope.body_type = BodyType::EightBitMime;
+        }
+        envelope.smtputf8 = original.smtputf8;
+        InboundMessage {
+            id: QueueId::new(),
+            envelope,
+            client: ClientInfo {
+                helo: self.config.hostname.clone(),
+                tls: None,
+                auth_user: None,
+                ..client.clone()
+            },
+            arrived_ms: now,
+            body: Bytes::from(content),
+        }
+    }
+
+    /// Removes a message on the operator's word; with `bounce`, the sender is told about the
+    /// recipients not yet final (5.0.0, "deleted by the operator").
+    pub(crate) fn delete_now(
+        &mut self,
+        id: QueueId,
+        envelope: &mut Envelope,
+        arrived_ms: u64,
+        body: &[u8],
+        bounce: bool,
+        ctx: &mut Context<Self>,
+    ) {
+        let now = now_ms();
+        self.index.remove(id);
+        if let Err(e) = self.storage.remove(id) {
+            warn!(queue_id = %id, error = %e, "cannot delete message");
+            return;
+        }
+        self.events.log(&Event {
+            ts_ms: now,
+            event: "deleted",
+            queue_id: id.to_string(),
+            sender: Some(&envelope.sender),
+            ..Event::default()
+        });
+        if !bounce {
+            self.events.flush();
+            return;
+        }
+        let mut reports = Vec::new();
+        for rcpt in &mut envelope.recipients {
+            if matches!(
+                rcpt.state,
+                RecipientState::Delivered { .. } | RecipientState::Failed { .. }
+            ) {
+                continue;
+            }
+            rcpt.state = RecipientState::Failed {
+                at_ms: now,
+                reply: "5.0.0 message deleted from the queue by the operator".into(),
+            };
+            if tern_bounce::should_notify(&envelope.sender, rcpt.notify, Action::Failed) {
+                if let Some(report) = RecipientReport::from_state(rcpt) {
+                    reports.push(report);
+                }
+            }
+        }
+        if reports.is_empty() {
+            self.events.flush();
+            return;
+        }
+        let queue_id = id.to_string();
+        let request = DsnRequest {
+            reporting_mta: &self.config.hostname,
+            postmaster: format!("MAILER-DAEMON@{}", self.config.hostname),
+            original_sender: &envelope.sender,
+            envid: None,
+            arrived_ms,
+            queue_id: &queue_id,
+            recipients: reports,
+            ret: envelope.ret,
+            original: body,
+            now_ms: now,
+        };
+        match tern_bounce::build(&request) {
+            Ok(content) => {
+                let client = ClientInfo::new(
+                    std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+                    std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+                    self.config.hostname.clone(),
+                );
+                let dsn = self.dsn_message(envelope, &client, content, now);
+                self.events.log(&Event {
+                    ts_ms: now,
+                    event: "bounce-sent",
+                    queue_id,
+                    recipient: Some(&envelope.sender),
+                    dsn_id: Some(dsn.id.to_string()),
+                    action: Some("failed"),
+                    ..Event::default()
+                });
+                self.send_dsn(dsn, ctx, |_, _, _| {});
+            }
+            Err(e) => warn!(queue_id = %id, error = %e, "cannot build the deletion notice"),
+        }
+    }
+}
+
+impl Handler<AttachDelivery> for QueueActor {
+    type Result = ();
+
+    fn handle(&mut self, AttachDelivery(delivery): AttachDelivery, ctx: &mut Self::Context) {
+        self.delivery = Some(delivery);
+        self.pump(ctx);
+    }
+}
+
+impl Handler<DeliveryReport> for QueueActor {
+    type Result = ();
+
+    fn handle(&mut self, report: DeliveryReport, ctx: &mut Self::Context) {
+        if let Some(id) = self.apply_report(report) {
+            self.finish(id, ctx);
+        }
+        self.events.flush();
+        // A finished round may have made room in flight.
+        self.pump(ctx);
+    }
+}
+
+const SUSPENDED_FILE: &str = "suspended-domains.json";
+
+pub(crate) fn load_suspended(dir: &Path) -> BTreeSet<String> {
+    let path = dir.join(SUSPENDED_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+            warn!(path = %path.display(), error = %e, "unreadable suspended-domain list; ignored");
+            BTreeSet::new()
+        }),
+        Err(_) => BTreeSet::new(),
+    }
+}
+
+pub(crate) fn save_suspended(dir: &Path, domains: &BTreeSet<String>) -> std::io::Result<()> {
+    let path = dir.join(SUSPENDED_FILE);
+    let tmp = dir.join(format!("{SUSPENDED_FILE}.tmp"));
+    std::fs::write(&tmp, serde_json::to_vec(domains)?)?;
+    std::fs::rename(tmp, path)
+}
