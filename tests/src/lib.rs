@@ -193,6 +193,37 @@ impl TernServerBuilder {
         self.set("smtp.proxy_protocol", on)
     }
 
+    /// Append a `[[routes]]` entry (first match wins): `relay` is a smarthost `host:port`, or
+    /// `None` to keep the MX lookup; `tls` is opportunistic, required or none.
+    pub fn route(mut self, domain: &str, relay: Option<&str>, tls: &str) -> Self {
+        let mut r = toml::Table::new();
+        r.insert("domain".into(), domain.into());
+        if let Some(relay) = relay {
+            r.insert("relay".into(), relay.into());
+        }
+        r.insert("tls".into(), tls.into());
+        self.config
+            .entry("routes")
+            .or_insert_with(|| toml::Value::Array(Vec::new()))
+            .as_array_mut()
+            .expect("routes is an array")
+            .push(toml::Value::Table(r));
+        self
+    }
+
+    /// Turn delivery on, resolving through `nameserver` (a test DNS server), connecting to
+    /// MX hosts on `port`, loopback addresses allowed, and a fast retry schedule.
+    pub fn deliver(self, nameserver: SocketAddr, port: u16) -> Self {
+        self.set("delivery.enabled", true)
+            .set("delivery.allow_private_addresses", true)
+            .set("delivery.port", port as i64)
+            .set("delivery.connect_timeout", "2s")
+            .set("delivery.idle_timeout", "1s")
+            .set_list("dns.nameservers", &[&nameserver.to_string()])
+            .set("dns.timeout", "1s")
+            .set_list("queue.retry_schedule", &["1s"])
+    }
+
     /// Add a submission user; the password is hashed with `tern auth hash`.
     pub fn user(mut self, name: &str, password: &str) -> Self {
         self.users.push((name.to_string(), password.to_string()));
@@ -299,6 +330,9 @@ impl TernServer {
             set_default(&mut cfg, "smtp", "submission_listen", list(addrs[1]));
             set_default(&mut cfg, "smtp", "submissions_listen", list(addrs[2]));
             set_default(&mut cfg, "http", "listen", addrs[3].to_string().into());
+            // Tests of the accept path inspect the spool: nothing may leave it unless a test
+            // turns delivery on (and points it at its own DNS server or route).
+            set_default(&mut cfg, "delivery", "enabled", false.into());
             let text = toml::to_string(&cfg).expect("serialize config");
             fs::write(&server.config_path, text).expect("write config");
             server.smtp = first_addr(&cfg, "smtp", "listen").unwrap_or(addrs[0]);

@@ -3,17 +3,20 @@
 //! live in their own crates.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use actix::Addr;
-use actix_web::{web, App, HttpResponse, HttpServer};
+use actix_web::{web, App, HttpServer};
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use tern::config::{self, Config};
+use tern::queue_cli::{self, AdminClient};
 use tern::tls;
+use tern_delivery::{ClientConfig, DeliverySettings, DestinationLimits};
 use tern_ingress::{Ingress, ListenerKind, ListenerSpec, Settings};
-use tern_queue::{GetStats, QueueActor, QueueConfig, SledOptions, SledStorage, Storage};
+use tern_queue::schedule::RetryPolicy;
+use tern_queue::{AttachDelivery, QueueConfig, SledOptions, SledStorage, Storage};
 use tracing::info;
 
 #[derive(Parser)]
@@ -45,6 +48,51 @@ enum Command {
         #[command(subcommand)]
         command: AuthCommand,
     },
+    /// The running server's queue (over its loopback HTTP admin API).
+    Queue {
+        /// The server's configuration file, to find `http.listen`.
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+        /// The admin API address (default: http.listen from --config, else 127.0.0.1:8025).
+        #[arg(long, global = true)]
+        http: Option<SocketAddr>,
+        /// Print JSON instead of text.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        command: QueueCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum QueueCommand {
+    /// Queued messages and their recipients' states (like mailq).
+    List {
+        #[arg(long)]
+        domain: Option<String>,
+        /// pending, in-flight, deferred, delivered or failed.
+        #[arg(long)]
+        state: Option<String>,
+    },
+    /// One message: envelope, recipient states, client and headers.
+    Show { id: String },
+    /// Retry deferred mail now (all, or one domain's).
+    Flush {
+        #[arg(long)]
+        domain: Option<String>,
+    },
+    /// Remove a message from the queue; --bounce tells the sender.
+    Delete {
+        id: String,
+        #[arg(long)]
+        bounce: bool,
+    },
+    /// Hold delivery to DOMAIN (mail for it stays queued).
+    Suspend { domain: String },
+    /// Resume delivery to DOMAIN and retry its mail now.
+    Resume { domain: String },
+    /// Counts by domain and state.
+    Stats,
 }
 
 #[derive(Subcommand)]
@@ -103,7 +151,82 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", config::hash_password(&password)?);
             Ok(())
         }
+        Command::Queue {
+            config,
+            http,
+            json,
+            command,
+        } => queue_command(config.as_deref(), http, json, command),
     }
+}
+
+fn queue_command(
+    config_file: Option<&Path>,
+    http: Option<SocketAddr>,
+    json: bool,
+    command: QueueCommand,
+) -> Result<()> {
+    let addr = match http {
+        Some(addr) => addr,
+        None => config::load(config_file)?.http.listen,
+    };
+    let client = AdminClient::new(addr);
+    match command {
+        QueueCommand::List { domain, state } => {
+            let list = client.list(domain.as_deref(), state.as_deref())?;
+            if json {
+                print_json(&list)?;
+            } else {
+                print!("{}", queue_cli::format_list(&list));
+            }
+        }
+        QueueCommand::Show { id } => {
+            let detail = client.show(&id)?;
+            if json {
+                print_json(&detail)?;
+            } else {
+                print!("{}", queue_cli::format_list(std::slice::from_ref(&detail.summary)));
+                println!(
+                    "client: {} helo={} tls={} auth={}",
+                    detail.client.addr,
+                    detail.client.helo,
+                    detail.client.tls.as_deref().unwrap_or("none"),
+                    detail.client.auth_user.as_deref().unwrap_or("none")
+                );
+                print!("{}", detail.headers);
+            }
+        }
+        QueueCommand::Flush { domain } => {
+            let n = client.flush(domain.as_deref())?;
+            println!("{n} message(s) scheduled for immediate delivery");
+        }
+        QueueCommand::Delete { id, bounce } => {
+            client.delete(&id, bounce)?;
+            println!("{id} deleted{}", if bounce { " (sender notified)" } else { "" });
+        }
+        QueueCommand::Suspend { domain } => {
+            let list = client.suspend(&domain, true)?;
+            println!("suspended: {}", list.join(" "));
+        }
+        QueueCommand::Resume { domain } => {
+            let list = client.suspend(&domain, false)?;
+            println!("suspended: {}", list.join(" "));
+        }
+        QueueCommand::Stats => {
+            let stats = client.stats()?;
+            if json {
+                print_json(&stats)?;
+            } else {
+                print!("{}", queue_cli::format_stats(&stats));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
 }
 
 fn init_tracing() {
@@ -139,17 +262,41 @@ fn serve(config_file: Option<&Path>) -> Result<()> {
     let settings = ingress_settings(&config, tls);
     let http_listen = config.http.listen;
 
+    let queue_config = queue_config(&config);
+    let delivery = config.delivery.enabled.then(|| delivery_settings(&config));
+    let resolver = if delivery.is_some() {
+        let nameservers = (!config.dns.nameservers.is_empty()).then(|| config.dns.nameservers.clone());
+        Some(
+            tern_dns::MxResolver::with_timeout(
+                nameservers,
+                config.delivery.allow_private_addresses,
+                config.dns.timeout,
+                tern_dns::DEFAULT_ATTEMPTS,
+            )
+            .context("cannot set up the DNS resolver (dns.nameservers)")?,
+        )
+    } else {
+        None
+    };
+
     let system = actix::System::new();
     system.block_on(async move {
-        let queue = tern_queue::spawn_queue(Arc::new(storage), QueueConfig::default())
+        let queue = tern_queue::spawn_queue(Arc::new(storage), queue_config)
             .context("cannot recover the spool")?;
+        if let (Some(settings), Some(resolver)) = (delivery, resolver) {
+            let dispatcher =
+                tern_delivery::spawn_delivery(settings, resolver, queue.clone().recipient());
+            queue.do_send(AttachDelivery(dispatcher.recipient()));
+        } else {
+            info!("delivery.enabled = false: mail is accepted and kept in the queue");
+        }
         let ingress = Ingress::start(settings, queue.clone().recipient())?;
         let http = HttpServer::new({
             let queue = queue.clone();
             move || {
                 App::new()
                     .app_data(web::Data::new(queue.clone()))
-                    .route("/health", web::get().to(health))
+                    .configure(tern::admin::routes)
             }
         })
         .workers(1)
@@ -172,30 +319,76 @@ fn serve(config_file: Option<&Path>) -> Result<()> {
     })
 }
 
+fn queue_config(config: &Config) -> QueueConfig {
+    let q = &config.queue;
+    QueueConfig {
+        retry: RetryPolicy {
+            intervals: q.retry_schedule.clone(),
+            max_lifetime: q.max_lifetime,
+            delay_warning: q.delay_warning,
+        },
+        hostname: config.server.hostname.clone(),
+        data_dir: Some(config.server.data_dir.clone()),
+        ..QueueConfig::default()
+    }
+}
+
+fn rate(r: &config::Rate) -> (u32, std::time::Duration) {
+    (r.count, r.per)
+}
+
+fn delivery_settings(config: &Config) -> DeliverySettings {
+    let d = &config.delivery;
+    let helo = if d.helo_name.is_empty() {
+        config.server.hostname.clone()
+    } else {
+        d.helo_name.clone()
+    };
+    let mut client = ClientConfig::new(helo);
+    client.connect_timeout = d.connect_timeout;
+    client.command_timeout = d.command_timeout;
+    client.data_timeout = d.data_timeout;
+    let limits = DestinationLimits {
+        max_connections: d.max_connections,
+        max_messages_per_connection: d.max_messages_per_connection,
+        max_message_rate: d.max_message_rate.as_ref().map(rate),
+    };
+    let mut settings = DeliverySettings::new(client);
+    settings.port = d.port;
+    settings.limits = limits;
+    settings.idle_timeout = d.idle_timeout;
+    settings.routes = config
+        .routes
+        .iter()
+        .map(|r| tern_delivery::Route {
+            domain: r.domain.clone(),
+            relay: r
+                .relay
+                .as_ref()
+                .map(|h| (h.host.clone(), h.port.unwrap_or(d.port))),
+            tls: r.tls,
+            limits: DestinationLimits {
+                max_connections: r.max_connections.unwrap_or(limits.max_connections),
+                max_messages_per_connection: r
+                    .max_messages_per_connection
+                    .unwrap_or(limits.max_messages_per_connection),
+                max_message_rate: r
+                    .max_message_rate
+                    .as_ref()
+                    .map(rate)
+                    .or(limits.max_message_rate),
+            },
+        })
+        .collect();
+    settings
+}
+
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
-    }
-}
-
-async fn health(queue: web::Data<Addr<QueueActor>>) -> HttpResponse {
-    match queue.send(GetStats).await {
-        Ok(stats) => HttpResponse::Ok().json(serde_json::json!({
-            "status": "ok",
-            "queued": stats.messages,
-            "bytes": stats.bytes,
-            "recovered": stats.recovered,
-            "scheduled": stats.scheduled,
-            "corrupt": stats.corrupt,
-            "committed": stats.committed,
-            "syncs": stats.syncs,
-            "failed": stats.failed,
-        })),
-        Err(e) => HttpResponse::ServiceUnavailable()
-            .json(serde_json::json!({"status": "unavailable", "error": e.to_string()})),
     }
 }
 

@@ -1,0 +1,190 @@
+//! The HTTP side of the operator interface: `/health` and the queue admin API under
+//! `/api/queue/` that `tern queue …` talks to. The handlers only translate HTTP to the queue
+//! actor's admin messages and back to JSON.
+//!
+//! The admin API answers only clients on loopback (403 otherwise), whatever `http.listen` is:
+//! it can delete mail, and the health endpoint is the only thing a load balancer needs.
+
+use actix::Addr;
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde::Deserialize;
+use tern_message::QueueId;
+use tern_queue::admin::{
+    DeleteMessage, Flush, ListMessages, ShowMessage, Summarize, SuspendDomain,
+};
+use tern_queue::{GetStats, QueueActor};
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/health", web::get().to(health)).service(
+        web::scope("/api/queue")
+            .route("/messages", web::get().to(list))
+            .route("/messages/{id}", web::get().to(show))
+            .route("/messages/{id}", web::delete().to(delete))
+            .route("/flush", web::post().to(flush))
+            .route("/suspend/{domain}", web::post().to(suspend))
+            .route("/resume/{domain}", web::post().to(resume))
+            .route("/stats", web::get().to(stats)),
+    );
+}
+
+type Queue = web::Data<Addr<QueueActor>>;
+
+fn unavailable(e: impl std::fmt::Display) -> HttpResponse {
+    HttpResponse::ServiceUnavailable()
+        .json(serde_json::json!({"status": "unavailable", "error": e.to_string()}))
+}
+
+fn error(status: actix_web::http::StatusCode, message: impl Into<String>) -> HttpResponse {
+    HttpResponse::build(status).json(serde_json::json!({ "error": message.into() }))
+}
+
+/// 403 unless the peer is on loopback.
+fn local_only(req: &HttpRequest) -> Option<HttpResponse> {
+    let local = req.peer_addr().is_some_and(|a| a.ip().is_loopback());
+    (!local).then(|| {
+        error(
+            actix_web::http::StatusCode::FORBIDDEN,
+            "the admin API answers loopback clients only",
+        )
+    })
+}
+
+async fn health(queue: Queue) -> HttpResponse {
+    match queue.send(GetStats).await {
+        Ok(stats) => HttpResponse::Ok().json(serde_json::json!({
+            "status": "ok",
+            "queued": stats.messages,
+            "bytes": stats.bytes,
+            "recovered": stats.recovered,
+            "scheduled": stats.scheduled,
+            "in_flight": stats.in_flight,
+            "corrupt": stats.corrupt,
+            "committed": stats.committed,
+            "syncs": stats.syncs,
+            "failed": stats.failed,
+            "delivered": stats.delivery.delivered,
+            "deferred": stats.delivery.deferred,
+            "bounced": stats.delivery.failed + stats.delivery.expired,
+            "dsn_sent": stats.delivery.dsn_sent,
+        })),
+        Err(e) => unavailable(e),
+    }
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    domain: Option<String>,
+    state: Option<String>,
+    #[serde(default)]
+    limit: usize,
+}
+
+async fn list(req: HttpRequest, queue: Queue, q: web::Query<ListQuery>) -> HttpResponse {
+    if let Some(denied) = local_only(&req) {
+        return denied;
+    }
+    let q = q.into_inner();
+    match queue
+        .send(ListMessages {
+            domain: q.domain,
+            state: q.state,
+            limit: q.limit,
+        })
+        .await
+    {
+        Ok(list) => HttpResponse::Ok().json(list),
+        Err(e) => unavailable(e),
+    }
+}
+
+fn parse_id(raw: &str) -> Result<QueueId, HttpResponse> {
+    raw.parse().map_err(|e: tern_message::BadQueueId| {
+        error(actix_web::http::StatusCode::BAD_REQUEST, e.to_string())
+    })
+}
+
+async fn show(req: HttpRequest, queue: Queue, id: web::Path<String>) -> HttpResponse {
+    if let Some(denied) = local_only(&req) {
+        return denied;
+    }
+    let id = match parse_id(&id) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    match queue.send(ShowMessage(id)).await {
+        Ok(Some(detail)) => HttpResponse::Ok().json(detail),
+        Ok(None) => error(actix_web::http::StatusCode::NOT_FOUND, format!("no message {id}")),
+        Err(e) => unavailable(e),
+    }
+}
+
+#[derive(Deserialize)]
+struct DeleteQuery {
+    #[serde(default)]
+    bounce: bool,
+}
+
+async fn delete(
+    req: HttpRequest,
+    queue: Queue,
+    id: web::Path<String>,
+    q: web::Query<DeleteQuery>,
+) -> HttpResponse {
+    if let Some(denied) = local_only(&req) {
+        return denied;
+    }
+    let id = match parse_id(&id) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    let bounce = q.bounce;
+    match queue.send(DeleteMessage { id, bounce }).await {
+        Ok(true) => HttpResponse::Ok().json(serde_json::json!({"deleted": id.to_string(), "bounce": bounce})),
+        Ok(false) => error(actix_web::http::StatusCode::NOT_FOUND, format!("no message {id}")),
+        Err(e) => unavailable(e),
+    }
+}
+
+#[derive(Deserialize)]
+struct FlushQuery {
+    domain: Option<String>,
+}
+
+async fn flush(req: HttpRequest, queue: Queue, q: web::Query<FlushQuery>) -> HttpResponse {
+    if let Some(denied) = local_only(&req) {
+        return denied;
+    }
+    match queue.send(Flush { domain: q.into_inner().domain }).await {
+        Ok(n) => HttpResponse::Ok().json(serde_json::json!({ "rescheduled": n })),
+        Err(e) => unavailable(e),
+    }
+}
+
+async fn suspend(req: HttpRequest, queue: Queue, domain: web::Path<String>) -> HttpResponse {
+    set_suspended(req, queue, domain.into_inner(), true).await
+}
+
+async fn resume(req: HttpRequest, queue: Queue, domain: web::Path<String>) -> HttpResponse {
+    set_suspended(req, queue, domain.into_inner(), false).await
+}
+
+async fn set_suspended(req: HttpRequest, queue: Queue, domain: String, suspend: bool) -> HttpResponse {
+    if let Some(denied) = local_only(&req) {
+        return denied;
+    }
+    match queue.send(SuspendDomain { domain, suspend }).await {
+        Ok(Ok(list)) => HttpResponse::Ok().json(serde_json::json!({ "suspended": list })),
+        Ok(Err(message)) => error(actix_web::http::StatusCode::BAD_REQUEST, message),
+        Err(e) => unavailable(e),
+    }
+}
+
+async fn stats(req: HttpRequest, queue: Queue) -> HttpResponse {
+    if let Some(denied) = local_only(&req) {
+        return denied;
+    }
+    match queue.send(Summarize).await {
+        Ok(summary) => HttpResponse::Ok().json(summary),
+        Err(e) => unavailable(e),
+    }
+}

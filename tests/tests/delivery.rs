@@ -1,0 +1,613 @@
+//! Delivery end to end: `tern serve` with delivery on, a real DNS server on loopback
+//! (hickory-server, `tern_dns::testing`), and real receiving SMTP servers (the scripted sink,
+//! Postfix's smtp-sink, a second Tern). Every message goes in over SMTP and comes out over SMTP.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use mail_parser::MessageParser;
+use tern_dns::testing::{TestDns, TestZone};
+use tern_tests::sink::{Received, Sink, SinkConfig};
+use tern_tests::{queued_id, unique_token, TernServer, TernServerBuilder};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn ip(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+/// A sink on `addr_ip` at a free port.
+fn sink_on(addr_ip: &str, cfg: SinkConfig) -> Sink {
+    Sink::start_on(SocketAddr::new(addr_ip.parse().unwrap(), 0), cfg).expect("bind sink")
+}
+
+/// A sink on `addr_ip` at exactly `port` (MX deliveries all use `delivery.port`).
+fn sink_at(addr_ip: &str, port: u16, cfg: SinkConfig) -> Sink {
+    Sink::start_on(SocketAddr::new(addr_ip.parse().unwrap(), port), cfg).expect("bind sink")
+}
+
+/// Sends one message over SMTP and returns its queue id.
+fn submit(server: &TernServer, mail: &str, rcpts: &[&str], body: &str) -> String {
+    let mut c = server.session();
+    c.cmd(&format!("MAIL FROM:{mail}")).expect_code(250);
+    for r in rcpts {
+        c.cmd(&format!("RCPT TO:{r}")).expect_code(250);
+    }
+    c.cmd("DATA").expect_code(354);
+    c.send(body.replace('\n', "\r\n"));
+    c.send(b".\r\n");
+    let id = queued_id(&c.read_reply());
+    c.cmd("QUIT");
+    id
+}
+
+fn message(from: &str, to: &str, token: &str) -> String {
+    format!(
+        "From: <{from}>\nTo: <{to}>\nSubject: test {token}\nMessage-ID: <{token}@client.test>\n\nbody {token}\n"
+    )
+}
+
+/// Polls `/health` until the queue is empty.
+fn wait_queue_empty(server: &TernServer, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let h = server.health();
+        if h["queued"].as_u64() == Some(0) {
+            return;
+        }
+        if Instant::now() > deadline {
+            panic!("queue not empty after {within:?}: {h}\n{}", server.stderr());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The delivery log's lines (JSON objects).
+fn log_events(server: &TernServer) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(server.data_dir().join("delivery.log")).unwrap_or_default();
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad log line {l:?}: {e}")))
+        .collect()
+}
+
+fn wait_event(server: &TernServer, event: &str, recipient: &str, within: Duration) -> serde_json::Value {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(e) = log_events(server)
+            .into_iter()
+            .find(|e| e["event"] == event && e["recipient"] == recipient)
+        {
+            return e;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "no {event} event for {recipient} within {within:?}; log:\n{}\n{}",
+                std::fs::read_to_string(server.data_dir().join("delivery.log")).unwrap_or_default(),
+                server.stderr()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The parsed `message/delivery-status` fields of a DSN: (per-message, per-recipient groups).
+fn dsn_fields(raw: &[u8]) -> (String, Vec<HashMap<String, String>>) {
+    let msg = MessageParser::default().parse(raw).expect("DSN parses");
+    let ct = msg.content_type().expect("DSN has a content type");
+    assert_eq!(ct.ctype(), "multipart");
+    assert_eq!(ct.subtype(), Some("report"));
+    assert_eq!(ct.attribute("report-type"), Some("delivery-status"));
+    let part = msg
+        .parts
+        .iter()
+        .find(|p| {
+            p.content_type()
+                .is_some_and(|c| c.ctype() == "message" && c.subtype() == Some("delivery-status"))
+        })
+        .expect("a message/delivery-status part");
+    let text = String::from_utf8_lossy(part.contents()).replace("\r\n", "\n");
+    let mut groups = text.split("\n\n").filter(|g| !g.trim().is_empty());
+    let per_message = groups.next().unwrap_or_default().to_string();
+    let recipients = groups
+        .map(|g| {
+            g.lines()
+                .filter_map(|l| l.split_once(':'))
+                .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+                .collect()
+        })
+        .collect();
+    (per_message, recipients)
+}
+
+fn to_sink(server: TernServerBuilder, sink: &Sink) -> TernServerBuilder {
+    server
+        .set("delivery.enabled", true)
+        .set("delivery.idle_timeout", "1s")
+        .set_list("queue.retry_schedule", &["1s"])
+        .route("*", Some(&sink.addr().to_string()), "none")
+}
+
+#[test]
+fn smarthost_route_delivers_and_empties_the_queue() {
+    let sink = Sink::start(SinkConfig::default());
+    let server = to_sink(TernServer::builder(), &sink).start();
+    let token = unique_token();
+    let id = submit(
+        &server,
+        "<alice@client.test>",
+        &["<bob@example.net>", "<carol@example.org>"],
+        &message("alice@client.test", "bob@example.net", &token),
+    );
+    let got = sink.wait_for_messages(2, WAIT);
+    let mut rcpts: Vec<String> = got.iter().flat_map(|m| m.rcpts.clone()).collect();
+    rcpts.sort();
+    assert_eq!(rcpts, ["bob@example.net", "carol@example.org"]);
+    for m in &got {
+        assert_eq!(m.mail_from, "alice@client.test");
+        let text = String::from_utf8_lossy(&m.data);
+        assert!(text.contains(&format!("body {token}")), "{text}");
+        assert!(text.starts_with("Received: "), "our Received header first: {text}");
+    }
+    wait_queue_empty(&server, WAIT);
+    let delivered = wait_event(&server, "delivered", "bob@example.net", WAIT);
+    assert_eq!(delivered["queue_id"], id.as_str());
+    assert_eq!(delivered["attempt"], 1);
+    assert!(delivered["reply"].as_str().unwrap().starts_with("250"));
+    assert_eq!(delivered["ip"], sink.addr().ip().to_string());
+    assert!(log_events(&server)
+        .iter()
+        .any(|e| e["event"] == "received" && e["queue_id"] == id.as_str()));
+    let h = server.health();
+    assert_eq!(h["delivered"], 2, "{h}");
+}
+
+#[test]
+fn connection_reused_for_many_messages_to_one_destination() {
+    let sink = Sink::start(SinkConfig::default());
+    let server = to_sink(TernServer::builder(), &sink)
+        .set("delivery.max_connections", 1)
+        .start();
+    for i in 0..10 {
+        submit(
+            &server,
+            "<a@client.test>",
+            &[&format!("<r{i}@example.net>")],
+            &message("a@client.test", "r@example.net", &unique_token()),
+        );
+    }
+    sink.wait_for_messages(10, WAIT);
+    wait_queue_empty(&server, WAIT);
+    assert!(
+        sink.connections() < 10,
+        "expected connection reuse, got {} connections for 10 messages",
+        sink.connections()
+    );
+}
+
+#[test]
+fn mx_preference_order_and_fallback_to_the_next_mx() {
+    // mx1 (preference 10) is down: nothing listens on 127.0.0.2 at the port; mx2 (20) answers;
+    // mx3 (30) must not be used while mx2 works.
+    let mx2 = sink_on("127.0.0.3", SinkConfig::default());
+    let port = mx2.addr().port();
+    let mx3 = sink_at("127.0.0.4", port, SinkConfig::default());
+    let dns = TestDns::start(
+        TestZone::new()
+            .mx("example.net", 10, "mx1.example.net")
+            .mx("example.net", 20, "mx2.example.net")
+            .mx("example.net", 30, "mx3.example.net")
+            .a("mx1.example.net", ip("127.0.0.2"))
+            .a("mx2.example.net", ip("127.0.0.3"))
+            .a("mx3.example.net", ip("127.0.0.4")),
+    );
+    let server = TernServer::builder().deliver(dns.addr(), port).start();
+    submit(
+        &server,
+        "<a@client.test>",
+        &["<bob@example.net>"],
+        &message("a@client.test", "bob@example.net", &unique_token()),
+    );
+    let got = mx2.wait_for_messages(1, WAIT);
+    assert_eq!(got[0].rcpts, ["bob@example.net"]);
+    let e = wait_event(&server, "delivered", "bob@example.net", WAIT);
+    assert_eq!(e["mx"], "mx2.example.net");
+    assert_eq!(mx3.messages().len(), 0);
+}
+
+#[test]
+fn implicit_mx_uses_the_domains_own_address() {
+    let sink = sink_on("127.0.0.5", SinkConfig::default());
+    let dns = TestDns::start(TestZone::new().a("implicit.test", ip("127.0.0.5")));
+    let server = TernServer::builder()
+        .deliver(dns.addr(), sink.addr().port())
+        .start();
+    submit(
+        &server,
+        "<a@client.test>",
+        &["<x@implicit.test>"],
+        &message("a@client.test", "x@implicit.test", &unique_token()),
+    );
+    assert_eq!(sink.wait_for_messages(1, WAIT)[0].rcpts, ["x@implicit.test"]);
+}
+
+/// DNS for a sender domain whose mail lands in `mailbox` (to collect DSNs) plus `extra`.
+fn zone_with_sender_mailbox(mailbox: &Sink, extra: TestZone) -> TestZone {
+    let ip = match mailbox.addr().ip() {
+        IpAddr::V4(v4) => v4,
+        IpAddr::V6(_) => panic!("v4 sink expected"),
+    };
+    extra
+        .mx("sender.test", 10, "mx.sender.test")
+        .a("mx.sender.test", ip)
+}
+
+#[test]
+fn null_mx_fails_at_once_and_the_sender_gets_a_5_1_10_dsn() {
+    let mailbox = sink_on("127.0.0.6", SinkConfig::default());
+    let dns = TestDns::start(zone_with_sender_mailbox(
+        &mailbox,
+        TestZone::new().null_mx("nomail.test"),
+    ));
+    let server = TernServer::builder()
+        .deliver(dns.addr(), mailbox.addr().port())
+        .start();
+    let id = submit(
+        &server,
+        "<alice@sender.test>",
+        &["<x@nomail.test>"],
+        &message("alice@sender.test", "x@nomail.test", &unique_token()),
+    );
+    let dsn = mailbox.wait_for_messages(1, WAIT);
+    assert_eq!(dsn[0].mail_from, "", "DSNs come from the null sender");
+    assert_eq!(dsn[0].rcpts, ["alice@sender.test"]);
+    let (per_message, rcpts) = dsn_fields(&dsn[0].data);
+    assert!(per_message.contains("Reporting-MTA: dns;tern.test"), "{per_message}");
+    assert_eq!(rcpts.len(), 1);
+    assert_eq!(rcpts[0]["action"], "failed");
+    assert_eq!(rcpts[0]["status"], "5.1.10");
+    assert!(rcpts[0]["final-recipient"].ends_with("x@nomail.test"));
+    let failed = wait_event(&server, "failed", "x@nomail.test", WAIT);
+    assert_eq!(failed["queue_id"], id.as_str());
+    assert_eq!(failed["attempt"], 1);
+    wait_queue_empty(&server, WAIT);
+}
+
+#[test]
+fn nxdomain_fails_with_5_1_2_and_servfail_is_retried() {
+    let mailbox = sink_on("127.0.0.7", SinkConfig::default());
+    let dns = TestDns::start(zone_with_sender_mailbox(
+        &mailbox,
+        TestZone::new().servfail("broken.test"),
+    ));
+    let server = TernServer::builder()
+        .deliver(dns.addr(), mailbox.addr().port())
+        .start();
+    submit(
+        &server,
+        "<alice@sender.test>",
+        &["<x@missing.test>", "<y@broken.test>"],
+        &message("alice@sender.test", "x@missing.test", &unique_token()),
+    );
+    let dsn = mailbox.wait_for_messages(1, WAIT);
+    let (_, rcpts) = dsn_fields(&dsn[0].data);
+    assert_eq!(rcpts.len(), 1, "only the NXDOMAIN recipient is final: {rcpts:?}");
+    assert_eq!(rcpts[0]["status"], "5.1.2");
+    let deferred = wait_event(&server, "deferred", "y@broken.test", WAIT);
+    assert!(deferred["reply"].as_str().unwrap().starts_with("4.4.3"), "{deferred}");
+    // Retried on the schedule (1 s in tests), still temporary.
+    let deadline = Instant::now() + WAIT;
+    while !log_events(&server)
+        .iter()
+        .any(|e| e["event"] == "deferred" && e["recipient"] == "y@broken.test" && e["attempt"] == 2)
+    {
+        assert!(Instant::now() < deadline, "no second attempt for y@broken.test");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(server.queued(), 1);
+}
+
+#[test]
+fn temporary_failure_then_success_on_retry() {
+    let sink = Sink::start(SinkConfig {
+        rcpt_replies: vec![(
+            "later@example.net".into(),
+            vec!["451 4.3.0 try again later".into(), "250 2.1.5 ok".into()],
+        )],
+        ..SinkConfig::default()
+    });
+    let server = to_sink(TernServer::builder(), &sink).start();
+    submit(
+        &server,
+        "<a@client.test>",
+        &["<later@example.net>"],
+        &message("a@client.test", "later@example.net", &unique_token()),
+    );
+    let deferred = wait_event(&server, "deferred", "later@example.net", WAIT);
+    assert_eq!(deferred["attempt"], 1);
+    assert!(deferred["reply"].as_str().unwrap().starts_with("451"));
+    let delivered = wait_event(&server, "delivered", "later@example.net", WAIT);
+    assert_eq!(delivered["attempt"], 2);
+    assert_eq!(sink.messages().len(), 1);
+    wait_queue_empty(&server, WAIT);
+}
+
+#[test]
+fn permanent_refusal_bounces_with_status_and_diagnostic_code() {
+    let mailbox = Sink::start(SinkConfig::default());
+    let remote = Sink::start(SinkConfig {
+        rcpt_replies: vec![(
+            "nobody@example.net".into(),
+            vec!["550 5.1.1 no such user here".into()],
+        )],
+        ..SinkConfig::default()
+    });
+    let token = unique_token();
+    let server = TernServer::builder()
+        .set("delivery.enabled", true)
+        .route("sender.test", Some(&mailbox.addr().to_string()), "none")
+        .route("*", Some(&remote.addr().to_string()), "none")
+        .start();
+    submit(
+        &server,
+        "<alice@sender.test> RET=HDRS ENVID=env-42",
+        &["<nobody@example.net> ORCPT=rfc822;nobody@example.net", "<bob@example.net>"],
+        &message("alice@sender.test", "nobody@example.net", &token),
+    );
+    let delivered = remote.wait_for_messages(1, WAIT);
+    assert_eq!(delivered[0].rcpts, ["bob@example.net"]);
+    let dsn = mailbox.wait_for_messages(1, WAIT);
+    assert_eq!(dsn[0].mail_from, "");
+    let (per_message, rcpts) = dsn_fields(&dsn[0].data);
+    assert!(per_message.contains("Original-Envelope-Id: env-42"), "{per_message}");
+    assert_eq!(rcpts.len(), 1, "one report for the refused recipient: {rcpts:?}");
+    let r = &rcpts[0];
+    assert_eq!(r["action"], "failed");
+    assert_eq!(r["status"], "5.1.1");
+    assert!(r["diagnostic-code"].starts_with("smtp;550 5.1.1 no such user here"), "{r:?}");
+    assert!(r["original-recipient"].contains("nobody@example.net"), "{r:?}");
+    assert!(r["remote-mta"].contains("127.0.0.1"), "{r:?}");
+    // RET=HDRS: the original's headers come back, not its body.
+    let text = String::from_utf8_lossy(&dsn[0].data);
+    assert!(text.contains(&format!("Subject: test {token}")));
+    assert!(!text.contains(&format!("body {token}")));
+    wait_queue_empty(&server, WAIT);
+    let events = log_events(&server);
+    assert!(events.iter().any(|e| e["event"] == "bounce-sent"));
+}
+
+#[test]
+fn notify_success_gets_a_relayed_dsn_from_a_server_without_dsn() {
+    let mailbox = Sink::start(SinkConfig::default());
+    let remote = Sink::start(SinkConfig {
+        ehlo_keywords: vec!["PIPELINING".into(), "8BITMIME".into()],
+        ..SinkConfig::default()
+    });
+    let server = TernServer::builder()
+        .set("delivery.enabled", true)
+        .route("sender.test", Some(&mailbox.addr().to_string()), "none")
+        .route("*", Some(&remote.addr().to_string()), "none")
+        .start();
+    submit(
+        &server,
+        "<alice@sender.test>",
+        &["<bob@example.net> NOTIFY=SUCCESS,FAILURE", "<carol@example.net>"],
+        &message("alice@sender.test", "bob@example.net", &unique_token()),
+    );
+    remote.wait_for_messages(1, WAIT);
+    let dsn = mailbox.wait_for_messages(1, WAIT);
+    let (_, rcpts) = dsn_fields(&dsn[0].data);
+    assert_eq!(rcpts.len(), 1, "only bob asked for success: {rcpts:?}");
+    assert_eq!(rcpts[0]["action"], "relayed");
+    assert_eq!(rcpts[0]["status"], "2.0.0");
+    assert!(rcpts[0]["final-recipient"].ends_with("bob@example.net"));
+}
+
+#[test]
+fn expiry_bounces_with_4_4_7() {
+    let mailbox = Sink::start(SinkConfig::default());
+    let remote = Sink::start(SinkConfig {
+        rcpt_replies: vec![(
+            "slow@example.net".into(),
+            vec!["451 4.2.0 mailbox busy".into()],
+        )],
+        ..SinkConfig::default()
+    });
+    let server = TernServer::builder()
+        .set("delivery.enabled", true)
+        .set_list("queue.retry_schedule", &["500ms"])
+        .set("queue.max_lifetime", "2s")
+        .set("queue.delay_warning", "0s")
+        .route("sender.test", Some(&mailbox.addr().to_string()), "none")
+        .route("*", Some(&remote.addr().to_string()), "none")
+        .start();
+    submit(
+        &server,
+        "<alice@sender.test>",
+        &["<slow@example.net>"],
+        &message("alice@sender.test", "slow@example.net", &unique_token()),
+    );
+    let dsn = mailbox.wait_for_messages(1, WAIT);
+    let (_, rcpts) = dsn_fields(&dsn[0].data);
+    assert_eq!(rcpts[0]["action"], "failed");
+    assert_eq!(rcpts[0]["status"], "4.4.7");
+    assert!(rcpts[0]["diagnostic-code"].contains("451 4.2.0 mailbox busy"), "{rcpts:?}");
+    let expired = wait_event(&server, "expired", "slow@example.net", WAIT);
+    assert!(expired["attempt"].as_u64().unwrap() >= 2, "{expired}");
+    wait_queue_empty(&server, WAIT);
+}
+
+#[test]
+fn delay_warning_is_sent_once() {
+    let mailbox = Sink::start(SinkConfig::default());
+    let remote = Sink::start(SinkConfig {
+        rcpt_replies: vec![("slow@example.net".into(), vec!["451 4.2.0 busy".into()])],
+        ..SinkConfig::default()
+    });
+    let server = TernServer::builder()
+        .set("delivery.enabled", true)
+        .set_list("queue.retry_schedule", &["300ms"])
+        .set("queue.delay_warning", "1s")
+        .route("sender.test", Some(&mailbox.addr().to_string()), "none")
+        .route("*", Some(&remote.addr().to_string()), "none")
+        .start();
+    submit(
+        &server,
+        "<alice@sender.test>",
+        &["<slow@example.net>"],
+        &message("alice@sender.test", "slow@example.net", &unique_token()),
+    );
+    let dsn = mailbox.wait_for_messages(1, WAIT);
+    let (_, rcpts) = dsn_fields(&dsn[0].data);
+    assert_eq!(rcpts[0]["action"], "delayed");
+    assert_eq!(rcpts[0]["status"], "4.2.0");
+    assert!(rcpts[0].contains_key("will-retry-until"), "{rcpts:?}");
+    // More attempts fail, no second warning.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(mailbox.messages().len(), 1);
+}
+
+#[test]
+fn no_bounce_to_the_null_sender() {
+    let remote = Sink::start(SinkConfig {
+        rcpt_replies: vec![("nobody@example.net".into(), vec!["550 5.1.1 unknown".into()])],
+        ..SinkConfig::default()
+    });
+    let server = to_sink(TernServer::builder(), &remote).start();
+    submit(
+        &server,
+        "<>",
+        &["<nobody@example.net>"],
+        &message("mailer-daemon@client.test", "nobody@example.net", &unique_token()),
+    );
+    wait_event(&server, "failed", "nobody@example.net", WAIT);
+    wait_queue_empty(&server, WAIT);
+    std::thread::sleep(Duration::from_millis(500));
+    // Nothing else was sent: no DSN went anywhere (the `*` route would have taken it here).
+    assert_eq!(remote.transactions().len(), 1, "{:?}", remote.transactions().len());
+    assert!(!log_events(&server).iter().any(|e| e["event"] == "bounce-sent"));
+}
+
+#[test]
+fn tls_required_to_a_server_without_starttls_defers_instead_of_plaintext() {
+    let sink = Sink::start(SinkConfig::default());
+    let server = TernServer::builder()
+        .set("delivery.enabled", true)
+        .route("*", Some(&sink.addr().to_string()), "required")
+        .start();
+    submit(
+        &server,
+        "<a@client.test>",
+        &["<b@example.net>"],
+        &message("a@client.test", "b@example.net", &unique_token()),
+    );
+    let e = wait_event(&server, "deferred", "b@example.net", WAIT);
+    assert!(e["reply"].as_str().unwrap().starts_with("4.7.4"), "{e}");
+    assert_eq!(sink.messages().len(), 0, "nothing may go in plaintext");
+}
+
+#[test]
+fn greeting_421_moves_on_to_the_next_mx() {
+    let busy = sink_on(
+        "127.0.0.8",
+        SinkConfig {
+            greeting: "421 4.3.2 too busy".into(),
+            ..SinkConfig::default()
+        },
+    );
+    let port = busy.addr().port();
+    let good = sink_at("127.0.0.9", port, SinkConfig::default());
+    let dns = TestDns::start(
+        TestZone::new()
+            .mx("busy.test", 10, "mx1.busy.test")
+            .mx("busy.test", 20, "mx2.busy.test")
+            .a("mx1.busy.test", ip("127.0.0.8"))
+            .a("mx2.busy.test", ip("127.0.0.9")),
+    );
+    let server = TernServer::builder().deliver(dns.addr(), port).start();
+    submit(
+        &server,
+        "<a@client.test>",
+        &["<b@busy.test>"],
+        &message("a@client.test", "b@busy.test", &unique_token()),
+    );
+    good.wait_for_messages(1, WAIT);
+    assert!(busy.connections() >= 1);
+}
+
+#[test]
+fn a_second_tern_receives_relayed_mail() {
+    let receiver = TernServer::builder().relay_domains(&["example.net"]).start();
+    let sender = TernServer::builder()
+        .set("delivery.enabled", true)
+        .route("*", Some(&receiver.smtp.to_string()), "opportunistic")
+        .start();
+    let token = unique_token();
+    submit(
+        &sender,
+        "<a@client.test>",
+        &["<b@example.net>"],
+        &message("a@client.test", "b@example.net", &token),
+    );
+    let e = wait_event(&sender, "delivered", "b@example.net", WAIT);
+    // Opportunistic TLS with the receiver's self-signed certificate.
+    assert!(e["tls"].as_str().is_some_and(|t| t.starts_with("TLS")), "{e}");
+    wait_queue_empty(&sender, WAIT);
+    assert_eq!(receiver.queued(), 1);
+}
+
+#[test]
+fn sigkill_during_delivery_loses_nothing() {
+    let sink = Sink::start(SinkConfig {
+        data_delay: Duration::from_millis(200),
+        ..SinkConfig::default()
+    });
+    let mut server = to_sink(TernServer::builder(), &sink)
+        .set("delivery.max_connections", 2)
+        .start();
+    let tokens: Vec<String> = (0..20).map(|_| unique_token()).collect();
+    for t in &tokens {
+        submit(
+            &server,
+            "<a@client.test>",
+            &["<b@example.net>"],
+            &message("a@client.test", "b@example.net", t),
+        );
+    }
+    // Some are delivered, the rest queued or in flight.
+    sink.wait_for_messages(2, WAIT);
+    server.kill();
+    let before = sink.messages().len();
+    assert!(before < tokens.len(), "killed too late to test anything");
+    server.restart();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let delivered_tokens = |got: &[Received]| -> HashMap<String, usize> {
+        let mut seen = HashMap::new();
+        for m in got {
+            let text = String::from_utf8_lossy(&m.data);
+            for t in &tokens {
+                if text.contains(&format!("body {t}")) {
+                    *seen.entry(t.clone()).or_insert(0) += 1;
+                }
+            }
+        }
+        seen
+    };
+    loop {
+        let seen = delivered_tokens(&sink.messages());
+        if seen.len() == tokens.len() {
+            let duplicates: usize = seen.values().map(|n| n - 1).sum();
+            eprintln!("killed after {before} deliveries; duplicates after restart: {duplicates}");
+            assert!(duplicates <= 2, "at most the in-flight messages repeat: {duplicates}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {} messages delivered after restart",
+            seen.len(),
+            tokens.len()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    wait_queue_empty(&server, WAIT);
+}
