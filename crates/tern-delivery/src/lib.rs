@@ -6,6 +6,8 @@
 
 pub mod client;
 mod error;
+pub mod fold;
 
 pub use client::{ClientConfig, RecipientOutcome, SmtpConnection, TlsPolicy};
 pub use error::DeliveryError;
+pub use fold::fold_long_lines;
