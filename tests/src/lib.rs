@@ -1,12 +1,14 @@
 //! End-to-end test support for Tern: the [`TernServer`] fixture runs the real `tern` binary on
 //! private loopback ports with its own data directory, and [`SmtpClient`] is a deliberately
 //! small raw-socket SMTP client for the protocol edge cases real mail clients never produce
-//! (smuggling, injection, oversized lines, PROXY headers).
+//! (smuggling, injection, oversized lines, PROXY headers). [`sink::Sink`] is the other side:
+//! a scripted receiving SMTP server for testing Tern's delivery.
 //!
 //! Every test starts its own server, so tests run in parallel. Ports are picked outside the
 //! kernel's ephemeral range (where thousands of client sockets come and go during the
 //! concurrency tests) and a start that loses a port race is retried with fresh ports.
 
+pub mod sink;
 pub mod smtp;
 pub mod tls;
 

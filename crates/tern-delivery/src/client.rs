@@ -3,9 +3,13 @@
 //! The grammar (commands, replies, EHLO keywords) comes from `tern-smtp`; this module only adds
 //! the socket, the timeouts, STARTTLS and the order of the conversation.
 //!
+//! Lines longer than 998 octets (RFC 5321 §4.5.3.1.6) are broken before sending, as Postfix's
+//! `smtp_line_length_limit` does (see [`crate::fold`]): CRLF is inserted before a space or tab
+//! near the limit, or CRLF and a space at the limit when there is none. This changes the
+//! content, so a DKIM signature covering such a line no longer verifies. BINARYMIME content
+//! (sent with BDAT, which has no line structure) is never folded.
+//!
 //! Not done yet, on purpose:
-//! - lines longer than 998 octets (RFC 5321 §4.5.3.1.6) are sent as they are; folding or
-//!   re-encoding them is left for later (the ingress limits what it accepts meanwhile);
 //! - with CHUNKING (RFC 3030) the content goes as one `BDAT <size> LAST` chunk; splitting it
 //!   into several chunks (to stream from the spool) is left for later;
 //! - 8BITMIME content to a server without 8BITMIME is sent unchanged (Postfix does the same by
@@ -14,6 +18,7 @@
 //!   (RFC 4954 §5), and this client does not authenticate yet;
 //! - the rustls client configuration is built per connection; it could be cached.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::future::Future;
 use std::io;
@@ -34,6 +39,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tracing::{debug, info, instrument, warn};
 
+use crate::fold::{fold_long_lines, MAX_LINE};
 use crate::DeliveryError;
 
 /// When to use STARTTLS (RFC 3207).
@@ -253,7 +259,8 @@ impl SmtpConnection {
     /// outcome per recipient, in the envelope's order. A refused MAIL or DATA applies to every
     /// recipient; the reply after the final dot applies to every recipient the server accepted.
     ///
-    /// `body` is the message content with CRLF line endings, not dot-stuffed. Call
+    /// `body` is the message content with CRLF line endings, not dot-stuffed; lines over 998
+    /// octets are folded before sending (except in BINARYMIME content). Call
     /// [`SmtpConnection::reset`] before the next message. An `Err` means the outcome of the
     /// transaction is unknown (treat every recipient as deferred) and the connection is
     /// unusable.
@@ -306,6 +313,22 @@ impl SmtpConnection {
         envelope: &Envelope,
         body: &[u8],
     ) -> Result<Vec<RecipientOutcome>, DeliveryError> {
+        // Before anything measures or stuffs it: SIZE, the BDAT count and dot-stuffing all see
+        // the content as it goes on the wire. BINARYMIME content has no lines to fold.
+        let folded;
+        let body = if envelope.body_type == BodyType::BinaryMime {
+            body
+        } else {
+            folded = fold_long_lines(body, MAX_LINE);
+            if let Cow::Owned(_) = &folded {
+                debug!(
+                    before = body.len(),
+                    after = folded.len(),
+                    "folded lines over {MAX_LINE} octets"
+                );
+            }
+            &*folded
+        };
         let n = envelope.recipients.len();
         let all_failed =
             |reply: Reply| vec![RecipientOutcome::Failed(reply); envelope.recipients.len()];

@@ -1,15 +1,19 @@
 //! Tern's outbound side.
 //!
-//! This first piece is the SMTP client ([`client::SmtpConnection`]): one connection to one
-//! remote server, reused for several transactions. Choosing the server (MX lookup), retry
-//! scheduling and DSNs are built on top of it later.
+//! * [`client::SmtpConnection`]: one connection to one remote server, reused for several
+//!   transactions (pipelining, STARTTLS, DSN parameters, BDAT, long-line folding).
+//! * [`stage`]: the delivery stage's actors: a dispatcher routing queue jobs to one actor per
+//!   destination (domain or smarthost), each with a bounded pool of connections, MX lookup and
+//!   fallback, and a report per job back to the queue.
 
 pub mod client;
 mod error;
+pub mod fold;
 pub mod stage;
 
 pub use client::{ClientConfig, RecipientOutcome, SmtpConnection, TlsPolicy};
 pub use error::DeliveryError;
+pub use fold::fold_long_lines;
 pub use stage::{
     domain_matches, spawn_delivery, DeliverySettings, DestinationLimits, Dispatcher, Route,
 };

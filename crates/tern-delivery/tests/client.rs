@@ -415,6 +415,65 @@ async fn content_is_dot_stuffed_on_the_wire() {
     );
 }
 
+/// Every line of `wire` (split after each LF), CRLF included, is at most 1000 octets.
+fn assert_smtp_line_lengths(wire: &[u8]) {
+    for line in wire.split_inclusive(|&b| b == b'\n') {
+        assert!(
+            line.len() <= 1000,
+            "a line of {} octets reached the server",
+            line.len()
+        );
+    }
+}
+
+#[tokio::test]
+async fn long_lines_are_folded_on_the_wire() {
+    // 5000 octets of words on one body line, and one of 5000 octets without whitespace.
+    let words: String = "0123456789 ".repeat(455);
+    let solid = "x".repeat(5000);
+    let body = format!("Subject: long\r\n\r\n{words}\r\n{solid}\r\nend\r\n");
+    assert!(words.len() >= 5000);
+
+    // DATA.
+    let (mut conn, record) = connected(Script::new(&["PIPELINING"])).await;
+    let outcomes = conn
+        .send(&envelope(&["a@example.net"]), body.as_bytes())
+        .await
+        .unwrap();
+    assert!(delivered(&outcomes[0]));
+    conn.quit().await;
+    let data = record.lock().unwrap().data[0].clone();
+    assert_smtp_line_lengths(&data);
+    let text = String::from_utf8(data).unwrap();
+    assert!(text.starts_with("Subject: long\r\n\r\n0123456789 "));
+    assert!(text.ends_with("\r\nend\r\n.\r\n"));
+    // Nothing lost: without the inserted breaks (CRLF before whitespace, and CRLF SP at hard
+    // breaks) the content is the original.
+    assert_eq!(
+        text.trim_end_matches(".\r\n").replace("\r\n ", " ").len(),
+        // One inserted space per hard break of the solid line: 998 octets, then 997 after
+        // each inserted space, so 5 breaks for 5000 octets.
+        body.len() + 5
+    );
+
+    // BDAT: the same folding, and the chunk size counts the folded content.
+    let (mut conn, record) = connected(Script::new(&["PIPELINING", "CHUNKING"])).await;
+    let outcomes = conn
+        .send(&envelope(&["a@example.net"]), body.as_bytes())
+        .await
+        .unwrap();
+    assert!(delivered(&outcomes[0]));
+    conn.quit().await;
+    let rec = record.lock().unwrap();
+    assert_smtp_line_lengths(&rec.data[0]);
+    assert_eq!(
+        rec.verbs()[3],
+        format!("BDAT {} LAST", rec.data[0].len()),
+        "BDAT counts the folded content"
+    );
+    assert!(rec.data[0].len() > body.len());
+}
+
 #[tokio::test]
 async fn size_limit_fails_without_sending_the_message() {
     let (addr, record) = scripted(Script::new(&["PIPELINING", "SIZE 10"])).await;
