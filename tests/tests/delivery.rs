@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use mail_parser::MessageParser;
+use mail_parser::{MessageParser, MimeHeaders};
 use tern_dns::testing::{TestDns, TestZone};
 use tern_tests::sink::{Received, Sink, SinkConfig};
 use tern_tests::{queued_id, unique_token, TernServer, TernServerBuilder};
