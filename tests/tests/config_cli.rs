@@ -65,6 +65,68 @@ fn config_check_rejects_a_bad_value_naming_key_and_file() {
 }
 
 #[test]
+fn config_check_prints_routes_and_rejects_a_bad_route_naming_key_and_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("routes.toml");
+    fs::write(
+        &file,
+        "[[routes]]\ndomain = \"Example.NET\"\nmax_message_rate = \"6000/m\"\n\n\
+         [[routes]]\ndomain = \"*\"\nrelay = \"127.0.0.1:2526\"\ntls = \"none\"\n\n\
+         [delivery]\nport = 2525\n",
+    )
+    .unwrap();
+    let out = config_check(&file, &[("TERN_QUEUE__RETRY_SCHEDULE", "1s,2s")]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let cfg: toml::Table =
+        toml::from_str(&text).unwrap_or_else(|e| panic!("not TOML: {e}\n{text}"));
+    let routes = cfg["routes"].as_array().unwrap();
+    assert_eq!(routes.len(), 2, "{text}");
+    assert_eq!(routes[0]["domain"].as_str(), Some("example.net"));
+    assert_eq!(routes[0]["max_message_rate"].as_str(), Some("6000/m"));
+    assert_eq!(routes[0]["tls"].as_str(), Some("opportunistic"));
+    assert!(routes[0].get("relay").is_none(), "{text}");
+    assert_eq!(routes[1]["domain"].as_str(), Some("*"));
+    assert_eq!(routes[1]["relay"].as_str(), Some("127.0.0.1:2526"));
+    assert_eq!(routes[1]["tls"].as_str(), Some("none"));
+    assert_eq!(cfg["delivery"]["port"].as_integer(), Some(2525));
+    assert_eq!(cfg["delivery"]["max_connections"].as_integer(), Some(10));
+    assert_eq!(cfg["dns"]["timeout"].as_str(), Some("5s"));
+    let schedule: Vec<&str> = cfg["queue"]["retry_schedule"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    assert_eq!(schedule, ["1s", "2s"]);
+    // What it printed is a configuration it accepts.
+    let printed = dir.path().join("printed.toml");
+    fs::write(&printed, &text).unwrap();
+    let again = config_check(&printed, &[]);
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+
+    let bad = dir.path().join("bad-route.toml");
+    fs::write(
+        &bad,
+        "[[routes]]\ndomain = \"example.net\"\n\n[[routes]]\ndomain = \"*\"\nrelay = \"127.0.0.1:0\"\n",
+    )
+    .unwrap();
+    let out = config_check(&bad, &[]);
+    assert!(!out.status.success(), "port 0 relay must be rejected");
+    let msg = String::from_utf8_lossy(&out.stderr);
+    assert!(msg.contains("routes[1].relay"), "{msg}");
+    assert!(msg.contains("bad-route.toml"), "{msg}");
+}
+
+#[test]
 fn config_check_rejects_an_unparseable_file() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("garbage.toml");

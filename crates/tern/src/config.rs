@@ -34,12 +34,14 @@ const ENV_PREFIX: &str = "tern_";
 /// (`TERN_SMTP__LISTEN`): a single `_` cannot, because keys contain `_`.
 const ENV_SEPARATOR: &str = "__";
 /// Keys whose environment value is a comma-separated list.
-const LIST_KEYS: [&str; 5] = [
+const LIST_KEYS: [&str; 7] = [
     "smtp.listen",
     "smtp.submission_listen",
     "smtp.submissions_listen",
     "relay.networks",
     "relay.domains",
+    "dns.nameservers",
+    "queue.retry_schedule",
 ];
 
 /// The whole configuration. See `docs/configuration.md` for every key.
@@ -54,6 +56,10 @@ pub struct Config {
     pub auth: Auth,
     pub http: Http,
     pub queue: Queue,
+    /// `[[routes]]`: per-destination overrides, checked in order; the first match wins.
+    pub routes: Vec<Route>,
+    pub dns: Dns,
+    pub delivery: Delivery,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -233,6 +239,28 @@ pub struct Queue {
     /// Below this many free bytes in `data_dir`, new mail gets
     /// `452 4.3.1` (like Postfix's `queue_minfree`); 0 disables the check.
     pub min_free_space: u64,
+    /// Waits between delivery attempts of a deferred message; the last one
+    /// repeats until `max_lifetime`.
+    #[serde(
+        serialize_with = "ser_durations",
+        deserialize_with = "de_list::<_, Duration>"
+    )]
+    pub retry_schedule: Vec<Duration>,
+    /// How long a message may stay queued before it bounces.
+    #[serde(
+        serialize_with = "humantime_serde::serialize",
+        deserialize_with = "de_parsed::<_, Duration>"
+    )]
+    pub max_lifetime: Duration,
+    /// After this long in the queue the sender is told the message is
+    /// delayed; `None` ("off", "0s", "0" or "" in the file) never warns.
+    /// Written as "off" when `None`: omitting it would read back as the
+    /// default.
+    #[serde(
+        serialize_with = "ser_delay_warning",
+        deserialize_with = "de_delay_warning"
+    )]
+    pub delay_warning: Option<Duration>,
 }
 
 impl Default for Queue {
@@ -240,6 +268,243 @@ impl Default for Queue {
         Self {
             cache_size: 64 * 1024 * 1024,
             min_free_space: 100 * 1024 * 1024,
+            retry_schedule: vec![
+                Duration::from_secs(60),
+                Duration::from_secs(5 * 60),
+                Duration::from_secs(15 * 60),
+            ],
+            max_lifetime: Duration::from_secs(5 * 24 * 3600),
+            delay_warning: Some(Duration::from_secs(4 * 3600)),
+        }
+    }
+}
+
+pub use tern_delivery::TlsPolicy;
+
+/// One `[[routes]]` entry: how mail for the domains it matches is delivered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// "example.net", "*.example.net" (any subdomain, not the domain
+    /// itself) or "*". Stored lowercased, without a trailing dot.
+    #[serde(deserialize_with = "de_route_domain")]
+    pub domain: String,
+    /// Smarthost to hand the mail to instead of looking up MX records.
+    /// `None`: MX lookup as usual (the route only sets tls/limits).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<RelayHost>,
+    #[serde(
+        default,
+        serialize_with = "ser_tls_policy",
+        deserialize_with = "de_parsed::<_, TlsPolicy>"
+    )]
+    pub tls: TlsPolicy,
+    /// Overrides `delivery.max_connections` for this route.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
+    /// Overrides `delivery.max_messages_per_connection` for this route.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_messages_per_connection: Option<usize>,
+    /// Overrides `delivery.max_message_rate` for this route.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_message_rate: Option<Rate>,
+}
+
+impl Route {
+    /// Whether mail for `domain` takes this route: case-insensitive, a
+    /// trailing dot on either side ignored; "*" matches every domain and
+    /// "*.example.net" every subdomain of example.net (at any depth) but
+    /// not example.net itself.
+    pub fn matches(&self, domain: &str) -> bool {
+        let pattern = self.domain.strip_suffix('.').unwrap_or(&self.domain);
+        let domain = domain.strip_suffix('.').unwrap_or(domain);
+        if pattern == "*" {
+            return true;
+        }
+        match pattern.strip_prefix('*') {
+            // The suffix keeps its leading dot, so "xexample.net" does not
+            // match "*.example.net".
+            Some(suffix) if suffix.starts_with('.') => {
+                let (d, s) = (domain.as_bytes(), suffix.as_bytes());
+                d.len() > s.len() && d[d.len() - s.len()..].eq_ignore_ascii_case(s)
+            }
+            _ => domain.eq_ignore_ascii_case(pattern),
+        }
+    }
+}
+
+/// A smarthost: an IP literal or a DNS name, with an optional port
+/// (`delivery.port` when absent). Written "host", "host:port",
+/// "1.2.3.4:25", "[::1]:2526" or "[host]:port".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayHost {
+    /// An IP address (without brackets) or a DNS name.
+    pub host: String,
+    pub port: Option<u16>,
+}
+
+impl fmt::Display for RelayHost {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let v6 = self.host.parse::<std::net::Ipv6Addr>().is_ok();
+        match (v6, self.port) {
+            (true, Some(port)) => write!(f, "[{}]:{port}", self.host),
+            (true, None) => write!(f, "[{}]", self.host),
+            (false, Some(port)) => write!(f, "{}:{port}", self.host),
+            (false, None) => f.write_str(&self.host),
+        }
+    }
+}
+
+impl std::str::FromStr for RelayHost {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        <Self as FromConfigStr>::parse(s)
+    }
+}
+
+impl Serialize for RelayHost {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for RelayHost {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        de_parsed(d)
+    }
+}
+
+/// A message rate: at most `count` messages per `per`. Written "100/s",
+/// "6000/m", "50000/h" or "1000000/d".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    /// At least 1.
+    pub count: u32,
+    /// One second, minute, hour or day.
+    pub per: Duration,
+}
+
+impl fmt::Display for Rate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let unit = match self.per.as_secs() {
+            _ if self.per.subsec_nanos() != 0 => None,
+            1 => Some("s"),
+            60 => Some("m"),
+            3600 => Some("h"),
+            86_400 => Some("d"),
+            _ => None,
+        };
+        match unit {
+            Some(unit) => write!(f, "{}/{unit}", self.count),
+            // Not produced by parsing; shown readably, though it cannot be
+            // read back.
+            None => write!(
+                f,
+                "{}/{}",
+                self.count,
+                humantime_serde::re::humantime::format_duration(self.per)
+            ),
+        }
+    }
+}
+
+impl std::str::FromStr for Rate {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        <Self as FromConfigStr>::parse(s)
+    }
+}
+
+impl Serialize for Rate {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Rate {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        de_parsed(d)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Dns {
+    /// Resolvers to ask; empty means the system's (/etc/resolv.conf).
+    #[serde(deserialize_with = "de_nameservers")]
+    pub nameservers: Vec<SocketAddr>,
+    #[serde(
+        serialize_with = "humantime_serde::serialize",
+        deserialize_with = "de_parsed::<_, Duration>"
+    )]
+    pub timeout: Duration,
+}
+
+impl Default for Dns {
+    fn default() -> Self {
+        Self {
+            nameservers: Vec::new(),
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Delivery {
+    /// false: accept and keep mail queued without delivering it (a global
+    /// hold, like Postfix's `defer_transports`).
+    pub enabled: bool,
+    /// Port of the remote MX servers (and of relays given without one).
+    pub port: u16,
+    /// Allow delivery to loopback, private and other non-global addresses.
+    pub allow_private_addresses: bool,
+    /// Name given in EHLO; empty means `server.hostname`.
+    pub helo_name: String,
+    /// Simultaneous connections per destination.
+    pub max_connections: usize,
+    /// Messages sent over one connection before it is closed.
+    pub max_messages_per_connection: usize,
+    /// Messages per destination per time unit; `None` is unlimited.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_message_rate: Option<Rate>,
+    #[serde(
+        serialize_with = "humantime_serde::serialize",
+        deserialize_with = "de_parsed::<_, Duration>"
+    )]
+    pub connect_timeout: Duration,
+    #[serde(
+        serialize_with = "humantime_serde::serialize",
+        deserialize_with = "de_parsed::<_, Duration>"
+    )]
+    pub command_timeout: Duration,
+    #[serde(
+        serialize_with = "humantime_serde::serialize",
+        deserialize_with = "de_parsed::<_, Duration>"
+    )]
+    pub data_timeout: Duration,
+    /// How long an idle outbound connection waits for more mail before QUIT.
+    #[serde(
+        serialize_with = "humantime_serde::serialize",
+        deserialize_with = "de_parsed::<_, Duration>"
+    )]
+    pub idle_timeout: Duration,
+}
+
+impl Default for Delivery {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            port: 25,
+            allow_private_addresses: false,
+            helo_name: String::new(),
+            max_connections: 10,
+            max_messages_per_connection: 100,
+            max_message_rate: None,
+            connect_timeout: Duration::from_secs(30),
+            command_timeout: Duration::from_secs(5 * 60),
+            data_timeout: Duration::from_secs(10 * 60),
+            idle_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -574,10 +839,149 @@ impl Config {
             }
         }
 
-        if self.queue.cache_size == 0 {
+        let q = &self.queue;
+        if q.cache_size == 0 {
             return fail("queue.cache_size", "must be greater than 0".into());
         }
+        if q.retry_schedule.is_empty() {
+            return fail(
+                "queue.retry_schedule",
+                "must list at least one wait, e.g. [\"1m\", \"5m\", \"15m\"]".into(),
+            );
+        }
+        if let Some(i) = q.retry_schedule.iter().position(Duration::is_zero) {
+            return fail(
+                &format!("queue.retry_schedule[{i}]"),
+                "must be greater than 0".into(),
+            );
+        }
+        if q.max_lifetime.is_zero() {
+            return fail("queue.max_lifetime", "must be greater than 0".into());
+        }
+        if let Some(warning) = q.delay_warning {
+            if warning >= q.max_lifetime {
+                return fail(
+                    "queue.delay_warning",
+                    format!(
+                        "{} is not shorter than queue.max_lifetime ({}), so no warning would \
+                         ever be sent; make it shorter or \"off\"",
+                        humantime_serde::re::humantime::format_duration(warning),
+                        humantime_serde::re::humantime::format_duration(q.max_lifetime)
+                    ),
+                );
+            }
+        }
+
+        if self.dns.timeout.is_zero() {
+            return fail("dns.timeout", "must be greater than 0".into());
+        }
+
+        let d = &self.delivery;
+        if d.port == 0 {
+            return fail("delivery.port", "must not be 0".into());
+        }
+        if d.helo_name
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+        {
+            return fail(
+                "delivery.helo_name",
+                format!(
+                    "{:?} must not contain spaces or control characters",
+                    d.helo_name
+                ),
+            );
+        }
+        if d.max_connections == 0 {
+            return fail("delivery.max_connections", "must be greater than 0".into());
+        }
+        if d.max_messages_per_connection == 0 {
+            return fail(
+                "delivery.max_messages_per_connection",
+                "must be greater than 0".into(),
+            );
+        }
+        if let Err(message) = check_rate(d.max_message_rate) {
+            return fail("delivery.max_message_rate", message);
+        }
+        for (key, t) in [
+            ("delivery.connect_timeout", d.connect_timeout),
+            ("delivery.command_timeout", d.command_timeout),
+            ("delivery.data_timeout", d.data_timeout),
+            ("delivery.idle_timeout", d.idle_timeout),
+        ] {
+            if t.is_zero() {
+                return fail(key, "must be greater than 0".into());
+            }
+        }
+
+        for (i, route) in self.routes.iter().enumerate() {
+            let key = |field: &str| format!("routes[{i}].{field}");
+            if let Err(message) = check_route_domain(&route.domain) {
+                return fail(&key("domain"), message);
+            }
+            if let Some(relay) = &route.relay {
+                if relay.host.is_empty() {
+                    return fail(&key("relay"), "the host must not be empty".into());
+                }
+                if relay.port == Some(0) {
+                    return fail(&key("relay"), format!("{relay}: the port must not be 0"));
+                }
+            }
+            if route.max_connections == Some(0) {
+                return fail(&key("max_connections"), "must be greater than 0".into());
+            }
+            if route.max_messages_per_connection == Some(0) {
+                return fail(
+                    &key("max_messages_per_connection"),
+                    "must be greater than 0".into(),
+                );
+            }
+            if let Err(message) = check_rate(route.max_message_rate) {
+                return fail(&key("max_message_rate"), message);
+            }
+        }
         Ok(())
+    }
+}
+
+fn check_rate(rate: Option<Rate>) -> Result<(), String> {
+    match rate {
+        Some(rate) if rate.count == 0 => Err(format!("{rate}: the count must be greater than 0")),
+        Some(rate) if rate.per.is_zero() => Err("the time unit must not be 0".into()),
+        _ => Ok(()),
+    }
+}
+
+/// A route's `domain`: "*", "*." followed by a domain, or a domain.
+fn check_route_domain(pattern: &str) -> Result<(), String> {
+    if pattern.is_empty() {
+        return Err("must not be empty; use \"*\" to match every domain".into());
+    }
+    if pattern == "*" {
+        return Ok(());
+    }
+    let domain = pattern.strip_prefix("*.").unwrap_or(pattern);
+    let why = if domain.len() > 253 {
+        Some("longer than 253 characters")
+    } else if domain.split('.').any(str::is_empty) {
+        Some("empty label")
+    } else if domain.split('.').any(|l| l.len() > 63) {
+        Some("label longer than 63 characters")
+    } else if !domain
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        Some("only letters, digits, '-', '_' and '.' are allowed")
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(format!(
+            "invalid domain {pattern:?} ({why}); expected \"example.net\", \"*.example.net\" \
+             or \"*\""
+        )),
+        None => Ok(()),
     }
 }
 
@@ -642,6 +1046,17 @@ fn check_known_keys(table: &toml::Table, origin: &str) -> Result<(), ConfigError
         if !top.contains(&section.as_str()) {
             return Err(unknown(section.clone(), top));
         }
+        if section == "routes" {
+            let route_fields = fields_of::<Route>();
+            for (i, route) in value.as_array().into_iter().flatten().enumerate() {
+                for field in route.as_table().into_iter().flat_map(|t| t.keys()) {
+                    if !route_fields.contains(&field.as_str()) {
+                        return Err(unknown(format!("routes[{i}].{field}"), route_fields));
+                    }
+                }
+            }
+            continue;
+        }
         let Some(keys) = value.as_table() else {
             continue; // a type error, reported by serde
         };
@@ -675,6 +1090,9 @@ fn section_fields(section: &str) -> &'static [&'static str] {
         "auth" => fields_of::<Auth>(),
         "http" => fields_of::<Http>(),
         "queue" => fields_of::<Queue>(),
+        "routes" => fields_of::<Route>(),
+        "dns" => fields_of::<Dns>(),
+        "delivery" => fields_of::<Delivery>(),
         _ => &[],
     }
 }
@@ -824,6 +1242,13 @@ fn env_overrides(
         if !top.contains(&parts[0]) {
             return Err(unknown(parts[0].to_string(), top));
         }
+        if parts[0] == "routes" {
+            return Err(env_error(
+                &var,
+                &key,
+                "routes cannot be set from the environment; list them in the config file".into(),
+            ));
+        }
         let fields = section_fields(parts[0]);
         if parts.len() != 2 || !fields.contains(&parts[1]) {
             return Err(unknown(key.clone(), fields));
@@ -956,6 +1381,176 @@ impl FromConfigStr for VrfyPolicy {
     }
 }
 
+impl FromConfigStr for TlsPolicy {
+    const WHAT: &'static str = "TLS policy";
+    fn parse(s: &str) -> Result<Self, String> {
+        s.trim()
+            .parse()
+            .map_err(|_| "expected \"opportunistic\", \"required\" or \"none\"".to_string())
+    }
+}
+
+impl FromConfigStr for RelayHost {
+    const WHAT: &'static str = "relay host";
+    fn parse(s: &str) -> Result<Self, String> {
+        const FORMS: &str = "expected host, host:port, IP:port or [IPv6]:port, e.g. \
+                             smtp.example.net:587 or [::1]:2526";
+        let s = s.trim();
+        if s.is_empty() {
+            return Err(format!("empty; {FORMS}"));
+        }
+        let port = |p: &str| {
+            p.parse::<u16>()
+                .map_err(|_| format!("bad port {p:?}; {FORMS}"))
+        };
+        let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+            let (host, after) = rest
+                .split_once(']')
+                .ok_or_else(|| format!("missing ']'; {FORMS}"))?;
+            match after {
+                "" => (host, None),
+                _ => match after.strip_prefix(':') {
+                    Some(p) => (host, Some(port(p)?)),
+                    None => return Err(format!("unexpected {after:?} after ']'; {FORMS}")),
+                },
+            }
+        } else if s.parse::<std::net::Ipv6Addr>().is_ok() {
+            // A bare IPv6 address: its colons are not a port separator.
+            (s, None)
+        } else {
+            match s.rsplit_once(':') {
+                Some((host, _)) if host.contains(':') => {
+                    return Err(format!("IPv6 addresses need brackets; {FORMS}"))
+                }
+                Some((host, p)) => (host, Some(port(p)?)),
+                None => (s, None),
+            }
+        };
+        let is_ip = host.parse::<IpAddr>().is_ok();
+        let is_name = !host.is_empty()
+            && host.len() <= 253
+            && host.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            });
+        if !is_ip && !is_name {
+            return Err(format!(
+                "{host:?} is neither an IP address nor a host name; {FORMS}"
+            ));
+        }
+        Ok(Self {
+            host: host.to_string(),
+            port,
+        })
+    }
+}
+
+impl FromConfigStr for Rate {
+    const WHAT: &'static str = "rate";
+    fn parse(s: &str) -> Result<Self, String> {
+        const FORMS: &str = "expected COUNT/UNIT with unit s, m, h or d, e.g. 100/s or 6000/m";
+        let (count, unit) = s.trim().split_once('/').ok_or_else(|| FORMS.to_string())?;
+        let count = count
+            .trim()
+            .parse::<u32>()
+            .map_err(|_| format!("bad count {:?}; {FORMS}", count.trim()))?;
+        let per = match unit.trim() {
+            "s" => 1,
+            "m" => 60,
+            "h" => 3600,
+            "d" => 86_400,
+            other => return Err(format!("bad unit {other:?}; {FORMS}")),
+        };
+        Ok(Self {
+            count,
+            per: Duration::from_secs(per),
+        })
+    }
+}
+
+/// A nameserver address; the port defaults to 53.
+struct Nameserver(SocketAddr);
+
+impl FromConfigStr for Nameserver {
+    const WHAT: &'static str = "nameserver address";
+    fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if let Ok(ip) = s.parse::<IpAddr>() {
+            return Ok(Self(SocketAddr::new(ip, 53)));
+        }
+        s.parse().map(Self).map_err(|_| {
+            "expected IP or IP:port, e.g. 127.0.0.1, 127.0.0.1:5353 or [::1]:53".to_string()
+        })
+    }
+}
+
+fn de_nameservers<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SocketAddr>, D::Error> {
+    de_list::<_, Nameserver>(d).map(|v| v.into_iter().map(|n| n.0).collect())
+}
+
+/// A route's domain pattern, lowercased and without a trailing dot; its
+/// syntax is checked with the rest of the configuration.
+fn de_route_domain<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let s = String::deserialize(d)?;
+    let s = s.trim();
+    Ok(s.strip_suffix('.').unwrap_or(s).to_ascii_lowercase())
+}
+
+/// `queue.delay_warning`: a duration, or "off" / "" / "0" / "0s" (or the
+/// integer 0) for none.
+fn de_delay_warning<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    struct V;
+    impl Visitor<'_> for V {
+        type Value = Option<Duration>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a duration string or \"off\"")
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            match v.trim() {
+                "" | "off" => Ok(None),
+                s => <Duration as FromConfigStr>::parse(s)
+                    .map(|d| Some(d).filter(|d| !d.is_zero()))
+                    .map_err(|why| E::custom(format!("invalid duration {v:?}: {why}, or \"off\""))),
+            }
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+            match v {
+                0 => Ok(None),
+                _ => Err(E::custom(format!(
+                    "invalid duration {v}: a number needs a unit, e.g. \"4h\""
+                ))),
+            }
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+            match u64::try_from(v) {
+                Ok(v) => self.visit_u64(v),
+                Err(_) => Err(E::custom(format!("invalid duration {v}"))),
+            }
+        }
+    }
+    d.deserialize_any(V)
+}
+
+fn ser_delay_warning<S: serde::Serializer>(v: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(d) => humantime_serde::serialize(d, s),
+        None => s.serialize_str("off"),
+    }
+}
+
+fn ser_durations<S: serde::Serializer>(v: &[Duration], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(
+        v.iter()
+            .map(|d| humantime_serde::re::humantime::format_duration(*d).to_string()),
+    )
+}
+
+fn ser_tls_policy<S: serde::Serializer>(v: &TlsPolicy, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(v.as_str())
+}
+
 struct ParsedVisitor<T>(PhantomData<T>);
 
 impl<T: FromConfigStr> Visitor<'_> for ParsedVisitor<T> {
@@ -1067,6 +1662,31 @@ mod tests {
         assert_eq!(c.http.listen, "127.0.0.1:8025".parse().unwrap());
         assert_eq!(c.queue.cache_size, 67_108_864);
         assert_eq!(c.queue.min_free_space, 104_857_600);
+        assert_eq!(
+            c.queue.retry_schedule,
+            [
+                Duration::from_secs(60),
+                Duration::from_secs(300),
+                Duration::from_secs(900)
+            ]
+        );
+        assert_eq!(c.queue.max_lifetime, Duration::from_secs(5 * 86_400));
+        assert_eq!(c.queue.delay_warning, Some(Duration::from_secs(4 * 3600)));
+        assert!(c.routes.is_empty());
+        assert!(c.dns.nameservers.is_empty());
+        assert_eq!(c.dns.timeout, Duration::from_secs(5));
+        let d = &c.delivery;
+        assert!(d.enabled);
+        assert_eq!(d.port, 25);
+        assert!(!d.allow_private_addresses);
+        assert_eq!(d.helo_name, "");
+        assert_eq!(d.max_connections, 10);
+        assert_eq!(d.max_messages_per_connection, 100);
+        assert_eq!(d.max_message_rate, None);
+        assert_eq!(d.connect_timeout, Duration::from_secs(30));
+        assert_eq!(d.command_timeout, Duration::from_secs(300));
+        assert_eq!(d.data_timeout, Duration::from_secs(600));
+        assert_eq!(d.idle_timeout, Duration::from_secs(5));
         c.validate("defaults").unwrap();
     }
 
@@ -1083,7 +1703,10 @@ mod tests {
     fn field_lists_follow_declaration_order() {
         assert_eq!(
             fields_of::<Config>(),
-            ["server", "smtp", "tls", "relay", "limits", "auth", "http", "queue"]
+            [
+                "server", "smtp", "tls", "relay", "limits", "auth", "http", "queue", "routes",
+                "dns", "delivery"
+            ]
         );
         assert_eq!(&fields_of::<Smtp>()[..2], ["listen", "submission_listen"]);
         assert_eq!(fields_of::<AuthUser>(), ["name", "password_hash"]);
@@ -1483,6 +2106,8 @@ mod tests {
         for section in fields_of::<Config>() {
             let heading = if *section == "auth" {
                 "## `[[auth.users]]`".to_string()
+            } else if *section == "routes" {
+                "## `[[routes]]`".to_string()
             } else {
                 format!("## `[{section}]`")
             };
@@ -1516,5 +2141,567 @@ mod tests {
         assert!(text.contains("data_timeout = \"1m 30s\""), "{text}");
         assert!(text.contains("[[auth.users]]"), "{text}");
         assert_eq!(load_file(&text, &[]).unwrap(), c);
+    }
+
+    fn route(domain: &str) -> Route {
+        Route {
+            domain: domain.into(),
+            relay: None,
+            tls: TlsPolicy::default(),
+            max_connections: None,
+            max_messages_per_connection: None,
+            max_message_rate: None,
+        }
+    }
+
+    #[test]
+    fn delivery_sections_parse() {
+        let c = load_file(
+            r#"
+            [[routes]]
+            domain = "Example.NET."
+            relay = "[::1]:2526"
+            tls = "required"
+            max_connections = 2
+            max_messages_per_connection = 50
+            max_message_rate = "100/m"
+
+            [[routes]]
+            domain = "*.example.org"
+            max_message_rate = "5/s"
+
+            [[routes]]
+            domain = "*"
+            relay = "smarthost.example.com"
+            tls = "none"
+
+            [dns]
+            nameservers = ["127.0.0.1:5353", "::1", "10.0.0.1"]
+            timeout = "2s"
+
+            [delivery]
+            enabled = false
+            port = 2525
+            allow_private_addresses = true
+            helo_name = "out.example.org"
+            max_connections = 20
+            max_messages_per_connection = 1000
+            max_message_rate = "50000/h"
+            connect_timeout = "10s"
+            command_timeout = "2m"
+            data_timeout = "20m"
+            idle_timeout = "1s"
+
+            [queue]
+            retry_schedule = ["30s", "10m", "1h"]
+            max_lifetime = "3d"
+            delay_warning = "1d"
+            "#,
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.routes.len(), 3);
+        let r = &c.routes[0];
+        assert_eq!(r.domain, "example.net", "lowercased, trailing dot dropped");
+        assert_eq!(
+            r.relay,
+            Some(RelayHost {
+                host: "::1".into(),
+                port: Some(2526)
+            })
+        );
+        assert_eq!(r.tls, TlsPolicy::Required);
+        assert_eq!(r.max_connections, Some(2));
+        assert_eq!(r.max_messages_per_connection, Some(50));
+        assert_eq!(
+            r.max_message_rate,
+            Some(Rate {
+                count: 100,
+                per: Duration::from_secs(60)
+            })
+        );
+        let r = &c.routes[1];
+        assert_eq!(r.domain, "*.example.org");
+        assert_eq!(r.relay, None, "no relay: MX lookup");
+        assert_eq!(r.tls, TlsPolicy::Opportunistic, "default");
+        assert_eq!(r.max_connections, None);
+        assert_eq!(r.max_message_rate.unwrap().count, 5);
+        let r = &c.routes[2];
+        assert_eq!(
+            r.relay,
+            Some(RelayHost {
+                host: "smarthost.example.com".into(),
+                port: None
+            })
+        );
+        assert_eq!(r.tls, TlsPolicy::None);
+        assert_eq!(
+            c.dns.nameservers,
+            vec![
+                "127.0.0.1:5353".parse::<SocketAddr>().unwrap(),
+                "[::1]:53".parse().unwrap(),
+                "10.0.0.1:53".parse().unwrap()
+            ]
+        );
+        assert_eq!(c.dns.timeout, Duration::from_secs(2));
+        let d = &c.delivery;
+        assert!(!d.enabled);
+        assert_eq!(d.port, 2525);
+        assert!(d.allow_private_addresses);
+        assert_eq!(d.helo_name, "out.example.org");
+        assert_eq!(d.max_connections, 20);
+        assert_eq!(d.max_messages_per_connection, 1000);
+        assert_eq!(
+            d.max_message_rate,
+            Some(Rate {
+                count: 50_000,
+                per: Duration::from_secs(3600)
+            })
+        );
+        assert_eq!(d.connect_timeout, Duration::from_secs(10));
+        assert_eq!(d.command_timeout, Duration::from_secs(120));
+        assert_eq!(d.data_timeout, Duration::from_secs(1200));
+        assert_eq!(d.idle_timeout, Duration::from_secs(1));
+        assert_eq!(
+            c.queue.retry_schedule,
+            [
+                Duration::from_secs(30),
+                Duration::from_secs(600),
+                Duration::from_secs(3600)
+            ]
+        );
+        assert_eq!(c.queue.max_lifetime, Duration::from_secs(3 * 86_400));
+        assert_eq!(c.queue.delay_warning, Some(Duration::from_secs(86_400)));
+    }
+
+    #[test]
+    fn route_matching() {
+        let any = route("*");
+        assert!(any.matches("example.net"));
+        assert!(any.matches("a.b.c"));
+        assert!(any.matches(""));
+
+        let exact = route("example.net");
+        assert!(exact.matches("example.net"));
+        assert!(exact.matches("EXAMPLE.Net"));
+        assert!(exact.matches("example.net."));
+        assert!(!exact.matches("a.example.net"));
+        assert!(!exact.matches("example.org"));
+        assert!(!exact.matches("xexample.net"));
+
+        let sub = route("*.example.net");
+        assert!(sub.matches("a.example.net"));
+        assert!(sub.matches("a.b.example.net"));
+        assert!(sub.matches("Mail.EXAMPLE.net."));
+        assert!(!sub.matches("example.net"));
+        assert!(!sub.matches("example.net."));
+        assert!(!sub.matches("xexample.net"));
+        assert!(!sub.matches(".example.net"), "empty label");
+        assert!(!sub.matches("a.example.org"));
+
+        // Patterns built in code rather than loaded are compared the same way.
+        assert!(route("Example.NET.").matches("example.net"));
+        assert!(route("*.Example.NET").matches("x.example.net"));
+        // Non-ASCII input does not panic.
+        assert!(!sub.matches("é.example.ne"));
+        assert!(!sub.matches("é"));
+    }
+
+    #[test]
+    fn relay_host_forms() {
+        let p = |s: &str| s.parse::<RelayHost>();
+        let h = |host: &str, port: Option<u16>| RelayHost {
+            host: host.into(),
+            port,
+        };
+        assert_eq!(
+            p("smtp.example.net:587"),
+            Ok(h("smtp.example.net", Some(587)))
+        );
+        assert_eq!(p("smtp.example.net"), Ok(h("smtp.example.net", None)));
+        assert_eq!(p("localhost"), Ok(h("localhost", None)));
+        assert_eq!(p("1.2.3.4:25"), Ok(h("1.2.3.4", Some(25))));
+        assert_eq!(p("1.2.3.4"), Ok(h("1.2.3.4", None)));
+        assert_eq!(p("[::1]:2526"), Ok(h("::1", Some(2526))));
+        assert_eq!(p("[::1]"), Ok(h("::1", None)));
+        assert_eq!(p("::1"), Ok(h("::1", None)));
+        assert_eq!(p("[2001:db8::1]:25"), Ok(h("2001:db8::1", Some(25))));
+        assert_eq!(p("[1.2.3.4]:25"), Ok(h("1.2.3.4", Some(25))));
+        assert_eq!(p("[mx.example.net]:25"), Ok(h("mx.example.net", Some(25))));
+        assert_eq!(
+            p(" relay_1.example.net:25 "),
+            Ok(h("relay_1.example.net", Some(25)))
+        );
+        for bad in [
+            "",
+            ":25",
+            "host:",
+            "host:port",
+            "host:70000",
+            "[::1",
+            "[::1]x",
+            "[::1]:",
+            "2001:db8::1:25:x",
+            "a b",
+            "a..b",
+            "[]:25",
+        ] {
+            assert!(p(bad).is_err(), "{bad:?} accepted: {:?}", p(bad));
+        }
+        // Display gives back a form that parses to the same value.
+        for s in [
+            "smtp.example.net:587",
+            "smtp.example.net",
+            "1.2.3.4:25",
+            "[::1]:2526",
+            "[::1]",
+        ] {
+            let host = p(s).unwrap();
+            assert_eq!(host.to_string(), s);
+            assert_eq!(p(&host.to_string()), Ok(host));
+        }
+        assert_eq!(p("::1").unwrap().to_string(), "[::1]");
+    }
+
+    #[test]
+    fn rates() {
+        let r = |count, secs| {
+            Ok(Rate {
+                count,
+                per: Duration::from_secs(secs),
+            })
+        };
+        assert_eq!("100/s".parse::<Rate>(), r(100, 1));
+        assert_eq!("6000/m".parse::<Rate>(), r(6000, 60));
+        assert_eq!(" 50000 / h ".parse::<Rate>(), r(50_000, 3600));
+        assert_eq!("1/d".parse::<Rate>(), r(1, 86_400));
+        for bad in [
+            "100", "100/", "/s", "100/1s", "100/min", "-1/s", "1.5/s", "x/s",
+        ] {
+            assert!(bad.parse::<Rate>().is_err(), "{bad:?} accepted");
+        }
+        for s in ["100/s", "6000/m", "50000/h", "1/d"] {
+            assert_eq!(s.parse::<Rate>().unwrap().to_string(), s);
+        }
+        file_error(
+            "[delivery]\nmax_message_rate = \"100/fortnight\"\n",
+            &[
+                "delivery.max_message_rate:",
+                "invalid rate \"100/fortnight\"",
+                "(line 2)",
+            ],
+        );
+        file_error(
+            "[[routes]]\ndomain = \"*\"\nmax_message_rate = 100\n",
+            &["routes[0].max_message_rate:", "rate string"],
+        );
+    }
+
+    #[test]
+    fn delay_warning_can_be_off() {
+        for off in ["\"0s\"", "\"0\"", "\"off\"", "\"\"", "0"] {
+            let c = load_file(&format!("[queue]\ndelay_warning = {off}\n"), &[]).unwrap();
+            assert_eq!(c.queue.delay_warning, None, "{off}");
+        }
+        let c = load_file("", &[("TERN_QUEUE__DELAY_WARNING", "off")]).unwrap();
+        assert_eq!(c.queue.delay_warning, None);
+        let c = load_file("", &[("TERN_QUEUE__DELAY_WARNING", "0")]).unwrap();
+        assert_eq!(c.queue.delay_warning, None);
+        let c = load_file("", &[("TERN_QUEUE__DELAY_WARNING", "2h")]).unwrap();
+        assert_eq!(c.queue.delay_warning, Some(Duration::from_secs(7200)));
+        file_error(
+            "[queue]\ndelay_warning = \"soon\"\n",
+            &[
+                "queue.delay_warning:",
+                "invalid duration \"soon\"",
+                "\"off\"",
+            ],
+        );
+        file_error(
+            "[queue]\ndelay_warning = 5\n",
+            &["queue.delay_warning:", "unit"],
+        );
+    }
+
+    #[test]
+    fn delivery_validation_errors_name_their_key() {
+        let cases: &[(&str, &str)] = &[
+            ("[[routes]]\ndomain = \"\"\n", "routes[0].domain:"),
+            (
+                "[[routes]]\ndomain = \"a.example\"\n[[routes]]\ndomain = \"bad domain\"\n",
+                "routes[1].domain:",
+            ),
+            (
+                "[[routes]]\ndomain = \"*example.net\"\n",
+                "routes[0].domain:",
+            ),
+            ("[[routes]]\ndomain = \"*..\"\n", "routes[0].domain:"),
+            ("[[routes]]\ndomain = \"a.*.b\"\n", "routes[0].domain:"),
+            ("[[routes]]\ndomain = \"a..b\"\n", "routes[0].domain:"),
+            ("[[routes]]\ndomain = \"**\"\n", "routes[0].domain:"),
+            (
+                "[[routes]]\ndomain = \"*\"\nrelay = \"mx.example.net:0\"\n",
+                "routes[0].relay:",
+            ),
+            (
+                "[[routes]]\ndomain = \"*\"\nrelay = \"mx.example.net:x\"\n",
+                "routes[0].relay:",
+            ),
+            (
+                "[[routes]]\ndomain = \"*\"\nrelay = \"\"\n",
+                "routes[0].relay:",
+            ),
+            (
+                "[[routes]]\ndomain = \"*\"\ntls = \"may\"\n",
+                "routes[0].tls:",
+            ),
+            (
+                "[[routes]]\ndomain = \"*\"\nmax_connections = 0\n",
+                "routes[0].max_connections:",
+            ),
+            (
+                "[[routes]]\ndomain = \"*\"\nmax_messages_per_connection = 0\n",
+                "routes[0].max_messages_per_connection:",
+            ),
+            (
+                "[[routes]]\ndomain = \"*\"\nmax_message_rate = \"0/s\"\n",
+                "routes[0].max_message_rate:",
+            ),
+            ("[[routes]]\nrelay = \"a:25\"\n", "routes[0]"),
+            ("[dns]\ntimeout = \"0s\"\n", "dns.timeout:"),
+            (
+                "[dns]\nnameservers = [\"dns.google\"]\n",
+                "dns.nameservers[0]:",
+            ),
+            ("[delivery]\nport = 0\n", "delivery.port:"),
+            ("[delivery]\nport = 65536\n", "delivery.port:"),
+            ("[delivery]\nhelo_name = \"a b\"\n", "delivery.helo_name:"),
+            (
+                "[delivery]\nmax_connections = 0\n",
+                "delivery.max_connections:",
+            ),
+            (
+                "[delivery]\nmax_messages_per_connection = 0\n",
+                "delivery.max_messages_per_connection:",
+            ),
+            (
+                "[delivery]\nmax_message_rate = \"0/h\"\n",
+                "delivery.max_message_rate:",
+            ),
+            (
+                "[delivery]\nconnect_timeout = \"0s\"\n",
+                "delivery.connect_timeout:",
+            ),
+            (
+                "[delivery]\ncommand_timeout = \"0s\"\n",
+                "delivery.command_timeout:",
+            ),
+            (
+                "[delivery]\ndata_timeout = \"0s\"\n",
+                "delivery.data_timeout:",
+            ),
+            (
+                "[delivery]\nidle_timeout = \"0s\"\n",
+                "delivery.idle_timeout:",
+            ),
+            ("[queue]\nretry_schedule = []\n", "queue.retry_schedule:"),
+            (
+                "[queue]\nretry_schedule = [\"1m\", \"0s\"]\n",
+                "queue.retry_schedule[1]:",
+            ),
+            (
+                "[queue]\nretry_schedule = [\"1m\", \"later\"]\n",
+                "queue.retry_schedule[1]:",
+            ),
+            ("[queue]\nmax_lifetime = \"0s\"\n", "queue.max_lifetime:"),
+            (
+                "[queue]\nmax_lifetime = \"1h\"\ndelay_warning = \"1h\"\n",
+                "queue.delay_warning:",
+            ),
+        ];
+        for (content, key) in cases {
+            let msg = file_error(content, &[key]);
+            assert!(!msg.contains('\n'), "{msg}");
+        }
+        // A warning shorter than the lifetime is fine, and "off" always is.
+        load_file(
+            "[queue]\nmax_lifetime = \"1h\"\ndelay_warning = \"59m\"\n",
+            &[],
+        )
+        .unwrap();
+        load_file(
+            "[queue]\nmax_lifetime = \"1h\"\ndelay_warning = \"off\"\n",
+            &[],
+        )
+        .unwrap();
+        // Underscores and digits are allowed in route domains.
+        load_file(
+            "[[routes]]\ndomain = \"*._dmarc.ex-ample1.net\"\n[[routes]]\ndomain = \"*\"\n",
+            &[],
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn unknown_key_in_a_route_is_named() {
+        file_error(
+            "[[routes]]\ndomain = \"*\"\nrelya = \"a:25\"\n",
+            &["unknown key `routes[0].relya`", "domain, relay, tls"],
+        );
+        file_error(
+            "[[routes]]\ndomain = \"a.example\"\n[[routes]]\ndomain = \"*\"\nmax_conections = 1\n",
+            &["unknown key `routes[1].max_conections`"],
+        );
+        file_error(
+            "[dns]\nnameserver = []\n",
+            &["unknown key `dns.nameserver`"],
+        );
+        file_error(
+            "[delivery]\nenable = false\n",
+            &["unknown key `delivery.enable`", "enabled"],
+        );
+        file_error("routes = 5\n", &["routes:"]);
+    }
+
+    #[test]
+    fn env_overrides_delivery_keys() {
+        let c = load_file(
+            "[delivery]\nport = 25\n[queue]\nretry_schedule = [\"1m\"]\n",
+            &[
+                ("TERN_DELIVERY__PORT", "2526"),
+                ("TERN_DNS__NAMESERVERS", "127.0.0.1:5353,127.0.0.1:5354"),
+                ("TERN_QUEUE__RETRY_SCHEDULE", "1s,2s"),
+                ("TERN_DELIVERY__ALLOW_PRIVATE_ADDRESSES", "true"),
+                ("TERN_DELIVERY__ENABLED", "no"),
+                ("TERN_DELIVERY__MAX_MESSAGE_RATE", "10/s"),
+                ("TERN_DNS__TIMEOUT", "1s"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.delivery.port, 2526);
+        assert_eq!(
+            c.dns.nameservers,
+            vec![
+                "127.0.0.1:5353".parse::<SocketAddr>().unwrap(),
+                "127.0.0.1:5354".parse().unwrap()
+            ]
+        );
+        assert_eq!(
+            c.queue.retry_schedule,
+            [Duration::from_secs(1), Duration::from_secs(2)]
+        );
+        assert!(c.delivery.allow_private_addresses);
+        assert!(!c.delivery.enabled);
+        assert_eq!(c.delivery.max_message_rate.unwrap().count, 10);
+        assert_eq!(c.dns.timeout, Duration::from_secs(1));
+
+        // A single entry is a one-element list.
+        let c = load_file("", &[("TERN_QUEUE__RETRY_SCHEDULE", "30s")]).unwrap();
+        assert_eq!(c.queue.retry_schedule, [Duration::from_secs(30)]);
+        let c = load_file("", &[("TERN_DNS__NAMESERVERS", "10.0.0.1")]).unwrap();
+        assert_eq!(c.dns.nameservers, vec!["10.0.0.1:53".parse().unwrap()]);
+
+        env_error_msg(
+            &[("TERN_DELIVERY__PORT", "0")],
+            &["environment variable TERN_DELIVERY__PORT", "delivery.port"],
+        );
+        env_error_msg(
+            &[("TERN_QUEUE__RETRY_SCHEDULE", "")],
+            &[
+                "environment variable TERN_QUEUE__RETRY_SCHEDULE",
+                "queue.retry_schedule",
+            ],
+        );
+        env_error_msg(
+            &[("TERN_QUEUE__RETRY_SCHEDULE", "1m,soon")],
+            &[
+                "environment variable TERN_QUEUE__RETRY_SCHEDULE",
+                "queue.retry_schedule[1]",
+                "invalid duration",
+            ],
+        );
+        env_error_msg(
+            &[("TERN_DNS__NAMESERVERS", "127.0.0.1:53,resolver")],
+            &["TERN_DNS__NAMESERVERS", "dns.nameservers[1]"],
+        );
+        env_error_msg(
+            &[("TERN_ROUTES__DOMAIN", "*")],
+            &["TERN_ROUTES__DOMAIN", "config file"],
+        );
+        env_error_msg(
+            &[("TERN_DELIVERY__PROT", "25")],
+            &["unknown key `delivery.prot`", "port"],
+        );
+    }
+
+    #[test]
+    fn to_toml_round_trips_delivery_settings() {
+        let mut c = Config::default();
+        c.server.hostname = "mx.example.org".into();
+        c.routes = vec![
+            Route {
+                domain: "example.net".into(),
+                relay: None,
+                tls: TlsPolicy::Required,
+                max_connections: Some(3),
+                max_messages_per_connection: None,
+                max_message_rate: Some(Rate {
+                    count: 6000,
+                    per: Duration::from_secs(60),
+                }),
+            },
+            Route {
+                domain: "*.example.org".into(),
+                relay: Some(RelayHost {
+                    host: "2001:db8::25".into(),
+                    port: Some(2526),
+                }),
+                ..route("")
+            },
+            Route {
+                domain: "*".into(),
+                relay: Some(RelayHost {
+                    host: "127.0.0.1".into(),
+                    port: None,
+                }),
+                tls: TlsPolicy::None,
+                max_connections: None,
+                max_messages_per_connection: Some(10),
+                max_message_rate: None,
+            },
+        ];
+        c.dns.nameservers = vec!["[::1]:5353".parse().unwrap()];
+        c.delivery.max_message_rate = Some(Rate {
+            count: 1,
+            per: Duration::from_secs(86_400),
+        });
+        c.delivery.helo_name = "out.example.org".into();
+        c.queue.retry_schedule = vec![Duration::from_secs(90), Duration::from_secs(7200)];
+        c.queue.delay_warning = None;
+        let text = c.to_toml();
+        assert!(text.contains("[[routes]]"), "{text}");
+        assert!(text.contains("relay = \"[2001:db8::25]:2526\""), "{text}");
+        assert!(text.contains("max_message_rate = \"6000/m\""), "{text}");
+        assert!(text.contains("tls = \"required\""), "{text}");
+        assert!(
+            text.contains("retry_schedule = [\"1m 30s\", \"2h\"]"),
+            "{text}"
+        );
+        assert!(text.contains("delay_warning = \"off\""), "{text}");
+        assert!(!text.contains("null"), "{text}");
+        assert_eq!(load_file(&text, &[]).unwrap(), c);
+
+        // None rate, default delay warning.
+        let c = Config {
+            routes: vec![route("*")],
+            ..Config::default()
+        };
+        let text = c.to_toml();
+        assert!(!text.contains("max_message_rate"), "{text}");
+        assert!(text.contains("max_lifetime = \"5days\""), "{text}");
+        assert_eq!(load_file(&text, &[]).unwrap(), c);
+        // And the defaults alone.
+        let text = Config::default().to_toml();
+        assert_eq!(load_file(&text, &[]).unwrap(), Config::default());
     }
 }
