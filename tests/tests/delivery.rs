@@ -71,7 +71,12 @@ fn log_events(server: &TernServer) -> Vec<serde_json::Value> {
         .collect()
 }
 
-fn wait_event(server: &TernServer, event: &str, recipient: &str, within: Duration) -> serde_json::Value {
+fn wait_event(
+    server: &TernServer,
+    event: &str,
+    recipient: &str,
+    within: Duration,
+) -> serde_json::Value {
     let deadline = Instant::now() + within;
     loop {
         if let Some(e) = log_events(server)
@@ -147,7 +152,10 @@ fn smarthost_route_delivers_and_empties_the_queue() {
         assert_eq!(m.mail_from, "alice@client.test");
         let text = String::from_utf8_lossy(&m.data);
         assert!(text.contains(&format!("body {token}")), "{text}");
-        assert!(text.starts_with("Received: "), "our Received header first: {text}");
+        assert!(
+            text.starts_with("Received: "),
+            "our Received header first: {text}"
+        );
     }
     wait_queue_empty(&server, WAIT);
     let delivered = wait_event(&server, "delivered", "bob@example.net", WAIT);
@@ -228,7 +236,10 @@ fn implicit_mx_uses_the_domains_own_address() {
         &["<x@implicit.test>"],
         &message("a@client.test", "x@implicit.test", &unique_token()),
     );
-    assert_eq!(sink.wait_for_messages(1, WAIT)[0].rcpts, ["x@implicit.test"]);
+    assert_eq!(
+        sink.wait_for_messages(1, WAIT)[0].rcpts,
+        ["x@implicit.test"]
+    );
 }
 
 /// DNS for a sender domain whose mail lands in `mailbox` (to collect DSNs) plus `extra`.
@@ -262,7 +273,10 @@ fn null_mx_fails_at_once_and_the_sender_gets_a_5_1_10_dsn() {
     assert_eq!(dsn[0].mail_from, "", "DSNs come from the null sender");
     assert_eq!(dsn[0].rcpts, ["alice@sender.test"]);
     let (per_message, rcpts) = dsn_fields(&dsn[0].data);
-    assert!(per_message.contains("Reporting-MTA: dns;tern.test"), "{per_message}");
+    assert!(
+        per_message.contains("Reporting-MTA: dns;tern.test"),
+        "{per_message}"
+    );
     assert_eq!(rcpts.len(), 1);
     assert_eq!(rcpts[0]["action"], "failed");
     assert_eq!(rcpts[0]["status"], "5.1.10");
@@ -291,17 +305,27 @@ fn nxdomain_fails_with_5_1_2_and_servfail_is_retried() {
     );
     let dsn = mailbox.wait_for_messages(1, WAIT);
     let (_, rcpts) = dsn_fields(&dsn[0].data);
-    assert_eq!(rcpts.len(), 1, "only the NXDOMAIN recipient is final: {rcpts:?}");
+    assert_eq!(
+        rcpts.len(),
+        1,
+        "only the NXDOMAIN recipient is final: {rcpts:?}"
+    );
     assert_eq!(rcpts[0]["status"], "5.1.2");
     let deferred = wait_event(&server, "deferred", "y@broken.test", WAIT);
-    assert!(deferred["reply"].as_str().unwrap().starts_with("4.4.3"), "{deferred}");
+    assert!(
+        deferred["reply"].as_str().unwrap().starts_with("4.4.3"),
+        "{deferred}"
+    );
     // Retried on the schedule (1 s in tests), still temporary.
     let deadline = Instant::now() + WAIT;
     while !log_events(&server)
         .iter()
         .any(|e| e["event"] == "deferred" && e["recipient"] == "y@broken.test" && e["attempt"] == 2)
     {
-        assert!(Instant::now() < deadline, "no second attempt for y@broken.test");
+        assert!(
+            Instant::now() < deadline,
+            "no second attempt for y@broken.test"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(server.queued(), 1);
@@ -351,7 +375,10 @@ fn permanent_refusal_bounces_with_status_and_diagnostic_code() {
     submit(
         &server,
         "<alice@sender.test> RET=HDRS ENVID=env-42",
-        &["<nobody@example.net> ORCPT=rfc822;nobody@example.net", "<bob@example.net>"],
+        &[
+            "<nobody@example.net> ORCPT=rfc822;nobody@example.net",
+            "<bob@example.net>",
+        ],
         &message("alice@sender.test", "nobody@example.net", &token),
     );
     let delivered = remote.wait_for_messages(1, WAIT);
@@ -359,13 +386,26 @@ fn permanent_refusal_bounces_with_status_and_diagnostic_code() {
     let dsn = mailbox.wait_for_messages(1, WAIT);
     assert_eq!(dsn[0].mail_from, "");
     let (per_message, rcpts) = dsn_fields(&dsn[0].data);
-    assert!(per_message.contains("Original-Envelope-Id: env-42"), "{per_message}");
-    assert_eq!(rcpts.len(), 1, "one report for the refused recipient: {rcpts:?}");
+    assert!(
+        per_message.contains("Original-Envelope-Id: env-42"),
+        "{per_message}"
+    );
+    assert_eq!(
+        rcpts.len(),
+        1,
+        "one report for the refused recipient: {rcpts:?}"
+    );
     let r = &rcpts[0];
     assert_eq!(r["action"], "failed");
     assert_eq!(r["status"], "5.1.1");
-    assert!(r["diagnostic-code"].starts_with("smtp;550 5.1.1 no such user here"), "{r:?}");
-    assert!(r["original-recipient"].contains("nobody@example.net"), "{r:?}");
+    assert!(
+        r["diagnostic-code"].starts_with("smtp;550 5.1.1 no such user here"),
+        "{r:?}"
+    );
+    assert!(
+        r["original-recipient"].contains("nobody@example.net"),
+        "{r:?}"
+    );
     assert!(r["remote-mta"].contains("127.0.0.1"), "{r:?}");
     // RET=HDRS: the original's headers come back, not its body.
     let text = String::from_utf8_lossy(&dsn[0].data);
@@ -391,7 +431,10 @@ fn notify_success_gets_a_relayed_dsn_from_a_server_without_dsn() {
     submit(
         &server,
         "<alice@sender.test>",
-        &["<bob@example.net> NOTIFY=SUCCESS,FAILURE", "<carol@example.net>"],
+        &[
+            "<bob@example.net> NOTIFY=SUCCESS,FAILURE",
+            "<carol@example.net>",
+        ],
         &message("alice@sender.test", "bob@example.net", &unique_token()),
     );
     remote.wait_for_messages(1, WAIT);
@@ -431,7 +474,10 @@ fn expiry_bounces_with_4_4_7() {
     let (_, rcpts) = dsn_fields(&dsn[0].data);
     assert_eq!(rcpts[0]["action"], "failed");
     assert_eq!(rcpts[0]["status"], "4.4.7");
-    assert!(rcpts[0]["diagnostic-code"].contains("451 4.2.0 mailbox busy"), "{rcpts:?}");
+    assert!(
+        rcpts[0]["diagnostic-code"].contains("451 4.2.0 mailbox busy"),
+        "{rcpts:?}"
+    );
     let expired = wait_event(&server, "expired", "slow@example.net", WAIT);
     assert!(expired["attempt"].as_u64().unwrap() >= 2, "{expired}");
     wait_queue_empty(&server, WAIT);
@@ -470,7 +516,10 @@ fn delay_warning_is_sent_once() {
 #[test]
 fn no_bounce_to_the_null_sender() {
     let remote = Sink::start(SinkConfig {
-        rcpt_replies: vec![("nobody@example.net".into(), vec!["550 5.1.1 unknown".into()])],
+        rcpt_replies: vec![(
+            "nobody@example.net".into(),
+            vec!["550 5.1.1 unknown".into()],
+        )],
         ..SinkConfig::default()
     });
     let server = to_sink(TernServer::builder(), &remote).start();
@@ -478,14 +527,25 @@ fn no_bounce_to_the_null_sender() {
         &server,
         "<>",
         &["<nobody@example.net>"],
-        &message("mailer-daemon@client.test", "nobody@example.net", &unique_token()),
+        &message(
+            "mailer-daemon@client.test",
+            "nobody@example.net",
+            &unique_token(),
+        ),
     );
     wait_event(&server, "failed", "nobody@example.net", WAIT);
     wait_queue_empty(&server, WAIT);
     std::thread::sleep(Duration::from_millis(500));
     // Nothing else was sent: no DSN went anywhere (the `*` route would have taken it here).
-    assert_eq!(remote.transactions().len(), 1, "{:?}", remote.transactions().len());
-    assert!(!log_events(&server).iter().any(|e| e["event"] == "bounce-sent"));
+    assert_eq!(
+        remote.transactions().len(),
+        1,
+        "{:?}",
+        remote.transactions().len()
+    );
+    assert!(!log_events(&server)
+        .iter()
+        .any(|e| e["event"] == "bounce-sent"));
 }
 
 #[test]
@@ -537,7 +597,9 @@ fn greeting_421_moves_on_to_the_next_mx() {
 
 #[test]
 fn a_second_tern_receives_relayed_mail() {
-    let receiver = TernServer::builder().relay_domains(&["example.net"]).start();
+    let receiver = TernServer::builder()
+        .relay_domains(&["example.net"])
+        .start();
     let sender = TernServer::builder()
         .set("delivery.enabled", true)
         .route("*", Some(&receiver.smtp.to_string()), "opportunistic")
@@ -551,7 +613,10 @@ fn a_second_tern_receives_relayed_mail() {
     );
     let e = wait_event(&sender, "delivered", "b@example.net", WAIT);
     // Opportunistic TLS with the receiver's self-signed certificate.
-    assert!(e["tls"].as_str().is_some_and(|t| t.starts_with("TLS")), "{e}");
+    assert!(
+        e["tls"].as_str().is_some_and(|t| t.starts_with("TLS")),
+        "{e}"
+    );
     wait_queue_empty(&sender, WAIT);
     assert_eq!(receiver.queued(), 1);
 }
@@ -598,7 +663,10 @@ fn sigkill_during_delivery_loses_nothing() {
         if seen.len() == tokens.len() {
             let duplicates: usize = seen.values().map(|n| n - 1).sum();
             eprintln!("killed after {before} deliveries; duplicates after restart: {duplicates}");
-            assert!(duplicates <= 2, "at most the in-flight messages repeat: {duplicates}");
+            assert!(
+                duplicates <= 2,
+                "at most the in-flight messages repeat: {duplicates}"
+            );
             break;
         }
         assert!(

@@ -113,7 +113,10 @@ async fn show(req: HttpRequest, queue: Queue, id: web::Path<String>) -> HttpResp
     };
     match queue.send(ShowMessage(id)).await {
         Ok(Some(detail)) => HttpResponse::Ok().json(detail),
-        Ok(None) => error(actix_web::http::StatusCode::NOT_FOUND, format!("no message {id}")),
+        Ok(None) => error(
+            actix_web::http::StatusCode::NOT_FOUND,
+            format!("no message {id}"),
+        ),
         Err(e) => unavailable(e),
     }
 }
@@ -139,8 +142,12 @@ async fn delete(
     };
     let bounce = q.bounce;
     match queue.send(DeleteMessage { id, bounce }).await {
-        Ok(true) => HttpResponse::Ok().json(serde_json::json!({"deleted": id.to_string(), "bounce": bounce})),
-        Ok(false) => error(actix_web::http::StatusCode::NOT_FOUND, format!("no message {id}")),
+        Ok(true) => HttpResponse::Ok()
+            .json(serde_json::json!({"deleted": id.to_string(), "bounce": bounce})),
+        Ok(false) => error(
+            actix_web::http::StatusCode::NOT_FOUND,
+            format!("no message {id}"),
+        ),
         Err(e) => unavailable(e),
     }
 }
@@ -154,7 +161,12 @@ async fn flush(req: HttpRequest, queue: Queue, q: web::Query<FlushQuery>) -> Htt
     if let Some(denied) = local_only(&req) {
         return denied;
     }
-    match queue.send(Flush { domain: q.into_inner().domain }).await {
+    match queue
+        .send(Flush {
+            domain: q.into_inner().domain,
+        })
+        .await
+    {
         Ok(n) => HttpResponse::Ok().json(serde_json::json!({ "rescheduled": n })),
         Err(e) => unavailable(e),
     }
@@ -168,7 +180,12 @@ async fn resume(req: HttpRequest, queue: Queue, domain: web::Path<String>) -> Ht
     set_suspended(req, queue, domain.into_inner(), false).await
 }
 
-async fn set_suspended(req: HttpRequest, queue: Queue, domain: String, suspend: bool) -> HttpResponse {
+async fn set_suspended(
+    req: HttpRequest,
+    queue: Queue,
+    domain: String,
+    suspend: bool,
+) -> HttpResponse {
     if let Some(denied) = local_only(&req) {
         return denied;
     }

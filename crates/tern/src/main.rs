@@ -185,7 +185,10 @@ fn queue_command(
             if json {
                 print_json(&detail)?;
             } else {
-                print!("{}", queue_cli::format_list(std::slice::from_ref(&detail.summary)));
+                print!(
+                    "{}",
+                    queue_cli::format_list(std::slice::from_ref(&detail.summary))
+                );
                 println!(
                     "client: {} helo={} tls={} auth={}",
                     detail.client.addr,
@@ -202,7 +205,10 @@ fn queue_command(
         }
         QueueCommand::Delete { id, bounce } => {
             client.delete(&id, bounce)?;
-            println!("{id} deleted{}", if bounce { " (sender notified)" } else { "" });
+            println!(
+                "{id} deleted{}",
+                if bounce { " (sender notified)" } else { "" }
+            );
         }
         QueueCommand::Suspend { domain } => {
             let list = client.suspend(&domain, true)?;
@@ -265,7 +271,8 @@ fn serve(config_file: Option<&Path>) -> Result<()> {
     let queue_config = queue_config(&config);
     let delivery = config.delivery.enabled.then(|| delivery_settings(&config));
     let resolver = if delivery.is_some() {
-        let nameservers = (!config.dns.nameservers.is_empty()).then(|| config.dns.nameservers.clone());
+        let nameservers =
+            (!config.dns.nameservers.is_empty()).then(|| config.dns.nameservers.clone());
         Some(
             tern_dns::MxResolver::with_timeout(
                 nameservers,

@@ -20,8 +20,12 @@ impl AdminClient {
     pub fn new(addr: SocketAddr) -> Self {
         // A wildcard listen address is reached on loopback (the API only answers loopback).
         let addr = match addr.ip() {
-            ip if ip.is_unspecified() && ip.is_ipv4() => SocketAddr::from(([127, 0, 0, 1], addr.port())),
-            ip if ip.is_unspecified() => SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port())),
+            ip if ip.is_unspecified() && ip.is_ipv4() => {
+                SocketAddr::from(([127, 0, 0, 1], addr.port()))
+            }
+            ip if ip.is_unspecified() => {
+                SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port()))
+            }
             _ => addr,
         };
         Self {
@@ -40,7 +44,9 @@ impl AdminClient {
             req = req.query(k, v);
         }
         match req.call() {
-            Ok(resp) => resp.into_json().context("unreadable answer from the server"),
+            Ok(resp) => resp
+                .into_json()
+                .context("unreadable answer from the server"),
             Err(ureq::Error::Status(code, resp)) => {
                 let body: Value = resp.into_json().unwrap_or(Value::Null);
                 let why = body["error"].as_str().unwrap_or("no details").to_string();
@@ -62,7 +68,11 @@ impl AdminClient {
         if let Some(s) = state {
             q.push(("state", s));
         }
-        Ok(serde_json::from_value(self.call("GET", "/api/queue/messages", &q)?)?)
+        Ok(serde_json::from_value(self.call(
+            "GET",
+            "/api/queue/messages",
+            &q,
+        )?)?)
     }
 
     pub fn show(&self, id: &str) -> Result<MessageDetail> {
@@ -99,7 +109,11 @@ impl AdminClient {
     }
 
     pub fn stats(&self) -> Result<QueueSummary> {
-        Ok(serde_json::from_value(self.call("GET", "/api/queue/stats", &[])?)?)
+        Ok(serde_json::from_value(self.call(
+            "GET",
+            "/api/queue/stats",
+            &[],
+        )?)?)
     }
 }
 
@@ -142,7 +156,11 @@ pub fn format_list(list: &[MessageSummary]) -> String {
 
 pub fn format_stats(s: &QueueSummary) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "messages: {}  bytes: {}  in flight: {}", s.messages, s.bytes, s.in_flight);
+    let _ = writeln!(
+        out,
+        "messages: {}  bytes: {}  in flight: {}",
+        s.messages, s.bytes, s.in_flight
+    );
     let states: Vec<String> = s.by_state.iter().map(|(k, v)| format!("{k}={v}")).collect();
     let _ = writeln!(out, "recipients: {}", states.join(" "));
     let c = &s.since_start;
