@@ -267,3 +267,24 @@ fn a_second_server_on_the_same_data_dir_or_port_refuses_to_start_with_a_clear_er
         "{stderr}"
     );
 }
+
+#[test]
+fn an_unreadable_delivery_ca_bundle_is_a_startup_error_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tern.toml");
+    let data = dir.path().join("data");
+    fs::write(
+        &config,
+        format!(
+            "[server]\ndata_dir = {:?}\n[smtp]\nlisten = [\"127.0.0.1:0\"]\nsubmission_listen = []\n\
+             [http]\nlisten = \"127.0.0.1:0\"\n[delivery]\ntls_ca_file = \"/nonexistent/ca.pem\"\n",
+            data.display().to_string()
+        ),
+    )
+    .unwrap();
+    let stderr = serve_must_fail(&config);
+    assert!(
+        stderr.contains("delivery.tls_ca_file") && stderr.contains("/nonexistent/ca.pem"),
+        "{stderr}"
+    );
+}

@@ -489,7 +489,15 @@ pub struct Delivery {
         deserialize_with = "de_parsed::<_, Duration>"
     )]
     pub idle_timeout: Duration,
+    /// PEM bundle of the certificate authorities trusted for routes with
+    /// `tls = "required"`. The default is Debian's system bundle; when it
+    /// is missing (and the key was left at its default), required TLS
+    /// cannot verify anything and fails closed.
+    pub tls_ca_file: PathBuf,
 }
+
+/// Debian's (and Ubuntu's) bundle of the system's trusted authorities.
+pub const SYSTEM_CA_FILE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 impl Default for Delivery {
     fn default() -> Self {
@@ -505,6 +513,7 @@ impl Default for Delivery {
             command_timeout: Duration::from_secs(5 * 60),
             data_timeout: Duration::from_secs(10 * 60),
             idle_timeout: Duration::from_secs(5),
+            tls_ca_file: PathBuf::from(SYSTEM_CA_FILE),
         }
     }
 }

@@ -269,7 +269,10 @@ fn serve(config_file: Option<&Path>) -> Result<()> {
     let http_listen = config.http.listen;
 
     let queue_config = queue_config(&config);
-    let delivery = config.delivery.enabled.then(|| delivery_settings(&config));
+    let delivery = match config.delivery.enabled {
+        true => Some(delivery_settings(&config)?),
+        false => None,
+    };
     let resolver = if delivery.is_some() {
         let nameservers =
             (!config.dns.nameservers.is_empty()).then(|| config.dns.nameservers.clone());
@@ -344,7 +347,18 @@ fn rate(r: &config::Rate) -> (u32, std::time::Duration) {
     (r.count, r.per)
 }
 
-fn delivery_settings(config: &Config) -> DeliverySettings {
+/// The authorities trusted for `tls = "required"` routes. A missing default bundle is only a
+/// warning (no route may need it); a bundle the operator named must load.
+fn tls_roots(d: &config::Delivery) -> Result<rustls::RootCertStore> {
+    let path = &d.tls_ca_file;
+    if path.as_os_str() == config::SYSTEM_CA_FILE && !path.exists() {
+        tracing::warn!(path = %path.display(), "no CA bundle: routes with tls = \"required\" will fail closed");
+        return Ok(rustls::RootCertStore::empty());
+    }
+    tls::load_roots(path).with_context(|| format!("delivery.tls_ca_file = {}", path.display()))
+}
+
+fn delivery_settings(config: &Config) -> Result<DeliverySettings> {
     let d = &config.delivery;
     let helo = if d.helo_name.is_empty() {
         config.server.hostname.clone()
@@ -352,6 +366,7 @@ fn delivery_settings(config: &Config) -> DeliverySettings {
         d.helo_name.clone()
     };
     let mut client = ClientConfig::new(helo);
+    client.tls_roots = Arc::new(tls_roots(d)?);
     client.connect_timeout = d.connect_timeout;
     client.command_timeout = d.command_timeout;
     client.data_timeout = d.data_timeout;
@@ -387,7 +402,7 @@ fn delivery_settings(config: &Config) -> DeliverySettings {
             },
         })
         .collect();
-    settings
+    Ok(settings)
 }
 
 async fn shutdown_signal() {

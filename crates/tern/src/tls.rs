@@ -402,3 +402,15 @@ mod tests {
         }
     }
 }
+
+/// The trust anchors for outbound `tls = "required"`: every certificate in the PEM bundle.
+pub fn load_roots(path: &Path) -> Result<rustls::RootCertStore, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, _ignored) = roots.add_parsable_certificates(load_certificates(path)?);
+    if added == 0 {
+        return Err(TlsError::NoCertificate {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(roots)
+}
