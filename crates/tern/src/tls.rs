@@ -213,6 +213,18 @@ fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<(), TlsEr
     Ok(())
 }
 
+/// The trust anchors for outbound `tls = "required"`: every certificate in the PEM bundle.
+pub fn load_roots(path: &Path) -> Result<rustls::RootCertStore, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, _ignored) = roots.add_parsable_certificates(load_certificates(path)?);
+    if added == 0 {
+        return Err(TlsError::NoCertificate {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(roots)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -401,16 +413,4 @@ mod tests {
             assert_eq!(c.protocol_version(), Some(version.version));
         }
     }
-}
-
-/// The trust anchors for outbound `tls = "required"`: every certificate in the PEM bundle.
-pub fn load_roots(path: &Path) -> Result<rustls::RootCertStore, TlsError> {
-    let mut roots = rustls::RootCertStore::empty();
-    let (added, _ignored) = roots.add_parsable_certificates(load_certificates(path)?);
-    if added == 0 {
-        return Err(TlsError::NoCertificate {
-            path: path.to_path_buf(),
-        });
-    }
-    Ok(roots)
 }
