@@ -105,6 +105,9 @@ pub struct QueueSummary {
     pub since_start: DeliveryCounters,
 }
 
+/// The recipient state names `list --state` accepts, in the order of a message's life.
+pub const STATE_NAMES: [&str; 5] = ["pending", "in-flight", "deferred", "delivered", "failed"];
+
 fn state_name(state: &RecipientState) -> &'static str {
     match state {
         RecipientState::Pending => "pending",

@@ -10,7 +10,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use tern_message::QueueId;
 use tern_queue::admin::{
-    DeleteMessage, Flush, ListMessages, ShowMessage, Summarize, SuspendDomain,
+    DeleteMessage, Flush, ListMessages, ShowMessage, Summarize, SuspendDomain, STATE_NAMES,
 };
 use tern_queue::{GetStats, QueueActor};
 
@@ -84,6 +84,17 @@ async fn list(req: HttpRequest, queue: Queue, q: web::Query<ListQuery>) -> HttpR
         return denied;
     }
     let q = q.into_inner();
+    if let Some(state) = q.state.as_deref() {
+        if !STATE_NAMES.iter().any(|s| s.eq_ignore_ascii_case(state)) {
+            return error(
+                actix_web::http::StatusCode::BAD_REQUEST,
+                format!(
+                    "unknown state {state:?} (one of {})",
+                    STATE_NAMES.join(", ")
+                ),
+            );
+        }
+    }
     match queue
         .send(ListMessages {
             domain: q.domain,
