@@ -684,3 +684,98 @@ fn sigkill_during_delivery_loses_nothing() {
     }
     wait_queue_empty(&server, WAIT);
 }
+
+const SMTP_SINK: &str = "/usr/sbin/smtp-sink";
+
+/// Postfix's smtp-sink on a free loopback port, dumping what it receives into `dump`.
+struct PostfixSink {
+    child: std::process::Child,
+    addr: SocketAddr,
+    dump: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for PostfixSink {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn postfix_sink() -> Option<PostfixSink> {
+    if !std::path::Path::new(SMTP_SINK).exists() {
+        // scripts/test.sh installs postfix; under CI a missing peer is a failure, not a skip.
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{SMTP_SINK} is not installed (scripts/test.sh installs postfix); CI requires it"
+        );
+        eprintln!("SKIPPED: {SMTP_SINK} not installed (apt-get install postfix)");
+        return None;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let port = tern_tests::free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // smtp-sink drops privileges to `nobody` when run as root: the dump must be writable.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let dump = dir.path().join("dump");
+    let root = unsafe { libc::geteuid() } == 0;
+    let mut cmd = std::process::Command::new(SMTP_SINK);
+    if root {
+        cmd.args(["-u", "nobody"]);
+    }
+    cmd.arg("-D")
+        .arg(&dump)
+        .arg(addr.to_string())
+        .arg("100")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let sink = PostfixSink {
+        child: cmd.spawn().expect("start smtp-sink"),
+        addr,
+        dump,
+        _dir: dir,
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "smtp-sink did not listen on {addr}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Some(sink)
+}
+
+#[test]
+fn postfix_smtp_sink_receives_relayed_mail() {
+    let Some(sink) = postfix_sink() else {
+        return;
+    };
+    let server = TernServer::builder()
+        .set("delivery.enabled", true)
+        .route("*", Some(&sink.addr.to_string()), "none")
+        .start();
+    let tokens: Vec<String> = (0..3).map(|_| unique_token()).collect();
+    for (i, t) in tokens.iter().enumerate() {
+        submit(
+            &server,
+            "<a@client.test>",
+            &[&format!("<r{i}@example.net>")],
+            &message("a@client.test", "r@example.net", t),
+        );
+    }
+    wait_queue_empty(&server, WAIT);
+    let delivered = log_events(&server)
+        .iter()
+        .filter(|e| e["event"] == "delivered")
+        .count();
+    assert_eq!(delivered, 3);
+    let dump = std::fs::read_to_string(&sink.dump).unwrap_or_default();
+    for t in &tokens {
+        assert!(
+            dump.contains(&format!("body {t}")),
+            "{t} not in smtp-sink's dump:\n{dump}"
+        );
+    }
+}
