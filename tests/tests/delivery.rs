@@ -779,3 +779,51 @@ fn postfix_smtp_sink_receives_relayed_mail() {
         );
     }
 }
+
+#[test]
+fn smtputf8_mail_to_a_server_without_smtputf8_fails_with_5_6_7() {
+    let remote = Sink::start(SinkConfig {
+        ehlo_keywords: vec!["PIPELINING".into(), "8BITMIME".into()],
+        ..SinkConfig::default()
+    });
+    let server = to_sink(TernServer::builder(), &remote).start();
+    submit(
+        &server,
+        "<jörg@client.test> SMTPUTF8",
+        &["<b@example.net>"],
+        &message("jörg@client.test", "b@example.net", &unique_token()),
+    );
+    let e = wait_event(&server, "failed", "b@example.net", WAIT);
+    assert!(e["reply"].as_str().unwrap().contains("5.6.7"), "{e}");
+    assert_eq!(remote.messages().len(), 0);
+}
+
+#[test]
+fn max_message_rate_spaces_deliveries_to_a_destination() {
+    let sink = Sink::start(SinkConfig::default());
+    let server = TernServer::builder()
+        .set("delivery.enabled", true)
+        .set("delivery.max_message_rate", "4/s")
+        .route("*", Some(&sink.addr().to_string()), "none")
+        .start();
+    for i in 0..6 {
+        submit(
+            &server,
+            "<a@client.test>",
+            &[&format!("<r{i}@example.net>")],
+            &message("a@client.test", "r@example.net", &unique_token()),
+        );
+    }
+    wait_queue_empty(&server, WAIT);
+    let mut starts: Vec<u64> = log_events(&server)
+        .iter()
+        .filter(|e| e["event"] == "delivered")
+        .map(|e| e["ts_ms"].as_u64().unwrap() - e["latency_ms"].as_u64().unwrap())
+        .collect();
+    starts.sort();
+    assert_eq!(starts.len(), 6);
+    // 4 per second: the 6th start is at least 5 × 250 ms after the 1st (a lower bound only:
+    // the machine may be slower, never faster).
+    let span = starts[5] - starts[0];
+    assert!(span >= 1200, "6 deliveries started within {span} ms at 4/s");
+}
