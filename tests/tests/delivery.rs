@@ -136,6 +136,21 @@ fn to_sink(server: TernServerBuilder, sink: &Sink) -> TernServerBuilder {
         .route("*", Some(&sink.addr().to_string()), "none")
 }
 
+/// A Tern whose mail for `sender.test` goes to a `mailbox` sink (where DSNs land) and all other
+/// mail to a `remote` sink scripted with `remote_cfg`; `tweak` adds settings.
+fn with_mailbox(
+    remote_cfg: SinkConfig,
+    tweak: impl FnOnce(TernServerBuilder) -> TernServerBuilder,
+) -> (Sink, Sink, TernServer) {
+    let mailbox = Sink::start(SinkConfig::default());
+    let remote = Sink::start(remote_cfg);
+    let builder = tweak(TernServer::builder().set("delivery.enabled", true))
+        .route("sender.test", Some(&mailbox.addr().to_string()), "none")
+        .route("*", Some(&remote.addr().to_string()), "none");
+    let server = builder.start();
+    (mailbox, remote, server)
+}
+
 #[test]
 fn smarthost_route_delivers_and_empties_the_queue() {
     let sink = Sink::start(SinkConfig::default());
@@ -361,20 +376,17 @@ fn temporary_failure_then_success_on_retry() {
 
 #[test]
 fn permanent_refusal_bounces_with_status_and_diagnostic_code() {
-    let mailbox = Sink::start(SinkConfig::default());
-    let remote = Sink::start(SinkConfig {
-        rcpt_replies: vec![(
-            "nobody@example.net".into(),
-            vec!["550 5.1.1 no such user here".into()],
-        )],
-        ..SinkConfig::default()
-    });
     let token = unique_token();
-    let server = TernServer::builder()
-        .set("delivery.enabled", true)
-        .route("sender.test", Some(&mailbox.addr().to_string()), "none")
-        .route("*", Some(&remote.addr().to_string()), "none")
-        .start();
+    let (mailbox, remote, server) = with_mailbox(
+        SinkConfig {
+            rcpt_replies: vec![(
+                "nobody@example.net".into(),
+                vec!["550 5.1.1 no such user here".into()],
+            )],
+            ..SinkConfig::default()
+        },
+        |b| b,
+    );
     submit(
         &server,
         "<alice@sender.test> RET=HDRS ENVID=env-42",
@@ -421,16 +433,13 @@ fn permanent_refusal_bounces_with_status_and_diagnostic_code() {
 
 #[test]
 fn notify_success_gets_a_relayed_dsn_from_a_server_without_dsn() {
-    let mailbox = Sink::start(SinkConfig::default());
-    let remote = Sink::start(SinkConfig {
-        ehlo_keywords: vec!["PIPELINING".into(), "8BITMIME".into()],
-        ..SinkConfig::default()
-    });
-    let server = TernServer::builder()
-        .set("delivery.enabled", true)
-        .route("sender.test", Some(&mailbox.addr().to_string()), "none")
-        .route("*", Some(&remote.addr().to_string()), "none")
-        .start();
+    let (mailbox, remote, server) = with_mailbox(
+        SinkConfig {
+            ehlo_keywords: vec!["PIPELINING".into(), "8BITMIME".into()],
+            ..SinkConfig::default()
+        },
+        |b| b,
+    );
     submit(
         &server,
         "<alice@sender.test>",
@@ -451,22 +460,20 @@ fn notify_success_gets_a_relayed_dsn_from_a_server_without_dsn() {
 
 #[test]
 fn expiry_bounces_with_4_4_7() {
-    let mailbox = Sink::start(SinkConfig::default());
-    let remote = Sink::start(SinkConfig {
-        rcpt_replies: vec![(
-            "slow@example.net".into(),
-            vec!["451 4.2.0 mailbox busy".into()],
-        )],
-        ..SinkConfig::default()
-    });
-    let server = TernServer::builder()
-        .set("delivery.enabled", true)
-        .set_list("queue.retry_schedule", &["500ms"])
-        .set("queue.max_lifetime", "2s")
-        .set("queue.delay_warning", "0s")
-        .route("sender.test", Some(&mailbox.addr().to_string()), "none")
-        .route("*", Some(&remote.addr().to_string()), "none")
-        .start();
+    let (mailbox, _remote, server) = with_mailbox(
+        SinkConfig {
+            rcpt_replies: vec![(
+                "slow@example.net".into(),
+                vec!["451 4.2.0 mailbox busy".into()],
+            )],
+            ..SinkConfig::default()
+        },
+        |b| {
+            b.set_list("queue.retry_schedule", &["500ms"])
+                .set("queue.max_lifetime", "2s")
+                .set("queue.delay_warning", "0s")
+        },
+    );
     submit(
         &server,
         "<alice@sender.test>",
@@ -488,18 +495,16 @@ fn expiry_bounces_with_4_4_7() {
 
 #[test]
 fn delay_warning_is_sent_once() {
-    let mailbox = Sink::start(SinkConfig::default());
-    let remote = Sink::start(SinkConfig {
-        rcpt_replies: vec![("slow@example.net".into(), vec!["451 4.2.0 busy".into()])],
-        ..SinkConfig::default()
-    });
-    let server = TernServer::builder()
-        .set("delivery.enabled", true)
-        .set_list("queue.retry_schedule", &["300ms"])
-        .set("queue.delay_warning", "1s")
-        .route("sender.test", Some(&mailbox.addr().to_string()), "none")
-        .route("*", Some(&remote.addr().to_string()), "none")
-        .start();
+    let (mailbox, _remote, server) = with_mailbox(
+        SinkConfig {
+            rcpt_replies: vec![("slow@example.net".into(), vec!["451 4.2.0 busy".into()])],
+            ..SinkConfig::default()
+        },
+        |b| {
+            b.set_list("queue.retry_schedule", &["300ms"])
+                .set("queue.delay_warning", "1s")
+        },
+    );
     submit(
         &server,
         "<alice@sender.test>",

@@ -21,6 +21,9 @@ use crate::events::{Event, EventLog};
 use crate::schedule::{self, DueIndex, RetryPolicy};
 use crate::storage::{SpooledMeta, Storage, StorageError};
 
+/// How often delivery state changes (results, removals) are made durable.
+const STATE_SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// Hands a message to the queue. `Ok(id)` means it is durably spooled: only then may the session
 /// answer `250 Ok: queued as <id>`.
 #[derive(Message, Clone, Debug, Serialize, Deserialize)]
@@ -143,6 +146,8 @@ pub struct QueueActor {
     /// The armed wake-up for the next due message: (when, timer).
     pub(crate) timer: Option<(u64, SpawnHandle)>,
     pub(crate) counters: DeliveryCounters,
+    /// Delivery state was written since the last sync request.
+    pub(crate) state_changed: bool,
 }
 
 /// Delivery outcomes since start-up, for `/health` and `tern queue stats`.
@@ -199,6 +204,7 @@ impl QueueActor {
             events,
             timer: None,
             counters: DeliveryCounters::default(),
+            state_changed: false,
         })
     }
 
@@ -231,6 +237,7 @@ impl Actor for QueueActor {
         // Enqueue handling is quick (it hands off to the committer), but bursts of sessions
         // should not park on a 16-slot mailbox.
         ctx.set_mailbox_capacity(1024);
+        ctx.run_interval(STATE_SYNC_INTERVAL, |act, _ctx| act.sync_state());
     }
 }
 

@@ -276,6 +276,7 @@ impl Handler<Flush> for QueueActor {
             }
             self.index.due.schedule(*id, now);
         }
+        self.state_changed |= !changed.is_empty();
         info!(messages = changed.len(), domain = ?domain, "queue flushed");
         self.pump(ctx);
         changed.len()

@@ -48,9 +48,13 @@ pub(crate) struct CommitCounters {
 
 type Reply = oneshot::Sender<Result<(), SpoolError>>;
 
-struct Request {
-    msg: InboundMessage,
-    reply: Reply,
+enum Request {
+    Insert {
+        msg: InboundMessage,
+        reply: Reply,
+    },
+    /// Make earlier state changes (delivery results, removals) durable; no one waits for it.
+    Sync,
 }
 
 /// Handle on the committer thread. Dropping it lets the thread finish the requests already
@@ -89,8 +93,17 @@ impl Committer {
     ) -> Result<oneshot::Receiver<Result<(), SpoolError>>, SpoolError> {
         let (reply, rx) = oneshot::channel();
         let tx = self.tx.as_ref().ok_or_else(gone)?;
-        tx.send(Request { msg, reply }).map_err(|_| gone())?;
+        tx.send(Request::Insert { msg, reply })
+            .map_err(|_| gone())?;
         Ok(rx)
+    }
+
+    /// Asks for a sync soon, for writes made outside the committer (delivery state updates and
+    /// removals): shares the next group commit, or makes one of its own when no message comes.
+    pub(crate) fn request_sync(&self) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(Request::Sync);
+        }
     }
 }
 
@@ -118,26 +131,38 @@ fn run(
 ) {
     let _span = debug_span!("spool_committer").entered();
     let max_messages = config.max_batch_messages.max(1);
-    let mut batch: Vec<Request> = Vec::with_capacity(max_messages);
+    let mut batch: Vec<(InboundMessage, Reply)> = Vec::with_capacity(max_messages);
     let mut inserted: Vec<(QueueId, Reply)> = Vec::with_capacity(max_messages);
 
     // Blocks for the first request of each batch; ends when every sender is gone.
     while let Ok(first) = rx.recv() {
-        let mut bytes = first.msg.body.len();
-        batch.push(first);
-        while batch.len() < max_messages && bytes < config.max_batch_bytes {
-            match rx.try_recv() {
-                Ok(req) => {
-                    bytes += req.msg.body.len();
-                    batch.push(req);
+        let mut bytes = 0;
+        let mut sync_requested = false;
+        let mut next = Some(first);
+        while let Some(req) = next.take() {
+            match req {
+                Request::Insert { msg, reply } => {
+                    bytes += msg.body.len();
+                    batch.push((msg, reply));
                 }
-                Err(_) => break,
+                Request::Sync => sync_requested = true,
             }
+            if batch.len() < max_messages && bytes < config.max_batch_bytes {
+                next = rx.try_recv().ok();
+            }
+        }
+        if batch.is_empty() {
+            if sync_requested {
+                counters.syncs.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = storage.sync() {
+                    warn!(error = %e, "spool sync of delivery state failed");
+                }
+            }
+            continue;
         }
 
         let span = debug_span!("group_commit", messages = batch.len(), bytes).entered();
-        let (msgs, replies): (Vec<InboundMessage>, Vec<Reply>) =
-            batch.drain(..).map(|r| (r.msg, r.reply)).unzip();
+        let (msgs, replies): (Vec<InboundMessage>, Vec<Reply>) = batch.drain(..).unzip();
         let results = storage.insert_many(&msgs);
         debug_assert_eq!(results.len(), msgs.len());
         for ((msg, reply), result) in msgs.iter().zip(replies).zip(results) {

@@ -409,6 +409,16 @@ impl QueueActor {
             // The spool keeps the earlier state: the attempt is repeated after a restart.
             warn!(queue_id = %id, error = %e, "cannot write delivery state");
         }
+        self.state_changed = true;
+    }
+
+    /// Makes the state changes of the last few milliseconds durable together: a removal that
+    /// is not durable makes a crash deliver the message again. Batched so a busy queue pays
+    /// one sync per interval, not one per message; called from a short interval timer.
+    pub(crate) fn sync_state(&mut self) {
+        if std::mem::take(&mut self.state_changed) {
+            self.committer.request_sync();
+        }
     }
 
     /// The notification this round calls for, if any: failures and expiries (unless
@@ -560,6 +570,7 @@ impl QueueActor {
             warn!(queue_id = %id, error = %e, "cannot delete message");
             return;
         }
+        self.state_changed = true;
         self.events.log(&Event {
             ts_ms: now,
             event: "deleted",
