@@ -489,6 +489,56 @@ impl TernServer {
         serde_json::from_str(&body).unwrap_or_else(|e| panic!("/health body {body:?}: {e}"))
     }
 
+    /// The delivery log (`<data_dir>/delivery.log`), one JSON object per line.
+    pub fn delivery_log(&self) -> Vec<serde_json::Value> {
+        let text = fs::read_to_string(self.data_dir.join("delivery.log")).unwrap_or_default();
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad log line {l:?}: {e}")))
+            .collect()
+    }
+
+    /// Waits for the first delivery-log `event` about `recipient` and returns it.
+    #[track_caller]
+    pub fn wait_event(&self, event: &str, recipient: &str, within: Duration) -> serde_json::Value {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(e) = self
+                .delivery_log()
+                .into_iter()
+                .find(|e| e["event"] == event && e["recipient"] == recipient)
+            {
+                return e;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "no {event} event for {recipient} within {within:?}; log:\n{}\n{}",
+                    fs::read_to_string(self.data_dir.join("delivery.log")).unwrap_or_default(),
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until `/health` says `n` messages are queued.
+    #[track_caller]
+    pub fn wait_queued(&self, n: u64, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let h = self.health();
+            if h["queued"].as_u64() == Some(n) {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "queue never held {n} message(s) within {within:?}: {h}\n{}",
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// The `queued` count from `/health`.
     pub fn queued(&self) -> u64 {
         let h = self.health();

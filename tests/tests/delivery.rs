@@ -48,54 +48,6 @@ fn message(from: &str, to: &str, token: &str) -> String {
     )
 }
 
-/// Polls `/health` until the queue is empty.
-fn wait_queue_empty(server: &TernServer, within: Duration) {
-    let deadline = Instant::now() + within;
-    loop {
-        let h = server.health();
-        if h["queued"].as_u64() == Some(0) {
-            return;
-        }
-        if Instant::now() > deadline {
-            panic!("queue not empty after {within:?}: {h}\n{}", server.stderr());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// The delivery log's lines (JSON objects).
-fn log_events(server: &TernServer) -> Vec<serde_json::Value> {
-    let text = std::fs::read_to_string(server.data_dir().join("delivery.log")).unwrap_or_default();
-    text.lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad log line {l:?}: {e}")))
-        .collect()
-}
-
-fn wait_event(
-    server: &TernServer,
-    event: &str,
-    recipient: &str,
-    within: Duration,
-) -> serde_json::Value {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(e) = log_events(server)
-            .into_iter()
-            .find(|e| e["event"] == event && e["recipient"] == recipient)
-        {
-            return e;
-        }
-        if Instant::now() > deadline {
-            panic!(
-                "no {event} event for {recipient} within {within:?}; log:\n{}\n{}",
-                std::fs::read_to_string(server.data_dir().join("delivery.log")).unwrap_or_default(),
-                server.stderr()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// The parsed `message/delivery-status` fields of a DSN: (per-message, per-recipient groups).
 fn dsn_fields(raw: &[u8]) -> (String, Vec<HashMap<String, String>>) {
     let msg = MessageParser::default().parse(raw).expect("DSN parses");
@@ -175,13 +127,14 @@ fn smarthost_route_delivers_and_empties_the_queue() {
             "our Received header first: {text}"
         );
     }
-    wait_queue_empty(&server, WAIT);
-    let delivered = wait_event(&server, "delivered", "bob@example.net", WAIT);
+    server.wait_queued(0, WAIT);
+    let delivered = server.wait_event("delivered", "bob@example.net", WAIT);
     assert_eq!(delivered["queue_id"], id.as_str());
     assert_eq!(delivered["attempt"], 1);
     assert!(delivered["reply"].as_str().unwrap().starts_with("250"));
     assert_eq!(delivered["ip"], sink.addr().ip().to_string());
-    assert!(log_events(&server)
+    assert!(server
+        .delivery_log()
         .iter()
         .any(|e| e["event"] == "received" && e["queue_id"] == id.as_str()));
     let h = server.health();
@@ -203,7 +156,7 @@ fn connection_reused_for_many_messages_to_one_destination() {
         );
     }
     sink.wait_for_messages(10, WAIT);
-    wait_queue_empty(&server, WAIT);
+    server.wait_queued(0, WAIT);
     assert!(
         sink.connections() < 10,
         "expected connection reuse, got {} connections for 10 messages",
@@ -236,7 +189,7 @@ fn mx_preference_order_and_fallback_to_the_next_mx() {
     );
     let got = mx2.wait_for_messages(1, WAIT);
     assert_eq!(got[0].rcpts, ["bob@example.net"]);
-    let e = wait_event(&server, "delivered", "bob@example.net", WAIT);
+    let e = server.wait_event("delivered", "bob@example.net", WAIT);
     assert_eq!(e["mx"], "mx2.example.net");
     assert_eq!(mx3.messages().len(), 0);
 }
@@ -299,10 +252,10 @@ fn null_mx_fails_at_once_and_the_sender_gets_a_5_1_10_dsn() {
     assert_eq!(rcpts[0]["action"], "failed");
     assert_eq!(rcpts[0]["status"], "5.1.10");
     assert!(rcpts[0]["final-recipient"].ends_with("x@nomail.test"));
-    let failed = wait_event(&server, "failed", "x@nomail.test", WAIT);
+    let failed = server.wait_event("failed", "x@nomail.test", WAIT);
     assert_eq!(failed["queue_id"], id.as_str());
     assert_eq!(failed["attempt"], 1);
-    wait_queue_empty(&server, WAIT);
+    server.wait_queued(0, WAIT);
 }
 
 #[test]
@@ -329,14 +282,15 @@ fn nxdomain_fails_with_5_1_2_and_servfail_is_retried() {
         "only the NXDOMAIN recipient is final: {rcpts:?}"
     );
     assert_eq!(rcpts[0]["status"], "5.1.2");
-    let deferred = wait_event(&server, "deferred", "y@broken.test", WAIT);
+    let deferred = server.wait_event("deferred", "y@broken.test", WAIT);
     assert!(
         deferred["reply"].as_str().unwrap().starts_with("4.4.3"),
         "{deferred}"
     );
     // Retried on the schedule (1 s in tests), still temporary.
     let deadline = Instant::now() + WAIT;
-    while !log_events(&server)
+    while !server
+        .delivery_log()
         .iter()
         .any(|e| e["event"] == "deferred" && e["recipient"] == "y@broken.test" && e["attempt"] == 2)
     {
@@ -365,13 +319,13 @@ fn temporary_failure_then_success_on_retry() {
         &["<later@example.net>"],
         &message("a@client.test", "later@example.net", &unique_token()),
     );
-    let deferred = wait_event(&server, "deferred", "later@example.net", WAIT);
+    let deferred = server.wait_event("deferred", "later@example.net", WAIT);
     assert_eq!(deferred["attempt"], 1);
     assert!(deferred["reply"].as_str().unwrap().starts_with("451"));
-    let delivered = wait_event(&server, "delivered", "later@example.net", WAIT);
+    let delivered = server.wait_event("delivered", "later@example.net", WAIT);
     assert_eq!(delivered["attempt"], 2);
     assert_eq!(sink.messages().len(), 1);
-    wait_queue_empty(&server, WAIT);
+    server.wait_queued(0, WAIT);
 }
 
 #[test]
@@ -426,8 +380,8 @@ fn permanent_refusal_bounces_with_status_and_diagnostic_code() {
     let text = String::from_utf8_lossy(&dsn[0].data);
     assert!(text.contains(&format!("Subject: test {token}")));
     assert!(!text.contains(&format!("body {token}")));
-    wait_queue_empty(&server, WAIT);
-    let events = log_events(&server);
+    server.wait_queued(0, WAIT);
+    let events = server.delivery_log();
     assert!(events.iter().any(|e| e["event"] == "bounce-sent"));
 }
 
@@ -488,9 +442,9 @@ fn expiry_bounces_with_4_4_7() {
         rcpts[0]["diagnostic-code"].contains("451 4.2.0 mailbox busy"),
         "{rcpts:?}"
     );
-    let expired = wait_event(&server, "expired", "slow@example.net", WAIT);
+    let expired = server.wait_event("expired", "slow@example.net", WAIT);
     assert!(expired["attempt"].as_u64().unwrap() >= 2, "{expired}");
-    wait_queue_empty(&server, WAIT);
+    server.wait_queued(0, WAIT);
 }
 
 #[test]
@@ -541,8 +495,8 @@ fn no_bounce_to_the_null_sender() {
             &unique_token(),
         ),
     );
-    wait_event(&server, "failed", "nobody@example.net", WAIT);
-    wait_queue_empty(&server, WAIT);
+    server.wait_event("failed", "nobody@example.net", WAIT);
+    server.wait_queued(0, WAIT);
     std::thread::sleep(Duration::from_millis(500));
     // Nothing else was sent: no DSN went anywhere (the `*` route would have taken it here).
     assert_eq!(
@@ -551,7 +505,8 @@ fn no_bounce_to_the_null_sender() {
         "{:?}",
         remote.transactions().len()
     );
-    assert!(!log_events(&server)
+    assert!(!server
+        .delivery_log()
         .iter()
         .any(|e| e["event"] == "bounce-sent"));
 }
@@ -569,7 +524,7 @@ fn tls_required_to_a_server_without_starttls_defers_instead_of_plaintext() {
         &["<b@example.net>"],
         &message("a@client.test", "b@example.net", &unique_token()),
     );
-    let e = wait_event(&server, "deferred", "b@example.net", WAIT);
+    let e = server.wait_event("deferred", "b@example.net", WAIT);
     assert!(e["reply"].as_str().unwrap().starts_with("4.7.4"), "{e}");
     assert_eq!(sink.messages().len(), 0, "nothing may go in plaintext");
 }
@@ -619,13 +574,13 @@ fn a_second_tern_receives_relayed_mail() {
         &["<b@example.net>"],
         &message("a@client.test", "b@example.net", &token),
     );
-    let e = wait_event(&sender, "delivered", "b@example.net", WAIT);
+    let e = sender.wait_event("delivered", "b@example.net", WAIT);
     // Opportunistic TLS with the receiver's self-signed certificate.
     assert!(
         e["tls"].as_str().is_some_and(|t| t.starts_with("TLS")),
         "{e}"
     );
-    wait_queue_empty(&sender, WAIT);
+    sender.wait_queued(0, WAIT);
     assert_eq!(receiver.queued(), 1);
 }
 
@@ -687,7 +642,7 @@ fn sigkill_during_delivery_loses_nothing() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    wait_queue_empty(&server, WAIT);
+    server.wait_queued(0, WAIT);
 }
 
 const SMTP_SINK: &str = "/usr/sbin/smtp-sink";
@@ -770,8 +725,9 @@ fn postfix_smtp_sink_receives_relayed_mail() {
             &message("a@client.test", "r@example.net", t),
         );
     }
-    wait_queue_empty(&server, WAIT);
-    let delivered = log_events(&server)
+    server.wait_queued(0, WAIT);
+    let delivered = server
+        .delivery_log()
         .iter()
         .filter(|e| e["event"] == "delivered")
         .count();
@@ -798,7 +754,7 @@ fn smtputf8_mail_to_a_server_without_smtputf8_fails_with_5_6_7() {
         &["<b@example.net>"],
         &message("jörg@client.test", "b@example.net", &unique_token()),
     );
-    let e = wait_event(&server, "failed", "b@example.net", WAIT);
+    let e = server.wait_event("failed", "b@example.net", WAIT);
     assert!(e["reply"].as_str().unwrap().contains("5.6.7"), "{e}");
     assert_eq!(remote.messages().len(), 0);
 }
@@ -819,8 +775,9 @@ fn max_message_rate_spaces_deliveries_to_a_destination() {
             &message("a@client.test", "r@example.net", &unique_token()),
         );
     }
-    wait_queue_empty(&server, WAIT);
-    let mut starts: Vec<u64> = log_events(&server)
+    server.wait_queued(0, WAIT);
+    let mut starts: Vec<u64> = server
+        .delivery_log()
         .iter()
         .filter(|e| e["event"] == "delivered")
         .map(|e| e["ts_ms"].as_u64().unwrap() - e["latency_ms"].as_u64().unwrap())

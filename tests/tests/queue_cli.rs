@@ -73,47 +73,6 @@ fn queue_err(server: &TernServer, args: &[&str]) -> String {
     String::from_utf8(out.stderr).expect("utf-8 stderr")
 }
 
-fn log_events(server: &TernServer) -> Vec<Value> {
-    let text = std::fs::read_to_string(server.data_dir().join("delivery.log")).unwrap_or_default();
-    text.lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad log line {l:?}: {e}")))
-        .collect()
-}
-
-fn wait_event(server: &TernServer, event: &str, recipient: &str) -> Value {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(e) = log_events(server)
-            .into_iter()
-            .find(|e| e["event"] == event && e["recipient"] == recipient)
-        {
-            return e;
-        }
-        if Instant::now() > deadline {
-            panic!(
-                "no {event} event for {recipient}; log:\n{}\n{}",
-                std::fs::read_to_string(server.data_dir().join("delivery.log")).unwrap_or_default(),
-                server.stderr()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn wait_queued(server: &TernServer, n: u64) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let h = server.health();
-        if h["queued"].as_u64() == Some(n) {
-            return;
-        }
-        if Instant::now() > deadline {
-            panic!("queue never held {n} message(s): {h}\n{}", server.stderr());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -157,8 +116,8 @@ fn list_shows_deferred_recipient_with_attempts_and_reply_and_filters() {
         &["bob@example.net", "carol@example.org"],
         "deferred",
     );
-    wait_event(&server, "deferred", "bob@example.net");
-    wait_event(&server, "delivered", "carol@example.org");
+    server.wait_event("deferred", "bob@example.net", WAIT);
+    server.wait_event("delivered", "carol@example.org", WAIT);
 
     // Text: the message line, then one line per recipient with its state and last reply.
     let text = queue_ok(&server, &["list"]);
@@ -297,7 +256,7 @@ fn flush_retries_a_deferred_message_now() {
     let sink = deferring_sink("bob@example.net", &["451 4.3.0 later", "250 2.1.5 ok"]);
     let server = to_sink(TernServer::builder(), &sink).start();
     let id = submit(&server, "alice@client.test", &["bob@example.net"], "flush");
-    wait_event(&server, "deferred", "bob@example.net");
+    server.wait_event("deferred", "bob@example.net", WAIT);
     assert!(sink.messages().is_empty());
     let list = queue_json(&server, &["list", "--state", "deferred"]);
     assert!(find(&list, &id).is_some(), "{list}");
@@ -306,10 +265,10 @@ fn flush_retries_a_deferred_message_now() {
     assert_eq!(out.trim(), "1 message(s) scheduled for immediate delivery");
     let got = sink.wait_for_messages(1, WAIT);
     assert_eq!(got[0].rcpts, ["bob@example.net"]);
-    let delivered = wait_event(&server, "delivered", "bob@example.net");
+    let delivered = server.wait_event("delivered", "bob@example.net", WAIT);
     assert_eq!(delivered["queue_id"], id.as_str());
     assert_eq!(delivered["attempt"], 2);
-    wait_queued(&server, 0);
+    server.wait_queued(0, WAIT);
     let after = queue_ok(&server, &["list"]);
     assert!(after.contains("-- 0 message(s)"), "{after}");
     // Nothing left to flush.
@@ -329,8 +288,8 @@ fn suspend_holds_a_domain_across_restarts_and_resume_delivers() {
     // Other domains are delivered; the held one stays pending.
     let got = sink.wait_for_messages(1, WAIT);
     assert_eq!(got[0].rcpts, ["carol@other.test"]);
-    wait_event(&server, "delivered", "carol@other.test");
-    wait_queued(&server, 1);
+    server.wait_event("delivered", "carol@other.test", WAIT);
+    server.wait_queued(1, WAIT);
     let list = queue_json(&server, &["list"]);
     assert!(find(&list, &other).is_none(), "{list}");
     let m = find(&list, &held).unwrap_or_else(|| panic!("{held} not listed: {list}"));
@@ -392,10 +351,10 @@ fn suspend_holds_a_domain_across_restarts_and_resume_delivers() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(
-        wait_event(&server, "delivered", "bob@held.test")["queue_id"],
+        server.wait_event("delivered", "bob@held.test", WAIT)["queue_id"],
         held.as_str()
     );
-    wait_queued(&server, 0);
+    server.wait_queued(0, WAIT);
     let stats = queue_json(&server, &["stats"]);
     assert_eq!(stats["suspended"], serde_json::json!([]), "{stats}");
     let saved = std::fs::read_to_string(server.data_dir().join("suspended-domains.json"))
@@ -416,7 +375,8 @@ fn delete_removes_a_message_and_unknown_ids_fail() {
     let list = queue_json(&server, &["list"]);
     assert!(find(&list, &gone).is_none(), "{list}");
     assert!(find(&list, &keep).is_some(), "{list}");
-    let deleted = log_events(&server)
+    let deleted = server
+        .delivery_log()
         .into_iter()
         .find(|e| e["event"] == "deleted")
         .expect("a deleted event");
@@ -453,7 +413,7 @@ fn delete_with_bounce_sends_a_dsn_to_the_sender() {
         &["bob@example.net"],
         "bounce me",
     );
-    wait_event(&server, "deferred", "bob@example.net");
+    server.wait_event("deferred", "bob@example.net", WAIT);
 
     let out = queue_ok(&server, &["delete", &id, "--bounce"]);
     assert_eq!(out.trim(), format!("{id} deleted (sender notified)"));
@@ -464,8 +424,8 @@ fn delete_with_bounce_sends_a_dsn_to_the_sender() {
     assert!(text.contains("deleted"), "{text}");
     assert!(text.contains("5.0.0"), "{text}");
     assert!(text.contains("bob@example.net"), "{text}");
-    wait_queued(&server, 0);
-    let events = log_events(&server);
+    server.wait_queued(0, WAIT);
+    let events = server.delivery_log();
     assert!(
         events
             .iter()
