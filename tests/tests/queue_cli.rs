@@ -341,7 +341,7 @@ fn suspend_holds_a_domain_across_restarts_and_resume_delivers() {
 
     // Resume sends it at once.
     let out = queue_ok(&server, &["resume", "held.test"]);
-    assert_eq!(out.trim(), "suspended:");
+    assert_eq!(out.trim(), "suspended: none");
     let deadline = Instant::now() + WAIT;
     while !sink.messages().iter().any(|m| m.rcpts == ["bob@held.test"]) {
         assert!(

@@ -185,10 +185,7 @@ fn queue_command(
             if json {
                 print_json(&detail)?;
             } else {
-                print!(
-                    "{}",
-                    queue_cli::format_list(std::slice::from_ref(&detail.summary))
-                );
+                print!("{}", queue_cli::format_message(&detail.summary));
                 println!(
                     "client: {} helo={} tls={} auth={}",
                     detail.client.addr,
@@ -212,11 +209,11 @@ fn queue_command(
         }
         QueueCommand::Suspend { domain } => {
             let list = client.suspend(&domain, true)?;
-            println!("suspended: {}", list.join(" "));
+            println!("{}", queue_cli::format_suspended(&list));
         }
         QueueCommand::Resume { domain } => {
             let list = client.suspend(&domain, false)?;
-            println!("suspended: {}", list.join(" "));
+            println!("{}", queue_cli::format_suspended(&list));
         }
         QueueCommand::Stats => {
             let stats = client.stats()?;

@@ -124,34 +124,50 @@ fn when(ms: u64) -> String {
     .to_string()
 }
 
-/// `mailq`-like text: one block per message, one line per recipient.
+/// `mailq`-like text: one block per message, one line per recipient, and a count.
 pub fn format_list(list: &[MessageSummary]) -> String {
     let mut out = String::new();
     for m in list {
-        let _ = writeln!(
-            out,
-            "{}  {:>9}  {}  <{}>",
-            m.id,
-            m.size,
-            when(m.arrived_ms),
-            m.sender
-        );
-        for r in &m.recipients {
-            let _ = write!(out, "    {:<10} {}", r.state, r.address);
-            if r.attempts > 0 {
-                let _ = write!(out, "  attempts={}", r.attempts);
-            }
-            if let Some(next) = r.next_attempt_ms {
-                let _ = write!(out, "  next={}", when(next));
-            }
-            out.push('\n');
-            if let Some(reply) = &r.last_reply {
-                let _ = writeln!(out, "               ({reply})");
-            }
-        }
+        out.push_str(&format_message(m));
     }
     let _ = writeln!(out, "-- {} message(s)", list.len());
     out
+}
+
+/// One message's block: id, size, arrival, sender, then its recipients.
+pub fn format_message(m: &MessageSummary) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{}  {:>9}  {}  <{}>",
+        m.id,
+        m.size,
+        when(m.arrived_ms),
+        m.sender
+    );
+    for r in &m.recipients {
+        let _ = write!(out, "    {:<10} {}", r.state, r.address);
+        if r.attempts > 0 {
+            let _ = write!(out, "  attempts={}", r.attempts);
+        }
+        if let Some(next) = r.next_attempt_ms {
+            let _ = write!(out, "  next={}", when(next));
+        }
+        out.push('\n');
+        if let Some(reply) = &r.last_reply {
+            let _ = writeln!(out, "               ({reply})");
+        }
+    }
+    out
+}
+
+/// The answer to `suspend`/`resume`: the domains now suspended.
+pub fn format_suspended(list: &[String]) -> String {
+    if list.is_empty() {
+        "suspended: none".to_string()
+    } else {
+        format!("suspended: {}", list.join(" "))
+    }
 }
 
 pub fn format_stats(s: &QueueSummary) -> String {
