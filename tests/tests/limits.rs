@@ -361,3 +361,33 @@ impl SendRead for SmtpClient {
         self.try_read_reply().ok()
     }
 }
+
+/// A message that already carries `n` Received fields (ours makes it n + 1).
+fn with_hops(c: &mut SmtpClient, n: usize) -> tern_tests::Reply {
+    c.cmd("MAIL FROM:<a@client.test>").expect_code(250);
+    c.cmd("RCPT TO:<b@example.net>").expect_code(250);
+    c.cmd("DATA").expect_code(354);
+    let mut msg = String::new();
+    for i in 0..n {
+        msg.push_str(&format!(
+            "Received: from hop{i}.test by hop{}.test; Sun, 22 Nov 2026 10:00:00 +0000\r\n",
+            i + 1
+        ));
+    }
+    msg.push_str("Subject: loop\r\n\r\nbody\r\n.\r\n");
+    c.send(msg);
+    c.read_reply()
+}
+
+#[test]
+fn a_message_over_the_hop_limit_is_refused_as_a_loop() {
+    let server = TernServer::start();
+    let mut c = server.session();
+    // 49 + ours = 50: at the limit, accepted.
+    queued_id(&with_hops(&mut c, 49));
+    // 50 + ours = 51: a loop.
+    with_hops(&mut c, 50).expect("554", "5.4.6");
+    // The session goes on.
+    c.cmd("NOOP").expect_code(250);
+    assert_eq!(server.queued(), 1);
+}

@@ -75,6 +75,9 @@ pub struct Settings {
     pub command_line: usize,
     pub data_line: usize,
     pub errors: u32,
+    /// Most `Received:` header fields a message may carry (ours included) before it is refused
+    /// as a mail loop (RFC 5321 §6.3; Postfix `hopcount_limit`).
+    pub max_hops: usize,
     pub command_timeout: Duration,
     pub data_timeout: Duration,
     pub bare_line_endings: BareLineEndings,

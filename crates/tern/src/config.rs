@@ -176,6 +176,8 @@ pub struct Limits {
     pub data_line: usize,
     /// Protocol errors before the connection is dropped.
     pub errors: u32,
+    /// Most Received header fields before a message is refused as a loop.
+    pub max_hops: usize,
     #[serde(
         serialize_with = "humantime_serde::serialize",
         deserialize_with = "de_parsed::<_, Duration>"
@@ -196,6 +198,7 @@ impl Default for Limits {
             command_line: 512,
             data_line: 65_536,
             errors: 10,
+            max_hops: 50,
             command_timeout: Duration::from_secs(5 * 60),
             data_timeout: Duration::from_secs(10 * 60),
         }
@@ -824,6 +827,9 @@ impl Config {
         }
         if l.errors == 0 {
             return fail("limits.errors", "must be greater than 0".into());
+        }
+        if self.limits.max_hops == 0 {
+            return fail("limits.max_hops", "must be greater than 0".into());
         }
         if l.command_timeout.is_zero() {
             return fail("limits.command_timeout", "must be greater than 0".into());

@@ -446,6 +446,7 @@ fn ingress_settings(config: &Config, tls: Arc<rustls::ServerConfig>) -> Settings
         command_line: limits.command_line,
         data_line: limits.data_line,
         errors: limits.errors,
+        max_hops: limits.max_hops,
         command_timeout: limits.command_timeout,
         data_timeout: limits.data_timeout,
         bare_line_endings: smtp.bare_line_endings,

@@ -570,6 +570,13 @@ impl Session {
     /// confirmed a durable write.
     async fn spool(&mut self) -> Flow {
         let tx = self.tx.take().expect("spool without a transaction");
+        let hops = count_received(&tx.body);
+        if hops > self.shared.settings.max_hops {
+            // RFC 5321 §6.3: a loop is detected by counting Received fields.
+            info!(id = %tx.id, hops, "message refused: too many hops");
+            self.reply(554, code(5, 4, 6), "Error: too many hops (mail loop?)");
+            return self.after_reply();
+        }
         let span = info_span!("message", id = %tx.id);
         let _enter = span.enter();
         let size = tx.body.len();
@@ -780,5 +787,34 @@ impl Session {
             );
         }
         Flow::Continue
+    }
+}
+
+/// The number of `Received:` fields in the header section of `message` (CRLF line ends).
+fn count_received(message: &[u8]) -> usize {
+    let mut count = 0;
+    for line in message.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            break;
+        }
+        if line.len() >= 9 && line[..9].eq_ignore_ascii_case(b"received:") {
+            count += 1;
+        }
+    }
+    count
+}
+
+#[cfg(test)]
+mod hop_tests {
+    use super::count_received;
+
+    #[test]
+    fn counts_received_fields_in_the_header_only() {
+        let msg =
+            b"Received: from a\r\n\tby b\r\nRECEIVED: x\r\nSubject: s\r\n\r\nReceived: body\r\n";
+        assert_eq!(count_received(msg), 2);
+        assert_eq!(count_received(b"Subject: none\r\n\r\n"), 0);
+        assert_eq!(count_received(b"Received-SPF: pass\r\n\r\n"), 0);
     }
 }
