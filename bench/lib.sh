@@ -198,3 +198,28 @@ EOF
   PIDS+=("$TERN_PID")
   wait_health "$http" 60 || { tail -50 "$dir/stderr.log" >&2; die "tern not healthy on :$http"; }
 }
+
+# start_counting_sink PORT LOGFILE: smtp-sink with -c, so LOGFILE carries its running message
+# counter (read with sink_count, or bench/drain_wait.py). Sets SINK_PID.
+start_counting_sink() {
+  local port=$1 logf=$2
+  smtp-sink -c -u postfix 127.0.0.1:"$port" 1000 >"$logf" 2>&1 &
+  SINK_PID=$!
+  PIDS+=("$SINK_PID")
+  wait_port "$port" 10 || die "smtp-sink did not listen on $port"
+}
+
+# sink_count LOGFILE: messages a start_counting_sink sink has received so far.
+sink_count() {
+  tail -c 256 "$1" 2>/dev/null | tr '\r' '\n' | grep -o 'mesg=[0-9]*' | tail -1 | cut -d= -f2 || true
+}
+
+# health_field HTTP_PORT FIELD: one field of tern's /health JSON.
+health_field() {
+  health_json "$1" | python3 -c "import json,sys; print(json.load(sys.stdin).get('$2'))"
+}
+
+# cpu_seconds PID: user + system CPU time the process has used so far, in seconds.
+cpu_seconds() {
+  awk -v hz="$(getconf CLK_TCK)" '{ sub(/^.*\) /, ""); printf "%.2f", ($12 + $13) / hz }' "/proc/$1/stat"
+}
