@@ -63,7 +63,7 @@
 use std::collections::HashSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -126,7 +126,6 @@ pub struct SledStorage {
     dir: PathBuf,
     free_space: FreeSpaceGuard,
     /// Spooled messages; maintained by insert/remove so `len` needs no scan.
-    count: AtomicUsize,
     /// Set when an `fsync`/`fdatasync` failed; see [`SledStorage::poison`].
     poisoned: Mutex<Option<String>>,
     /// The `blobs` directory's mtime after open; see [`SledStorage::sync_blobs`].
@@ -279,14 +278,9 @@ impl SledStorage {
 
         let free_space = FreeSpaceGuard::new(dir, opts.min_free_bytes)?;
 
-        let mut count = 0usize;
-        for item in tree.scan_prefix([META]).keys() {
-            let k = item.map_err(sled_err)?;
-            if matches!(parse_key(&k), Some((META, _, 0))) {
-                count += 1;
-            }
-        }
-        info!(messages = count, "spool opened");
+        // No count of the messages here: with a million queued, walking the keys costs about
+        // a second of start-up, and the queue actor's recovery scan counts them anyway.
+        info!("spool opened");
         let blobs = dir.join("blobs");
         let blobs_mtime_at_open = std::fs::metadata(&blobs).and_then(|m| m.modified()).ok();
         // Blobs left by an earlier run (they should not exist) keep every sync scanning.
@@ -298,7 +292,6 @@ impl SledStorage {
             log_file,
             dir: dir.to_path_buf(),
             free_space,
-            count: AtomicUsize::new(count),
             poisoned: Mutex::new(None),
             blobs_mtime_at_open,
             blobs_seen: AtomicBool::new(blobs_seen),
@@ -421,10 +414,7 @@ impl SledStorage {
             return;
         }
         match self.tree.apply_batch(batch) {
-            Ok(()) => {
-                let added = in_batch.iter().filter(|(_, existed)| !existed).count();
-                self.count.fetch_add(added, Ordering::Relaxed);
-            }
+            Ok(()) => {}
             Err(e) => {
                 let e = sled_err(e);
                 for &(i, _) in in_batch.iter() {
@@ -464,11 +454,8 @@ impl SledStorage {
 impl Storage for SledStorage {
     fn insert(&self, msg: &InboundMessage) -> Result<(), StorageError> {
         let mut batch = sled::Batch::default();
-        let existed = self.prepare(msg, &mut batch)?;
+        self.prepare(msg, &mut batch)?;
         self.tree.apply_batch(batch).map_err(sled_err)?;
-        if !existed {
-            self.count.fetch_add(1, Ordering::Relaxed);
-        }
         Ok(())
     }
 
@@ -583,7 +570,6 @@ impl Storage for SledStorage {
     }
 
     fn remove(&self, id: QueueId) -> Result<(), StorageError> {
-        let existed = self.tree.contains_key(key(META, id, 0)).map_err(sled_err)?;
         let mut batch = sled::Batch::default();
         for kind in [META, BODY] {
             for k in self.tree.scan_prefix(prefix(kind, id)).keys() {
@@ -591,9 +577,6 @@ impl Storage for SledStorage {
             }
         }
         self.tree.apply_batch(batch).map_err(sled_err)?;
-        if existed {
-            self.count.fetch_sub(1, Ordering::Relaxed);
-        }
         debug!(queue_id = %id, "removed from spool");
         Ok(())
     }
@@ -606,7 +589,12 @@ impl Storage for SledStorage {
     }
 
     fn len(&self) -> usize {
-        self.count.load(Ordering::Relaxed)
+        self.tree
+            .scan_prefix([META])
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| matches!(parse_key(k), Some((META, _, 0))))
+            .count()
     }
 }
 

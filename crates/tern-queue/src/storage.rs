@@ -68,7 +68,8 @@ pub trait Storage: Send + Sync + 'static {
     /// Every spooled message's metadata (without the body), in id order.
     fn scan(&self) -> ScanIter<'_>;
 
-    /// Number of spooled messages.
+    /// Number of spooled messages. May walk the whole spool (O(n)): for tools and tests; the
+    /// queue actor keeps its own count.
     fn len(&self) -> usize;
 
     fn is_empty(&self) -> bool {
