@@ -333,6 +333,21 @@ impl MxResolver {
         }
     }
 
+    /// The A records of `name`, for DNS blocklist queries (`2.0.0.127.zen.example`): an empty
+    /// list when the name does not exist (not listed), an error when the lookup failed.
+    pub async fn lookup_ipv4(&self, name: &str) -> Result<Vec<Ipv4Addr>, DnsError> {
+        let mut name =
+            Name::from_utf8(name.trim()).map_err(|_| DnsError::InvalidDomain(name.to_string()))?;
+        name.set_fqdn(true);
+        match self.resolver.ipv4_lookup(name).await {
+            Ok(lookup) => Ok(lookup.iter().map(|a| a.0).collect()),
+            Err(e) => match classify(&e) {
+                Answer::NoData | Answer::NxDomain => Ok(Vec::new()),
+                Answer::Failed(msg) => Err(DnsError::Temporary(msg)),
+            },
+        }
+    }
+
     /// Looks up the addresses of already ordered MX hosts.
     async fn addresses(
         &self,

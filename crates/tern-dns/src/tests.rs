@@ -454,3 +454,18 @@ async fn smarthost_names_resolve_without_mx_and_keep_private_addresses() {
     let missing = strict.resolve_host("missing.test").await.unwrap_err();
     assert!(!missing.is_permanent(), "{missing:?}");
 }
+
+#[tokio::test]
+async fn blocklist_style_a_lookups() {
+    let zone = TestZone::new()
+        .a("2.0.0.127.bl.test", v4("127.0.0.2"))
+        .servfail("3.0.0.127.bl.test");
+    let dns = TestDns::start(zone);
+    let r = resolver(&dns, false);
+    assert_eq!(
+        r.lookup_ipv4("2.0.0.127.bl.test").await.unwrap(),
+        [v4("127.0.0.2")]
+    );
+    assert!(r.lookup_ipv4("1.0.0.127.bl.test").await.unwrap().is_empty());
+    assert!(r.lookup_ipv4("3.0.0.127.bl.test").await.is_err());
+}

@@ -1,0 +1,304 @@
+//! The validation stage: an actor that sessions consult at each SMTP step and that answers with
+//! a [`Verdict`]. Requests and verdicts are plain serde data, so the actor can later run on
+//! another node; sessions bound every request with a timeout and fall back to the documented
+//! default verdict of that step (see [`PolicyClient`]).
+//!
+//! This first part covers the connection and envelope checks:
+//! * connect: per-address connection rate (token bucket) → `421 4.7.0`; DNS blocklists →
+//!   `554 5.7.1` naming the list;
+//! * HELO: syntax, optionally a fully qualified name, and strangers claiming our own name;
+//! * MAIL: per-sender and per-authenticated-user message rates → `450 4.7.1`.
+//!
+//! Content checks, SPF/DKIM/DMARC, suppression and greylisting come with the rest of issue #4.
+
+mod bucket;
+mod checks;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use serde::{Deserialize, Serialize};
+use tern_dns::MxResolver;
+use tracing::{debug, info};
+
+pub use bucket::{Rate, TokenBucket};
+pub use checks::{check_helo, HeloPolicy};
+
+/// What a check decided.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Verdict {
+    Accept,
+    /// Refuse with this reply (4xx: try later; 5xx: never). For a connection, the session
+    /// sends it instead of the greeting and closes.
+    Refuse(PolicyReply),
+}
+
+impl<A: Actor, M: Message<Result = Verdict>> actix::dev::MessageResponse<A, M> for Verdict {
+    fn handle(self, _ctx: &mut A::Context, tx: Option<actix::dev::OneshotSender<Verdict>>) {
+        if let Some(tx) = tx {
+            let _ = tx.send(self);
+        }
+    }
+}
+
+/// An SMTP reply chosen by policy: code, enhanced status code and text.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyReply {
+    pub code: u16,
+    pub enhanced: (u8, u16, u16),
+    pub text: String,
+}
+
+impl PolicyReply {
+    pub fn new(code: u16, enhanced: (u8, u16, u16), text: impl Into<String>) -> Self {
+        Self {
+            code,
+            enhanced,
+            text: text.into(),
+        }
+    }
+
+    /// The verdict when the policy stage does not answer in time: a temporary failure
+    /// (451 4.4.3, "directory server failure" in RFC 3463's words for an unreachable helper),
+    /// so the client retries and nothing is accepted unchecked.
+    pub fn unavailable() -> Self {
+        Self::new(
+            451,
+            (4, 4, 3),
+            "Error: policy service unavailable, try again later",
+        )
+    }
+}
+
+/// Everything the policy stage is configured with (`[policy]`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PolicySettings {
+    /// Our host name (HELO check).
+    pub hostname: String,
+    /// New connections per client address; `None` is unlimited.
+    pub connect_rate: Option<Rate>,
+    /// DNS blocklist zones (`zen.spamhaus.org` style), checked at connect.
+    pub dnsbl_zones: Vec<String>,
+    pub helo: HeloPolicy,
+    /// Messages per envelope sender (`MAIL FROM`), and per authenticated user.
+    pub sender_rate: Option<Rate>,
+    pub user_rate: Option<Rate>,
+    /// How long one DNS blocklist query may take before it counts as "not listed".
+    pub dnsbl_timeout: Duration,
+}
+
+/// Connect-stage check.
+#[derive(Message, Clone, Debug, Serialize, Deserialize)]
+#[rtype(result = "Verdict")]
+pub struct CheckConnect {
+    pub ip: IpAddr,
+}
+
+/// HELO/EHLO check.
+#[derive(Message, Clone, Debug, Serialize, Deserialize)]
+#[rtype(result = "Verdict")]
+pub struct CheckHelo {
+    pub ip: IpAddr,
+    pub helo: String,
+    /// Trusted network or authenticated: HELO checks do not apply.
+    pub trusted: bool,
+}
+
+/// MAIL FROM check.
+#[derive(Message, Clone, Debug, Serialize, Deserialize)]
+#[rtype(result = "Verdict")]
+pub struct CheckMail {
+    pub ip: IpAddr,
+    /// The reverse-path without brackets; empty for `<>`.
+    pub sender: String,
+    pub auth_user: Option<String>,
+}
+
+/// The validation actor. State (rate buckets) lives here; buckets idle for longer than it
+/// takes them to refill are dropped by a periodic sweep so memory stays bounded.
+pub struct PolicyActor {
+    settings: Arc<PolicySettings>,
+    resolver: Option<Arc<MxResolver>>,
+    connect_buckets: HashMap<IpAddr, TokenBucket>,
+    sender_buckets: HashMap<String, TokenBucket>,
+    user_buckets: HashMap<String, TokenBucket>,
+}
+
+impl PolicyActor {
+    /// `resolver` is needed only with DNS blocklists.
+    pub fn new(settings: PolicySettings, resolver: Option<MxResolver>) -> Self {
+        Self {
+            settings: Arc::new(settings),
+            resolver: resolver.map(Arc::new),
+            connect_buckets: HashMap::new(),
+            sender_buckets: HashMap::new(),
+            user_buckets: HashMap::new(),
+        }
+    }
+
+    /// Drops the buckets that have refilled: they hold nothing a new bucket would not.
+    fn sweep(&mut self) {
+        let now = Instant::now();
+        self.connect_buckets.retain(|_, b| !b.is_full(now));
+        self.sender_buckets.retain(|_, b| !b.is_full(now));
+        self.user_buckets.retain(|_, b| !b.is_full(now));
+    }
+}
+
+/// How often idle rate buckets are dropped.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+
+impl Actor for PolicyActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(4096);
+        ctx.run_interval(SWEEP_INTERVAL, |act, _| act.sweep());
+    }
+}
+
+impl Handler<CheckConnect> for PolicyActor {
+    type Result = ResponseFuture<Verdict>;
+
+    fn handle(&mut self, req: CheckConnect, _ctx: &mut Self::Context) -> Self::Result {
+        if let Some(rate) = self.settings.connect_rate {
+            let now = Instant::now();
+            let bucket = self
+                .connect_buckets
+                .entry(req.ip)
+                .or_insert_with(|| TokenBucket::new(rate, now));
+            if !bucket.take(now) {
+                info!(ip = %req.ip, "connection rate limit exceeded");
+                return Box::pin(async {
+                    Verdict::Refuse(PolicyReply::new(
+                        421,
+                        (4, 7, 0),
+                        "Error: too many connections from your address, slow down",
+                    ))
+                });
+            }
+        }
+        let zones = self.settings.dnsbl_zones.clone();
+        let (Some(resolver), false) = (self.resolver.clone(), zones.is_empty()) else {
+            return Box::pin(async { Verdict::Accept });
+        };
+        let timeout = self.settings.dnsbl_timeout;
+        Box::pin(async move { checks::dnsbl(&resolver, req.ip, &zones, timeout).await })
+    }
+}
+
+impl Handler<CheckHelo> for PolicyActor {
+    type Result = Verdict;
+
+    fn handle(&mut self, req: CheckHelo, _ctx: &mut Self::Context) -> Verdict {
+        if req.trusted {
+            return Verdict::Accept;
+        }
+        match check_helo(&req.helo, &self.settings.hostname, &self.settings.helo) {
+            Ok(()) => Verdict::Accept,
+            Err(reply) => {
+                debug!(ip = %req.ip, helo = %req.helo, reason = %reply.text, "HELO refused");
+                Verdict::Refuse(reply)
+            }
+        }
+    }
+}
+
+impl Handler<CheckMail> for PolicyActor {
+    type Result = Verdict;
+
+    fn handle(&mut self, req: CheckMail, _ctx: &mut Self::Context) -> Verdict {
+        let now = Instant::now();
+        let limited = |map: &mut HashMap<String, TokenBucket>, key: &str, rate: Rate| {
+            let bucket = map
+                .entry(key.to_ascii_lowercase())
+                .or_insert_with(|| TokenBucket::new(rate, now));
+            !bucket.take(now)
+        };
+        if let (Some(rate), Some(user)) = (self.settings.user_rate, req.auth_user.as_deref()) {
+            if limited(&mut self.user_buckets, user, rate) {
+                info!(user, "message rate limit exceeded for authenticated user");
+                return Verdict::Refuse(PolicyReply::new(
+                    450,
+                    (4, 7, 1),
+                    "Error: message rate limit exceeded for your account, try again later",
+                ));
+            }
+        }
+        // The null sender is every bounce in the world: rate-limiting it by address would
+        // throttle unrelated mail.
+        if let (Some(rate), false) = (self.settings.sender_rate, req.sender.is_empty()) {
+            if limited(&mut self.sender_buckets, &req.sender, rate) {
+                info!(sender = %req.sender, "message rate limit exceeded for sender");
+                return Verdict::Refuse(PolicyReply::new(
+                    450,
+                    (4, 7, 1),
+                    "Error: message rate limit exceeded for this sender, try again later",
+                ));
+            }
+        }
+        Verdict::Accept
+    }
+}
+
+/// Starts the policy actor on an arbiter of its own.
+pub fn spawn_policy(settings: PolicySettings, resolver: Option<MxResolver>) -> Addr<PolicyActor> {
+    let arbiter = Arbiter::new();
+    PolicyActor::start_in_arbiter(&arbiter.handle(), move |_| {
+        PolicyActor::new(settings, resolver)
+    })
+}
+
+/// What a session holds to consult the policy stage: the addresses, which checks are on (so a
+/// session skips the round trip for a step with nothing to check) and the time limit.
+#[derive(Clone)]
+pub struct PolicyClient {
+    pub connect: Option<Recipient<CheckConnect>>,
+    pub helo: Option<Recipient<CheckHelo>>,
+    pub mail: Option<Recipient<CheckMail>>,
+    /// The most a session waits for a verdict before using the step's default.
+    pub timeout: Duration,
+}
+
+impl PolicyClient {
+    /// A client for `addr` with only the steps `settings` has checks for.
+    pub fn new(addr: &Addr<PolicyActor>, settings: &PolicySettings, timeout: Duration) -> Self {
+        let connect = settings.connect_rate.is_some() || !settings.dnsbl_zones.is_empty();
+        let helo = settings.helo.enabled();
+        let mail = settings.sender_rate.is_some() || settings.user_rate.is_some();
+        Self {
+            connect: connect.then(|| addr.clone().recipient()),
+            helo: helo.then(|| addr.clone().recipient()),
+            mail: mail.then(|| addr.clone().recipient()),
+            timeout,
+        }
+    }
+
+    /// Asks `to` with the time limit; `on_timeout` when the stage does not answer in time (or
+    /// is gone).
+    pub async fn ask<M>(&self, to: &Option<Recipient<M>>, msg: M, on_timeout: Verdict) -> Verdict
+    where
+        M: Message<Result = Verdict> + Send + 'static,
+    {
+        let Some(to) = to else {
+            return Verdict::Accept;
+        };
+        match tokio::time::timeout(self.timeout, to.send(msg)).await {
+            Ok(Ok(verdict)) => verdict,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "policy stage unreachable; default verdict");
+                on_timeout
+            }
+            Err(_) => {
+                tracing::warn!(timeout = ?self.timeout, "policy check timed out; default verdict");
+                on_timeout
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

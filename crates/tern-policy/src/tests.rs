@@ -1,0 +1,183 @@
+//! The actor against a real DNS server on loopback for the blocklist checks.
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use actix::Actor;
+use tern_dns::testing::{TestDns, TestZone};
+
+use super::*;
+
+fn resolver(dns: &TestDns) -> MxResolver {
+    MxResolver::with_timeout(Some(vec![dns.addr()]), true, Duration::from_millis(500), 1).unwrap()
+}
+
+fn refused(v: &Verdict) -> &PolicyReply {
+    match v {
+        Verdict::Refuse(r) => r,
+        Verdict::Accept => panic!("expected a refusal"),
+    }
+}
+
+#[actix_rt::test]
+async fn dnsbl_listed_unlisted_and_failing_zones() {
+    let zone = TestZone::new()
+        .a("2.0.0.127.listed.test", Ipv4Addr::new(127, 0, 0, 2))
+        // A zone whose server fails (SERVFAIL): treated as "not listed".
+        .servfail("2.0.0.127.broken.test");
+    let dns = TestDns::start(zone);
+    let settings = PolicySettings {
+        dnsbl_zones: vec![
+            "broken.test".into(),
+            "clean.test".into(),
+            "listed.test".into(),
+        ],
+        dnsbl_timeout: Duration::from_secs(2),
+        ..PolicySettings::default()
+    };
+    let addr = PolicyActor::new(settings, Some(resolver(&dns))).start();
+    let v = addr
+        .send(CheckConnect {
+            ip: "127.0.0.2".parse().unwrap(),
+        })
+        .await
+        .unwrap();
+    let r = refused(&v);
+    assert_eq!((r.code, r.enhanced), (554, (5, 7, 1)));
+    assert!(r.text.contains("listed.test"), "{}", r.text);
+    let v = addr
+        .send(CheckConnect {
+            ip: "127.0.0.3".parse().unwrap(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(v, Verdict::Accept);
+}
+
+#[actix_rt::test]
+async fn dnsbl_timeout_counts_as_not_listed() {
+    // Nothing answers on this port: every query times out.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let resolver = MxResolver::with_timeout(
+        Some(vec![silent.local_addr().unwrap()]),
+        true,
+        Duration::from_millis(200),
+        1,
+    )
+    .unwrap();
+    let settings = PolicySettings {
+        dnsbl_zones: vec!["slow.test".into()],
+        dnsbl_timeout: Duration::from_millis(300),
+        ..PolicySettings::default()
+    };
+    let addr = PolicyActor::new(settings, Some(resolver)).start();
+    let started = std::time::Instant::now();
+    let v = addr
+        .send(CheckConnect {
+            ip: "127.0.0.2".parse().unwrap(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(v, Verdict::Accept);
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+#[actix_rt::test]
+async fn connection_rate_trips_and_recovers() {
+    let settings = PolicySettings {
+        connect_rate: Some(Rate {
+            count: 2,
+            per: Duration::from_millis(400),
+        }),
+        ..PolicySettings::default()
+    };
+    let addr = PolicyActor::new(settings, None).start();
+    let ip: IpAddr = "192.0.2.1".parse().unwrap();
+    let check = || addr.send(CheckConnect { ip });
+    assert_eq!(check().await.unwrap(), Verdict::Accept);
+    assert_eq!(check().await.unwrap(), Verdict::Accept);
+    let v = check().await.unwrap();
+    assert_eq!((refused(&v).code, refused(&v).enhanced), (421, (4, 7, 0)));
+    // Another address is not affected.
+    let other = addr
+        .send(CheckConnect {
+            ip: "192.0.2.2".parse().unwrap(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(other, Verdict::Accept);
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert_eq!(check().await.unwrap(), Verdict::Accept, "refilled");
+}
+
+#[actix_rt::test]
+async fn sender_and_user_rates() {
+    let rate = Rate {
+        count: 1,
+        per: Duration::from_secs(60),
+    };
+    let settings = PolicySettings {
+        sender_rate: Some(rate),
+        user_rate: Some(rate),
+        ..PolicySettings::default()
+    };
+    let addr = PolicyActor::new(settings, None).start();
+    let mail = |sender: &str, user: Option<&str>| CheckMail {
+        ip: "192.0.2.1".parse().unwrap(),
+        sender: sender.into(),
+        auth_user: user.map(str::to_string),
+    };
+    assert_eq!(
+        addr.send(mail("a@x.test", None)).await.unwrap(),
+        Verdict::Accept
+    );
+    let v = addr.send(mail("A@X.test", None)).await.unwrap();
+    assert_eq!((refused(&v).code, refused(&v).enhanced), (450, (4, 7, 1)));
+    // The null sender is never limited by address.
+    for _ in 0..3 {
+        assert_eq!(addr.send(mail("", None)).await.unwrap(), Verdict::Accept);
+    }
+    assert_eq!(
+        addr.send(mail("b@x.test", Some("joe"))).await.unwrap(),
+        Verdict::Accept
+    );
+    let v = addr.send(mail("c@x.test", Some("joe"))).await.unwrap();
+    assert!(refused(&v).text.contains("account"));
+}
+
+#[actix_rt::test]
+async fn client_timeout_gives_the_default_verdict() {
+    // A policy actor that never answers in time: its thread is blocked.
+    struct Stuck;
+    impl Actor for Stuck {
+        type Context = actix::Context<Self>;
+    }
+    impl actix::Handler<CheckMail> for Stuck {
+        type Result = ResponseFuture<Verdict>;
+        fn handle(&mut self, _: CheckMail, _: &mut Self::Context) -> Self::Result {
+            Box::pin(async {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                Verdict::Accept
+            })
+        }
+    }
+    let stuck = Stuck.start();
+    let client = PolicyClient {
+        connect: None,
+        helo: None,
+        mail: Some(stuck.recipient()),
+        timeout: Duration::from_millis(100),
+    };
+    let v = client
+        .ask(
+            &client.mail,
+            CheckMail {
+                ip: "192.0.2.1".parse().unwrap(),
+                sender: "a@x.test".into(),
+                auth_user: None,
+            },
+            Verdict::Refuse(PolicyReply::unavailable()),
+        )
+        .await;
+    assert_eq!(refused(&v).code, 451);
+}
