@@ -86,6 +86,8 @@ pub struct Settings {
     pub users: HashMap<String, String>,
     /// Session arbiters (threads); 0 means one per CPU core.
     pub workers: usize,
+    /// The validation stage; `None` runs without policy checks (tests of the SMTP layer).
+    pub policy: Option<tern_policy::PolicyClient>,
 }
 
 impl Settings {

@@ -263,6 +263,17 @@ pub struct PolicyClient {
     pub timeout: Duration,
 }
 
+impl std::fmt::Debug for PolicyClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyClient")
+            .field("connect", &self.connect.is_some())
+            .field("helo", &self.helo.is_some())
+            .field("mail", &self.mail.is_some())
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
 impl PolicyClient {
     /// A client for `addr` with only the steps `settings` has checks for.
     pub fn new(addr: &Addr<PolicyActor>, settings: &PolicySettings, timeout: Duration) -> Self {

@@ -34,7 +34,7 @@ const ENV_PREFIX: &str = "tern_";
 /// (`TERN_SMTP__LISTEN`): a single `_` cannot, because keys contain `_`.
 const ENV_SEPARATOR: &str = "__";
 /// Keys whose environment value is a comma-separated list.
-const LIST_KEYS: [&str; 7] = [
+const LIST_KEYS: [&str; 8] = [
     "smtp.listen",
     "smtp.submission_listen",
     "smtp.submissions_listen",
@@ -42,6 +42,7 @@ const LIST_KEYS: [&str; 7] = [
     "relay.domains",
     "dns.nameservers",
     "queue.retry_schedule",
+    "policy.dnsbl_zones",
 ];
 
 /// The whole configuration. See `docs/configuration.md` for every key.
@@ -60,6 +61,7 @@ pub struct Config {
     pub routes: Vec<Route>,
     pub dns: Dns,
     pub delivery: Delivery,
+    pub policy: Policy,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -499,6 +501,57 @@ pub struct Delivery {
     pub tls_ca_file: PathBuf,
 }
 
+/// The validation stage's checks (`[policy]`). Clients in `relay.networks` and authenticated
+/// clients are exempt from the connection rate and the HELO checks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Policy {
+    /// The longest a session waits for one verdict before applying the step's default.
+    #[serde(
+        serialize_with = "humantime_serde::serialize",
+        deserialize_with = "de_parsed::<_, Duration>"
+    )]
+    pub timeout: Duration,
+    /// New connections per client address; `None` is unlimited.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connect_rate: Option<Rate>,
+    /// DNS blocklist zones checked at connect (`zen.spamhaus.org` style).
+    pub dnsbl_zones: Vec<String>,
+    #[serde(
+        serialize_with = "humantime_serde::serialize",
+        deserialize_with = "de_parsed::<_, Duration>"
+    )]
+    pub dnsbl_timeout: Duration,
+    pub helo_reject_invalid: bool,
+    pub helo_require_fqdn: bool,
+    pub helo_reject_own_hostname: bool,
+    /// Messages per envelope sender; `None` is unlimited.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sender_rate: Option<Rate>,
+    /// Messages per authenticated user; `None` is unlimited.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_rate: Option<Rate>,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(10),
+            connect_rate: Some(Rate {
+                count: 60,
+                per: Duration::from_secs(60),
+            }),
+            dnsbl_zones: Vec::new(),
+            dnsbl_timeout: Duration::from_secs(5),
+            helo_reject_invalid: false,
+            helo_require_fqdn: false,
+            helo_reject_own_hostname: true,
+            sender_rate: None,
+            user_rate: None,
+        }
+    }
+}
+
 /// Debian's (and Ubuntu's) bundle of the system's trusted authorities.
 pub const SYSTEM_CA_FILE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
@@ -919,6 +972,33 @@ impl Config {
         if let Err(message) = check_rate(d.max_message_rate) {
             return fail("delivery.max_message_rate", message);
         }
+        let p = &self.policy;
+        if p.timeout.is_zero() {
+            return fail("policy.timeout", "must be greater than 0".into());
+        }
+        if p.dnsbl_timeout.is_zero() {
+            return fail("policy.dnsbl_timeout", "must be greater than 0".into());
+        }
+        for (key, rate) in [
+            ("policy.connect_rate", p.connect_rate),
+            ("policy.sender_rate", p.sender_rate),
+            ("policy.user_rate", p.user_rate),
+        ] {
+            if let Err(message) = check_rate(rate) {
+                return fail(key, message);
+            }
+        }
+        for (i, zone) in p.dnsbl_zones.iter().enumerate() {
+            if let Err(message) = check_route_domain(zone).and_then(|()| {
+                if zone.contains('*') {
+                    Err("a zone name, without wildcards".to_string())
+                } else {
+                    Ok(())
+                }
+            }) {
+                return fail(&format!("policy.dnsbl_zones[{i}]"), message);
+            }
+        }
         for (key, t) in [
             ("delivery.connect_timeout", d.connect_timeout),
             ("delivery.command_timeout", d.command_timeout),
@@ -1108,6 +1188,7 @@ fn section_fields(section: &str) -> &'static [&'static str] {
         "routes" => fields_of::<Route>(),
         "dns" => fields_of::<Dns>(),
         "delivery" => fields_of::<Delivery>(),
+        "policy" => fields_of::<Policy>(),
         _ => &[],
     }
 }
@@ -1720,7 +1801,7 @@ mod tests {
             fields_of::<Config>(),
             [
                 "server", "smtp", "tls", "relay", "limits", "auth", "http", "queue", "routes",
-                "dns", "delivery"
+                "dns", "delivery", "policy"
             ]
         );
         assert_eq!(&fields_of::<Smtp>()[..2], ["listen", "submission_listen"]);

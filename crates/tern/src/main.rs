@@ -286,6 +286,26 @@ fn serve(config_file: Option<&Path>) -> Result<()> {
         None
     };
 
+    let config_policy = config.policy.clone();
+    let policy_settings = policy_settings(&config);
+    // Blocklist lookups use the same resolver configuration as delivery.
+    let policy_resolver = if policy_settings.dnsbl_zones.is_empty() {
+        None
+    } else {
+        let nameservers =
+            (!config.dns.nameservers.is_empty()).then(|| config.dns.nameservers.clone());
+        Some(
+            tern_dns::MxResolver::with_timeout(
+                nameservers,
+                true,
+                config.dns.timeout,
+                tern_dns::DEFAULT_ATTEMPTS,
+            )
+            .context("cannot set up the DNS resolver for policy.dnsbl_zones (dns.nameservers)")?,
+        )
+    };
+    let config_policy = (config_policy, policy_settings);
+
     let system = actix::System::new();
     system.block_on(async move {
         let queue = tern_queue::spawn_queue(Arc::new(storage), queue_config)
@@ -297,6 +317,8 @@ fn serve(config_file: Option<&Path>) -> Result<()> {
         } else {
             info!("delivery.enabled = false: mail is accepted and kept in the queue");
         }
+        let mut settings = settings;
+        settings.policy = Some(start_policy(&config_policy, policy_resolver)?);
         let ingress = Ingress::start(settings, queue.clone().recipient())?;
         let http = HttpServer::new({
             let queue = queue.clone();
@@ -324,6 +346,42 @@ fn serve(config_file: Option<&Path>) -> Result<()> {
         http_handle.stop(true).await;
         anyhow::Ok(())
     })
+}
+
+fn policy_settings(config: &Config) -> tern_policy::PolicySettings {
+    let p = &config.policy;
+    let rate = |r: &Option<config::Rate>| {
+        r.map(|r| tern_policy::Rate {
+            count: r.count,
+            per: r.per,
+        })
+    };
+    tern_policy::PolicySettings {
+        hostname: config.server.hostname.clone(),
+        connect_rate: rate(&p.connect_rate),
+        dnsbl_zones: p.dnsbl_zones.clone(),
+        helo: tern_policy::HeloPolicy {
+            reject_invalid: p.helo_reject_invalid,
+            require_fqdn: p.helo_require_fqdn,
+            reject_own_hostname: p.helo_reject_own_hostname,
+        },
+        sender_rate: rate(&p.sender_rate),
+        user_rate: rate(&p.user_rate),
+        dnsbl_timeout: p.dnsbl_timeout,
+    }
+}
+
+/// Starts the validation actor and returns what sessions use to consult it.
+fn start_policy(
+    (config, settings): &(config::Policy, tern_policy::PolicySettings),
+    resolver: Option<tern_dns::MxResolver>,
+) -> Result<tern_policy::PolicyClient> {
+    let addr = tern_policy::spawn_policy(settings.clone(), resolver);
+    Ok(tern_policy::PolicyClient::new(
+        &addr,
+        settings,
+        config.timeout,
+    ))
 }
 
 fn queue_config(config: &Config) -> QueueConfig {
@@ -458,6 +516,7 @@ fn ingress_settings(config: &Config, tls: Arc<rustls::ServerConfig>) -> Settings
             .map(|u| (u.name.clone(), u.password_hash.clone()))
             .collect::<HashMap<_, _>>(),
         workers: smtp.workers,
+        policy: None,
     }
 }
 

@@ -20,7 +20,8 @@ use tracing::{info, info_span, warn};
 use super::Shared;
 use crate::auth::{self, AuthStep, SaslError};
 use crate::received::Trace;
-use crate::settings::{ListenerKind, Settings, VrfyPolicy};
+use crate::settings::{canonical_ip, ListenerKind, Settings, VrfyPolicy};
+use tern_policy::{CheckHelo, CheckMail, PolicyClient, PolicyReply, Verdict};
 
 pub(crate) enum Mode {
     Command,
@@ -183,9 +184,9 @@ impl Session {
 
     async fn on_command(&mut self, command: Command) -> Flow {
         match command {
-            Command::Ehlo(domain) => self.on_hello(domain, true),
-            Command::Helo(domain) => self.on_hello(domain, false),
-            Command::Mail(mail) => self.on_mail(mail),
+            Command::Ehlo(domain) => self.on_hello(domain, true).await,
+            Command::Helo(domain) => self.on_hello(domain, false).await,
+            Command::Mail(mail) => self.on_mail(mail).await,
             Command::Rcpt(rcpt) => self.on_rcpt(rcpt),
             Command::Data => self.on_data(),
             Command::Bdat { size, last } => self.on_bdat(size, last),
@@ -247,7 +248,45 @@ impl Session {
         }
     }
 
-    fn on_hello(&mut self, domain: String, esmtp: bool) -> Flow {
+    /// Asks the policy stage; `Some(reply)` when it refuses (already counted as an error).
+    async fn policy_refusal<M>(
+        &mut self,
+        pick: impl Fn(&PolicyClient) -> &Option<actix::Recipient<M>>,
+        msg: M,
+        on_timeout: Verdict,
+    ) -> Option<()>
+    where
+        M: actix::Message<Result = Verdict> + Send + 'static,
+    {
+        let policy = self.shared.settings.policy.as_ref()?;
+        match policy.ask(pick(policy), msg, on_timeout).await {
+            Verdict::Accept => None,
+            Verdict::Refuse(r) => {
+                let (class, subject, detail) = r.enhanced;
+                self.reply(r.code, code(class, subject, detail), &r.text);
+                Some(())
+            }
+        }
+    }
+
+    /// Trusted networks and authenticated clients skip the checks aimed at strangers.
+    fn trusted(&self) -> bool {
+        self.auth_user.is_some() || self.settings().is_trusted_network(self.client.ip())
+    }
+
+    async fn on_hello(&mut self, domain: String, esmtp: bool) -> Flow {
+        let check = CheckHelo {
+            ip: canonical_ip(self.client.ip()),
+            helo: domain.clone(),
+            trusted: self.trusted(),
+        };
+        if self
+            .policy_refusal(|p| &p.helo, check, Verdict::Accept)
+            .await
+            .is_some()
+        {
+            return Flow::Continue;
+        }
         self.tx = None;
         self.helo = Some(domain);
         self.esmtp = esmtp;
@@ -286,7 +325,7 @@ impl Session {
             && !self.settings().users.is_empty()
     }
 
-    fn on_mail(&mut self, mail: MailFrom) -> Flow {
+    async fn on_mail(&mut self, mail: MailFrom) -> Flow {
         if self.helo.is_none() {
             self.reply(503, code(5, 5, 1), "Error: send HELO/EHLO first");
             return Flow::Continue;
@@ -335,6 +374,20 @@ impl Session {
                 address.to_string()
             }
         };
+        let check = CheckMail {
+            ip: canonical_ip(self.client.ip()),
+            sender: sender.clone(),
+            auth_user: self.auth_user.clone(),
+        };
+        // A policy stage that does not answer in time must not let mail in unchecked.
+        let unavailable = Verdict::Refuse(PolicyReply::unavailable());
+        if self
+            .policy_refusal(|p| &p.mail, check, unavailable)
+            .await
+            .is_some()
+        {
+            return Flow::Continue;
+        }
         self.tx = Some(Transaction {
             id: QueueId::new(),
             sender,

@@ -15,6 +15,7 @@ use super::commands::{Flow, Mode, Session};
 use super::Connection;
 use crate::proxy::{self, ProxyParse};
 use crate::settings::canonical_ip;
+use tern_policy::Verdict;
 
 /// Idle sessions keep only this much read buffer, so 10,000 of them stay small; DATA grows it.
 const IDLE_READ_RESERVE: usize = 2048;
@@ -63,6 +64,26 @@ async fn serve(connection: Connection) {
         return;
     }
     debug!(client = %client, "connected");
+    // Connect-stage policy (rate, blocklists) for strangers on plaintext listeners; an implicit
+    // TLS listener could only send the refusal before the handshake, which the client cannot
+    // read, so its clients meet the policy at HELO and MAIL.
+    if let Some(policy) = &settings.policy {
+        let ip = canonical_ip(client.ip());
+        if !listener.kind.implicit_tls() && !settings.is_trusted_network(ip) {
+            let check = tern_policy::CheckConnect { ip };
+            // A stage that does not answer in time: go on; HELO and MAIL still ask.
+            let verdict = policy.ask(&policy.connect, check, Verdict::Accept).await;
+            if let Verdict::Refuse(r) = verdict {
+                let (c, s, d) = r.enhanced;
+                let reply = format!(
+                    "{} {c}.{s}.{d} {} {}\r\n",
+                    r.code, settings.hostname, r.text
+                );
+                let _ = stream.write_all(reply.as_bytes()).await;
+                return;
+            }
+        }
+    }
 
     let mut session = Session::new(shared.clone(), listener.kind, client, local);
     if listener.kind.implicit_tls() {

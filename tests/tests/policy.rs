@@ -1,0 +1,133 @@
+//! The validation stage end to end: `tern serve` with `[policy]` checks, clients connecting
+//! from other loopback addresses (127.0.0.2, …) so they are strangers (`relay.networks` is
+//! narrowed to 127.0.0.1), and a real DNS server on loopback for the blocklist.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+use tern_dns::testing::{TestDns, TestZone};
+use tern_tests::{SmtpClient, TernServer, TernServerBuilder};
+
+fn lo(n: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, n))
+}
+
+/// Only 127.0.0.1 is trusted; mail for example.net is ours, so strangers can send.
+fn strangers_welcome() -> TernServerBuilder {
+    TernServer::builder()
+        .relay_networks(&["127.0.0.1/32"])
+        .relay_domains(&["example.net"])
+}
+
+#[test]
+fn connection_rate_per_address_trips_with_421_and_recovers() {
+    let server = strangers_welcome()
+        .set("policy.connect_rate", "3/s")
+        .start();
+    for _ in 0..3 {
+        let mut c = SmtpClient::connect_from(lo(2), server.smtp);
+        c.read_reply().expect_code(220);
+    }
+    let mut c = SmtpClient::connect_from(lo(2), server.smtp);
+    c.read_reply().expect("421", "4.7.0");
+    c.expect_closed(Duration::from_secs(2));
+    // Another address has its own allowance; a trusted one has no limit.
+    SmtpClient::connect_from(lo(3), server.smtp)
+        .read_reply()
+        .expect_code(220);
+    for _ in 0..5 {
+        SmtpClient::connect_from(lo(1), server.smtp)
+            .read_reply()
+            .expect_code(220);
+    }
+    // The bucket refills: one connection per 1/3 s.
+    std::thread::sleep(Duration::from_millis(700));
+    SmtpClient::connect_from(lo(2), server.smtp)
+        .read_reply()
+        .expect_code(220);
+}
+
+#[test]
+fn a_client_on_a_dns_blocklist_gets_554_naming_the_list() {
+    let dns = TestDns::start(
+        TestZone::new()
+            .a("2.0.0.127.bl.test", Ipv4Addr::new(127, 0, 0, 2))
+            .a("4.0.0.127.other.test", Ipv4Addr::new(127, 0, 0, 10)),
+    );
+    let server = strangers_welcome()
+        .set_list("dns.nameservers", &[&dns.addr().to_string()])
+        .set_list("policy.dnsbl_zones", &["other.test", "bl.test"])
+        .start();
+    let mut listed = SmtpClient::connect_from(lo(2), server.smtp);
+    let reply = listed.read_reply();
+    reply.expect("554", "5.7.1");
+    assert!(reply.text().contains("bl.test"), "{reply}");
+    assert!(reply.text().contains("127.0.0.2"), "{reply}");
+    listed.expect_closed(Duration::from_secs(2));
+    // Not listed anywhere.
+    SmtpClient::connect_from(lo(3), server.smtp)
+        .read_reply()
+        .expect_code(220);
+    // Trusted clients are not looked up.
+    SmtpClient::connect_from(lo(1), server.smtp)
+        .read_reply()
+        .expect_code(220);
+}
+
+#[test]
+fn a_dead_blocklist_does_not_stop_mail() {
+    // Nothing answers DNS here: the lookup times out and counts as "not listed".
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let server = strangers_welcome()
+        .set_list(
+            "dns.nameservers",
+            &[&silent.local_addr().unwrap().to_string()],
+        )
+        .set("dns.timeout", "200ms")
+        .set_list("policy.dnsbl_zones", &["bl.test"])
+        .set("policy.dnsbl_timeout", "500ms")
+        .start();
+    let mut c = SmtpClient::connect_from(lo(2), server.smtp);
+    c.set_timeout(Duration::from_secs(5));
+    c.read_reply().expect_code(220);
+}
+
+#[test]
+fn helo_checks_for_strangers() {
+    let server = strangers_welcome()
+        .set("policy.helo_require_fqdn", true)
+        .start();
+    let mut c = SmtpClient::connect_from(lo(2), server.smtp);
+    c.read_reply().expect_code(220);
+    c.ehlo("WIN-PC").expect("504", "5.5.2");
+    // Our own name (the fixture's server.hostname is tern.test).
+    c.ehlo("tern.test").expect("550", "5.7.1");
+    // No MAIL before an accepted HELO.
+    c.cmd("MAIL FROM:<a@client.test>").expect("503", "5.5.1");
+    c.ehlo("mail.client.test").expect_code(250);
+    c.cmd("MAIL FROM:<a@client.test>").expect_code(250);
+    // Trusted clients may say what they like.
+    let mut t = SmtpClient::connect_from(lo(1), server.smtp);
+    t.read_reply().expect_code(220);
+    t.ehlo("localhost").expect_code(250);
+}
+
+#[test]
+fn sender_rate_limit_gives_450_4_7_1() {
+    let server = strangers_welcome().set("policy.sender_rate", "2/h").start();
+    let mut c = SmtpClient::connect_from(lo(2), server.smtp);
+    c.read_reply().expect_code(220);
+    c.ehlo("mail.client.test").expect_code(250);
+    for _ in 0..2 {
+        c.cmd("MAIL FROM:<bulk@client.test>").expect_code(250);
+        c.cmd("RSET").expect_code(250);
+    }
+    c.cmd("MAIL FROM:<BULK@client.test>").expect("450", "4.7.1");
+    c.cmd("MAIL FROM:<other@client.test>").expect_code(250);
+    c.cmd("RSET").expect_code(250);
+    // Bounces (the null sender) are never limited.
+    for _ in 0..3 {
+        c.cmd("MAIL FROM:<>").expect_code(250);
+        c.cmd("RSET").expect_code(250);
+    }
+}
