@@ -275,17 +275,20 @@ impl Session {
     }
 
     async fn on_hello(&mut self, domain: String, esmtp: bool) -> Flow {
-        let check = CheckHelo {
-            ip: canonical_ip(self.client.ip()),
-            helo: domain.clone(),
-            trusted: self.trusted(),
-        };
-        if self
-            .policy_refusal(|p| &p.helo, check, Verdict::Accept)
-            .await
-            .is_some()
-        {
-            return Flow::Continue;
+        // HELO checks are for strangers: a trusted client costs no round trip.
+        if !self.trusted() {
+            let check = CheckHelo {
+                ip: canonical_ip(self.client.ip()),
+                helo: domain.clone(),
+                trusted: false,
+            };
+            if self
+                .policy_refusal(|p| &p.helo, check, Verdict::Accept)
+                .await
+                .is_some()
+            {
+                return Flow::Continue;
+            }
         }
         self.tx = None;
         self.helo = Some(domain);
