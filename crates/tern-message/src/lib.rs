@@ -254,6 +254,17 @@ pub struct DeliveryReport {
     pub finished_ms: u64,
 }
 
+/// Queue → validation: delivery to this address failed permanently with a "no such mailbox"
+/// class status (5.1.x): it goes on the suppression list.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, actix::Message)]
+#[rtype(result = "()")]
+pub struct HardBounce {
+    pub address: String,
+    /// The reply that decided it, for the list entry's reason.
+    pub reply: String,
+    pub at_ms: u64,
+}
+
 /// Why a stage could not take a message. The session maps each kind to an SMTP reply, so the
 /// kinds follow what a client needs to know, not how the storage failed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]

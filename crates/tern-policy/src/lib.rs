@@ -13,6 +13,7 @@
 
 mod bucket;
 mod checks;
+pub mod suppression;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -26,11 +27,15 @@ use tracing::{debug, info};
 
 pub use bucket::{Rate, TokenBucket};
 pub use checks::{check_helo, HeloPolicy};
+pub use suppression::{Suppressed, SuppressionError, SuppressionList};
 
 /// What a check decided.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Verdict {
     Accept,
+    /// RCPT only: answer 250 but leave the recipient out of the message (a suppressed address
+    /// with `suppression_action = "drop"`); logged.
+    Discard,
     /// Refuse with this reply (4xx: try later; 5xx: never). For a connection, the session
     /// sends it instead of the greeting and closes.
     Refuse(PolicyReply),
@@ -88,6 +93,20 @@ pub struct PolicySettings {
     pub user_rate: Option<Rate>,
     /// How long one DNS blocklist query may take before it counts as "not listed".
     pub dnsbl_timeout: Duration,
+    /// What RCPT to a suppressed address from a submitter gets.
+    pub suppression_action: SuppressionAction,
+}
+
+/// What happens to mail for a suppressed address.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SuppressionAction {
+    /// `550 5.1.1`: the submitter learns at once (and can clean its list).
+    #[default]
+    Reject,
+    /// `250`, and the recipient is silently left out (logged): for senders that cannot handle
+    /// refusals.
+    Drop,
 }
 
 /// Connect-stage check.
@@ -117,6 +136,31 @@ pub struct CheckMail {
     pub auth_user: Option<String>,
 }
 
+/// RCPT check for a submitter's recipient (the suppression list).
+#[derive(Message, Clone, Debug, Serialize, Deserialize)]
+#[rtype(result = "Verdict")]
+pub struct CheckRcpt {
+    pub recipient: String,
+}
+
+/// Adds entries to the suppression list (an operator, an import, or delivery after a hard
+/// bounce). Answers how many were added.
+#[derive(Message, Clone, Debug, Serialize, Deserialize)]
+#[rtype(result = "Result<usize, String>")]
+pub struct Suppress(pub Vec<Suppressed>);
+
+/// Removes an address; answers whether it was listed.
+#[derive(Message, Clone, Debug, Serialize, Deserialize)]
+#[rtype(result = "Result<bool, String>")]
+pub struct Unsuppress(pub String);
+
+/// The list, at most `limit` entries (0: all).
+#[derive(Message, Clone, Debug, Serialize, Deserialize)]
+#[rtype(result = "Result<Vec<Suppressed>, String>")]
+pub struct ListSuppressed {
+    pub limit: usize,
+}
+
 /// The validation actor. State (rate buckets) lives here; buckets idle for longer than it
 /// takes them to refill are dropped by a periodic sweep so memory stays bounded.
 pub struct PolicyActor {
@@ -125,9 +169,16 @@ pub struct PolicyActor {
     connect_buckets: HashMap<IpAddr, TokenBucket>,
     sender_buckets: HashMap<String, TokenBucket>,
     user_buckets: HashMap<String, TokenBucket>,
+    suppression: Option<SuppressionList>,
 }
 
 impl PolicyActor {
+    /// With a suppression list (see [`SuppressionList::open`]).
+    pub fn with_suppression(mut self, list: SuppressionList) -> Self {
+        self.suppression = Some(list);
+        self
+    }
+
     /// `resolver` is needed only with DNS blocklists.
     pub fn new(settings: PolicySettings, resolver: Option<MxResolver>) -> Self {
         Self {
@@ -136,6 +187,7 @@ impl PolicyActor {
             connect_buckets: HashMap::new(),
             sender_buckets: HashMap::new(),
             user_buckets: HashMap::new(),
+            suppression: None,
         }
     }
 
@@ -244,12 +296,97 @@ impl Handler<CheckMail> for PolicyActor {
     }
 }
 
+impl Handler<CheckRcpt> for PolicyActor {
+    type Result = Verdict;
+
+    fn handle(&mut self, req: CheckRcpt, _ctx: &mut Self::Context) -> Verdict {
+        let Some(list) = &self.suppression else {
+            return Verdict::Accept;
+        };
+        if !list.contains(&req.recipient) {
+            return Verdict::Accept;
+        }
+        info!(recipient = %req.recipient, action = ?self.settings.suppression_action, "suppressed recipient");
+        match self.settings.suppression_action {
+            SuppressionAction::Reject => Verdict::Refuse(PolicyReply::new(
+                550,
+                (5, 1, 1),
+                "Error: recipient address is on the suppression list",
+            )),
+            SuppressionAction::Drop => Verdict::Discard,
+        }
+    }
+}
+
+impl Handler<tern_message::HardBounce> for PolicyActor {
+    type Result = ();
+
+    fn handle(&mut self, b: tern_message::HardBounce, _ctx: &mut Self::Context) {
+        let Some(list) = &self.suppression else {
+            return;
+        };
+        let entry = Suppressed {
+            address: b.address.clone(),
+            source: "bounce".into(),
+            reason: b.reply,
+            added_ms: b.at_ms,
+        };
+        match list.add(&entry) {
+            Ok(()) => info!(address = %b.address, "hard bounce: address suppressed"),
+            // Postmaster and odd addresses (no domain) cannot be listed; nothing to do.
+            Err(e) => debug!(address = %b.address, error = %e, "hard bounce not suppressed"),
+        }
+    }
+}
+
+fn no_list() -> String {
+    "the suppression list is not enabled (policy.suppression = false)".into()
+}
+
+impl Handler<Suppress> for PolicyActor {
+    type Result = Result<usize, String>;
+
+    fn handle(&mut self, Suppress(entries): Suppress, _ctx: &mut Self::Context) -> Self::Result {
+        let list = self.suppression.as_ref().ok_or_else(no_list)?;
+        let n = list.add_many(&entries).map_err(|e| e.to_string())?;
+        for e in &entries {
+            info!(address = %e.address, source = %e.source, reason = %e.reason, "address suppressed");
+        }
+        Ok(n)
+    }
+}
+
+impl Handler<Unsuppress> for PolicyActor {
+    type Result = Result<bool, String>;
+
+    fn handle(
+        &mut self,
+        Unsuppress(address): Unsuppress,
+        _ctx: &mut Self::Context,
+    ) -> Self::Result {
+        let list = self.suppression.as_ref().ok_or_else(no_list)?;
+        list.remove(&address).map_err(|e| e.to_string())
+    }
+}
+
+impl Handler<ListSuppressed> for PolicyActor {
+    type Result = Result<Vec<Suppressed>, String>;
+
+    fn handle(&mut self, req: ListSuppressed, _ctx: &mut Self::Context) -> Self::Result {
+        let list = self.suppression.as_ref().ok_or_else(no_list)?;
+        Ok(list.list(req.limit))
+    }
+}
+
 /// Starts the policy actor on an arbiter of its own.
 pub fn spawn_policy(settings: PolicySettings, resolver: Option<MxResolver>) -> Addr<PolicyActor> {
+    spawn(PolicyActor::new(settings, resolver))
+}
+
+/// Starts a configured policy actor on an arbiter of its own.
+pub fn spawn(actor: PolicyActor) -> Addr<PolicyActor> {
     let arbiter = Arbiter::new();
-    PolicyActor::start_in_arbiter(&arbiter.handle(), move |_| {
-        PolicyActor::new(settings, resolver)
-    })
+    PolicyActor::start_in_arbiter(&arbiter.handle(), move |_| actor)
 }
 
 /// What a session holds to consult the policy stage: the addresses, which checks are on (so a
@@ -259,6 +396,7 @@ pub struct PolicyClient {
     pub connect: Option<Recipient<CheckConnect>>,
     pub helo: Option<Recipient<CheckHelo>>,
     pub mail: Option<Recipient<CheckMail>>,
+    pub rcpt: Option<Recipient<CheckRcpt>>,
     /// The most a session waits for a verdict before using the step's default.
     pub timeout: Duration,
 }
@@ -269,6 +407,7 @@ impl std::fmt::Debug for PolicyClient {
             .field("connect", &self.connect.is_some())
             .field("helo", &self.helo.is_some())
             .field("mail", &self.mail.is_some())
+            .field("rcpt", &self.rcpt.is_some())
             .field("timeout", &self.timeout)
             .finish()
     }
@@ -276,7 +415,12 @@ impl std::fmt::Debug for PolicyClient {
 
 impl PolicyClient {
     /// A client for `addr` with only the steps `settings` has checks for.
-    pub fn new(addr: &Addr<PolicyActor>, settings: &PolicySettings, timeout: Duration) -> Self {
+    pub fn new(
+        addr: &Addr<PolicyActor>,
+        settings: &PolicySettings,
+        suppression: bool,
+        timeout: Duration,
+    ) -> Self {
         let connect = settings.connect_rate.is_some() || !settings.dnsbl_zones.is_empty();
         let helo = settings.helo.enabled();
         let mail = settings.sender_rate.is_some() || settings.user_rate.is_some();
@@ -284,6 +428,7 @@ impl PolicyClient {
             connect: connect.then(|| addr.clone().recipient()),
             helo: helo.then(|| addr.clone().recipient()),
             mail: mail.then(|| addr.clone().recipient()),
+            rcpt: suppression.then(|| addr.clone().recipient()),
             timeout,
         }
     }

@@ -15,7 +15,7 @@ fn resolver(dns: &TestDns) -> MxResolver {
 fn refused(v: &Verdict) -> &PolicyReply {
     match v {
         Verdict::Refuse(r) => r,
-        Verdict::Accept => panic!("expected a refusal"),
+        other => panic!("expected a refusal, got {other:?}"),
     }
 }
 
@@ -166,6 +166,7 @@ async fn client_timeout_gives_the_default_verdict() {
         connect: None,
         helo: None,
         mail: Some(stuck.recipient()),
+        rcpt: None,
         timeout: Duration::from_millis(100),
     };
     let v = client

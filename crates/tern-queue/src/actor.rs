@@ -148,6 +148,8 @@ pub struct QueueActor {
     pub(crate) counters: DeliveryCounters,
     /// Delivery state was written since the last sync request.
     pub(crate) state_changed: bool,
+    /// Where hard bounces go (the suppression list).
+    pub(crate) suppression: Option<actix::Recipient<tern_message::HardBounce>>,
 }
 
 /// Delivery outcomes since start-up, for `/health` and `tern queue stats`.
@@ -205,6 +207,7 @@ impl QueueActor {
             timer: None,
             counters: DeliveryCounters::default(),
             state_changed: false,
+            suppression: None,
         })
     }
 

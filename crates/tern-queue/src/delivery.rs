@@ -14,7 +14,7 @@ use actix::prelude::*;
 use bytes::Bytes;
 use tern_bounce::{Action, DsnRequest, RecipientReport};
 use tern_message::{
-    now_ms, AttemptResult, BodyType, ClientInfo, DeliveryJob, DeliveryReport, Envelope,
+    now_ms, AttemptResult, BodyType, ClientInfo, DeliveryJob, DeliveryReport, Envelope, HardBounce,
     InboundMessage, Notify, QueueId, Recipient, RecipientState, Ret,
 };
 use tracing::{debug, info, warn};
@@ -34,6 +34,12 @@ const SUSPENDED_RECHECK_MS: u64 = 60_000;
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct AttachDelivery(pub actix::Recipient<DeliveryJob>);
+
+/// Gives the queue the stage that keeps the suppression list: permanent "bad mailbox"
+/// failures (5.1.x) are reported to it.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AttachSuppression(pub actix::Recipient<HardBounce>);
 
 /// A message handed to delivery: its current envelope (recipient states are updated here as
 /// reports come in) and body, until every job has reported.
@@ -295,6 +301,19 @@ impl QueueActor {
                 }
                 Transition::Failed => {
                     self.counters.failed += 1;
+                    // RFC 3463 X.1.x: the address itself is bad (no such user, bad domain,
+                    // null MX): mailing it again is pointless and hurts the sender's name.
+                    let status =
+                        tern_bounce::status_from_reply(&reply, tern_bounce::Action::Failed);
+                    if status.starts_with("5.1.") {
+                        if let Some(to) = &self.suppression {
+                            to.do_send(HardBounce {
+                                address: rcpt.address.clone(),
+                                reply: reply.clone(),
+                                at_ms: now,
+                            });
+                        }
+                    }
                     ("failed", None)
                 }
                 Transition::Expired => {
@@ -647,6 +666,14 @@ impl Handler<AttachDelivery> for QueueActor {
     fn handle(&mut self, AttachDelivery(delivery): AttachDelivery, ctx: &mut Self::Context) {
         self.delivery = Some(delivery);
         self.pump(ctx);
+    }
+}
+
+impl Handler<AttachSuppression> for QueueActor {
+    type Result = ();
+
+    fn handle(&mut self, AttachSuppression(to): AttachSuppression, _ctx: &mut Self::Context) {
+        self.suppression = Some(to);
     }
 }
 

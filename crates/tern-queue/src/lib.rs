@@ -25,6 +25,6 @@ pub use actor::{
     spawn_queue, DeliveryCounters, Enqueue, GetStats, QueueActor, QueueConfig, QueueStats,
 };
 pub use committer::CommitConfig;
-pub use delivery::AttachDelivery;
+pub use delivery::{AttachDelivery, AttachSuppression};
 pub use sled_storage::{SledOptions, SledStorage};
 pub use storage::{ScanIter, SpooledMeta, Storage, StorageError};

@@ -15,16 +15,23 @@ use tern_queue::admin::{
 use tern_queue::{GetStats, QueueActor};
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/health", web::get().to(health)).service(
-        web::scope("/api/queue")
-            .route("/messages", web::get().to(list))
-            .route("/messages/{id}", web::get().to(show))
-            .route("/messages/{id}", web::delete().to(delete))
-            .route("/flush", web::post().to(flush))
-            .route("/suspend/{domain}", web::post().to(suspend))
-            .route("/resume/{domain}", web::post().to(resume))
-            .route("/stats", web::get().to(stats)),
-    );
+    cfg.route("/health", web::get().to(health))
+        .service(
+            web::scope("/api/suppression")
+                .route("", web::get().to(suppression_list))
+                .route("", web::post().to(suppression_add))
+                .route("/{address}", web::delete().to(suppression_remove)),
+        )
+        .service(
+            web::scope("/api/queue")
+                .route("/messages", web::get().to(list))
+                .route("/messages/{id}", web::get().to(show))
+                .route("/messages/{id}", web::delete().to(delete))
+                .route("/flush", web::post().to(flush))
+                .route("/suspend/{domain}", web::post().to(suspend))
+                .route("/resume/{domain}", web::post().to(resume))
+                .route("/stats", web::get().to(stats)),
+        );
 }
 
 type Queue = web::Data<Addr<QueueActor>>;
@@ -213,6 +220,90 @@ async fn stats(req: HttpRequest, queue: Queue) -> HttpResponse {
     }
     match queue.send(Summarize).await {
         Ok(summary) => HttpResponse::Ok().json(summary),
+        Err(e) => unavailable(e),
+    }
+}
+
+type Policy = web::Data<Addr<tern_policy::PolicyActor>>;
+
+#[derive(Deserialize)]
+struct LimitQuery {
+    #[serde(default)]
+    limit: usize,
+}
+
+async fn suppression_list(
+    req: HttpRequest,
+    policy: Policy,
+    q: web::Query<LimitQuery>,
+) -> HttpResponse {
+    if let Some(denied) = local_only(&req) {
+        return denied;
+    }
+    match policy
+        .send(tern_policy::ListSuppressed { limit: q.limit })
+        .await
+    {
+        Ok(Ok(list)) => HttpResponse::Ok().json(list),
+        Ok(Err(message)) => error(actix_web::http::StatusCode::CONFLICT, message),
+        Err(e) => unavailable(e),
+    }
+}
+
+/// One address to add: `reason` and `source` default to the operator's.
+#[derive(Deserialize)]
+struct NewEntry {
+    address: String,
+    #[serde(default)]
+    reason: String,
+    #[serde(default)]
+    source: Option<String>,
+}
+
+async fn suppression_add(
+    req: HttpRequest,
+    policy: Policy,
+    entries: web::Json<Vec<NewEntry>>,
+) -> HttpResponse {
+    if let Some(denied) = local_only(&req) {
+        return denied;
+    }
+    let now = tern_message::now_ms();
+    let mut list = Vec::with_capacity(entries.len());
+    for e in entries.into_inner() {
+        if let Err(err) = tern_policy::suppression::normalize(&e.address) {
+            return error(actix_web::http::StatusCode::BAD_REQUEST, err.to_string());
+        }
+        list.push(tern_policy::Suppressed {
+            address: e.address,
+            source: e.source.unwrap_or_else(|| "manual".into()),
+            reason: e.reason,
+            added_ms: now,
+        });
+    }
+    match policy.send(tern_policy::Suppress(list)).await {
+        Ok(Ok(n)) => HttpResponse::Ok().json(serde_json::json!({ "added": n })),
+        Ok(Err(message)) => error(actix_web::http::StatusCode::CONFLICT, message),
+        Err(e) => unavailable(e),
+    }
+}
+
+async fn suppression_remove(
+    req: HttpRequest,
+    policy: Policy,
+    address: web::Path<String>,
+) -> HttpResponse {
+    if let Some(denied) = local_only(&req) {
+        return denied;
+    }
+    let address = address.into_inner();
+    match policy.send(tern_policy::Unsuppress(address.clone())).await {
+        Ok(Ok(true)) => HttpResponse::Ok().json(serde_json::json!({ "removed": address })),
+        Ok(Ok(false)) => error(
+            actix_web::http::StatusCode::NOT_FOUND,
+            format!("{address} is not on the suppression list"),
+        ),
+        Ok(Err(message)) => error(actix_web::http::StatusCode::BAD_REQUEST, message),
         Err(e) => unavailable(e),
     }
 }

@@ -531,6 +531,25 @@ pub struct Policy {
     /// Messages per authenticated user; `None` is unlimited.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub user_rate: Option<Rate>,
+    /// Keep a suppression list (`<data_dir>/suppression`), checked at RCPT for submitters
+    /// and fed by hard bounces.
+    pub suppression: bool,
+    /// `reject` (550 5.1.1) or `drop` (250, recipient left out, logged).
+    #[serde(deserialize_with = "de_parsed::<_, SuppressionAction>")]
+    pub suppression_action: SuppressionAction,
+}
+
+pub use tern_policy::SuppressionAction;
+
+impl FromConfigStr for SuppressionAction {
+    const WHAT: &'static str = "suppression action";
+    fn parse(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "reject" => Ok(Self::Reject),
+            "drop" => Ok(Self::Drop),
+            _ => Err("expected \"reject\" or \"drop\"".into()),
+        }
+    }
 }
 
 impl Default for Policy {
@@ -548,6 +567,8 @@ impl Default for Policy {
             helo_reject_own_hostname: true,
             sender_rate: None,
             user_rate: None,
+            suppression: true,
+            suppression_action: SuppressionAction::Reject,
         }
     }
 }

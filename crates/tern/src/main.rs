@@ -48,6 +48,17 @@ enum Command {
         #[command(subcommand)]
         command: AuthCommand,
     },
+    /// The running server's suppression list (over its loopback HTTP admin API).
+    Suppress {
+        /// The server's configuration file, to find `http.listen`.
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+        /// The admin API address (default: http.listen from --config, else 127.0.0.1:8025).
+        #[arg(long, global = true)]
+        http: Option<SocketAddr>,
+        #[command(subcommand)]
+        command: SuppressCommand,
+    },
     /// The running server's queue (over its loopback HTTP admin API).
     Queue {
         /// The server's configuration file, to find `http.listen`.
@@ -62,6 +73,23 @@ enum Command {
         #[command(subcommand)]
         command: QueueCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum SuppressCommand {
+    /// Put ADDRESS on the suppression list.
+    Add {
+        address: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Take ADDRESS off the list.
+    Remove { address: String },
+    /// The suppressed addresses.
+    List,
+    /// Add every address in FILE: one per line, optionally followed by a comma or whitespace
+    /// and a reason; blank lines and lines starting with # are skipped.
+    Import { file: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -157,7 +185,71 @@ fn run(cli: Cli) -> Result<()> {
             json,
             command,
         } => queue_command(config.as_deref(), http, json, command),
+        Command::Suppress {
+            config,
+            http,
+            command,
+        } => suppress_command(config.as_deref(), http, command),
     }
+}
+
+fn admin_client(config_file: Option<&Path>, http: Option<SocketAddr>) -> Result<AdminClient> {
+    let addr = match http {
+        Some(addr) => addr,
+        None => config::load(config_file)?.http.listen,
+    };
+    Ok(AdminClient::new(addr))
+}
+
+fn suppress_command(
+    config_file: Option<&Path>,
+    http: Option<SocketAddr>,
+    command: SuppressCommand,
+) -> Result<()> {
+    let client = admin_client(config_file, http)?;
+    match command {
+        SuppressCommand::Add { address, reason } => {
+            client.suppression_add(&[(address.clone(), reason)], "manual")?;
+            println!("{address} suppressed");
+        }
+        SuppressCommand::Remove { address } => {
+            client.suppression_remove(&address)?;
+            println!("{address} removed from the suppression list");
+        }
+        SuppressCommand::List => {
+            for e in client.suppression_list()? {
+                println!("{}\t{}\t{}", e.address, e.source, e.reason);
+            }
+        }
+        SuppressCommand::Import { file } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let entries =
+                parse_suppression_file(&text).with_context(|| format!("in {}", file.display()))?;
+            let n = client.suppression_add(&entries, "import")?;
+            println!("{n} address(es) imported from {}", file.display());
+        }
+    }
+    Ok(())
+}
+
+/// `address[,| ]reason` per line; `#` comments and blank lines skipped. A bad address names
+/// its line.
+fn parse_suppression_file(text: &str) -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (address, reason) = match line.find([',', ' ', '\t']) {
+            Some(i) => (&line[..i], line[i + 1..].trim()),
+            None => (line, ""),
+        };
+        tern_policy::suppression::normalize(address).with_context(|| format!("line {}", n + 1))?;
+        out.push((address.to_string(), reason.to_string()));
+    }
+    Ok(out)
 }
 
 fn queue_command(
@@ -166,11 +258,7 @@ fn queue_command(
     json: bool,
     command: QueueCommand,
 ) -> Result<()> {
-    let addr = match http {
-        Some(addr) => addr,
-        None => config::load(config_file)?.http.listen,
-    };
-    let client = AdminClient::new(addr);
+    let client = admin_client(config_file, http)?;
     match command {
         QueueCommand::List { domain, state } => {
             let list = client.list(domain.as_deref(), state.as_deref())?;
@@ -318,13 +406,19 @@ fn serve(config_file: Option<&Path>) -> Result<()> {
             info!("delivery.enabled = false: mail is accepted and kept in the queue");
         }
         let mut settings = settings;
-        settings.policy = Some(start_policy(&config_policy, policy_resolver)?);
+        let (policy, policy_client) = start_policy(&config_policy, policy_resolver, data_dir)?;
+        settings.policy = Some(policy_client);
+        if config_policy.0.suppression {
+            queue.do_send(tern_queue::AttachSuppression(policy.clone().recipient()));
+        }
         let ingress = Ingress::start(settings, queue.clone().recipient())?;
         let http = HttpServer::new({
             let queue = queue.clone();
+            let policy = policy.clone();
             move || {
                 App::new()
                     .app_data(web::Data::new(queue.clone()))
+                    .app_data(web::Data::new(policy.clone()))
                     .configure(tern::admin::routes)
             }
         })
@@ -368,20 +462,31 @@ fn policy_settings(config: &Config) -> tern_policy::PolicySettings {
         sender_rate: rate(&p.sender_rate),
         user_rate: rate(&p.user_rate),
         dnsbl_timeout: p.dnsbl_timeout,
+        suppression_action: p.suppression_action,
     }
 }
 
-/// Starts the validation actor and returns what sessions use to consult it.
+/// Starts the validation actor (with the suppression list in `<data_dir>/suppression` when
+/// enabled) and returns its address and what sessions use to consult it.
 fn start_policy(
     (config, settings): &(config::Policy, tern_policy::PolicySettings),
     resolver: Option<tern_dns::MxResolver>,
-) -> Result<tern_policy::PolicyClient> {
-    let addr = tern_policy::spawn_policy(settings.clone(), resolver);
-    Ok(tern_policy::PolicyClient::new(
-        &addr,
-        settings,
-        config.timeout,
-    ))
+    data_dir: &Path,
+) -> Result<(
+    actix::Addr<tern_policy::PolicyActor>,
+    tern_policy::PolicyClient,
+)> {
+    let mut actor = tern_policy::PolicyActor::new(settings.clone(), resolver);
+    if config.suppression {
+        let dir = data_dir.join("suppression");
+        let list = tern_policy::SuppressionList::open(&dir)
+            .with_context(|| format!("cannot open the suppression list in {}", dir.display()))?;
+        actor = actor.with_suppression(list);
+    }
+    let addr = tern_policy::spawn(actor);
+    let client =
+        tern_policy::PolicyClient::new(&addr, settings, config.suppression, config.timeout);
+    Ok((addr, client))
 }
 
 fn queue_config(config: &Config) -> QueueConfig {

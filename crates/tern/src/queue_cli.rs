@@ -43,7 +43,11 @@ impl AdminClient {
         for (k, v) in query {
             req = req.query(k, v);
         }
-        match req.call() {
+        self.answer(req.call())
+    }
+
+    fn answer(&self, result: Result<ureq::Response, ureq::Error>) -> Result<Value> {
+        match result {
             Ok(resp) => resp
                 .into_json()
                 .context("unreadable answer from the server"),
@@ -106,6 +110,36 @@ impl AdminClient {
         }
         let v = self.call("POST", &format!("/api/queue/{verb}/{domain}"), &[])?;
         Ok(serde_json::from_value(v["suspended"].clone())?)
+    }
+
+    pub fn suppression_list(&self) -> Result<Vec<tern_policy::Suppressed>> {
+        Ok(serde_json::from_value(self.call(
+            "GET",
+            "/api/suppression",
+            &[],
+        )?)?)
+    }
+
+    /// Adds `(address, reason)` pairs; `source` is `manual` or `import`.
+    pub fn suppression_add(&self, entries: &[(String, String)], source: &str) -> Result<u64> {
+        let body: Vec<Value> = entries
+            .iter()
+            .map(|(a, r)| serde_json::json!({"address": a, "reason": r, "source": source}))
+            .collect();
+        let resp = self
+            .agent
+            .post(&format!("{}/api/suppression", self.base))
+            .send_json(Value::Array(body));
+        let v = self.answer(resp)?;
+        Ok(v["added"].as_u64().unwrap_or(0))
+    }
+
+    pub fn suppression_remove(&self, address: &str) -> Result<()> {
+        if address.contains('/') {
+            bail!("not an address: {address:?}");
+        }
+        self.call("DELETE", &format!("/api/suppression/{address}"), &[])?;
+        Ok(())
     }
 
     pub fn stats(&self) -> Result<QueueSummary> {

@@ -21,7 +21,7 @@ use super::Shared;
 use crate::auth::{self, AuthStep, SaslError};
 use crate::received::Trace;
 use crate::settings::{canonical_ip, ListenerKind, Settings, VrfyPolicy};
-use tern_policy::{CheckHelo, CheckMail, PolicyClient, PolicyReply, Verdict};
+use tern_policy::{CheckHelo, CheckMail, CheckRcpt, PolicyClient, PolicyReply, Verdict};
 
 pub(crate) enum Mode {
     Command,
@@ -51,6 +51,8 @@ struct Transaction {
     failed: Option<Reply>,
     /// Octets of content (excluding our Received header) across BDAT chunks.
     content_octets: u64,
+    /// Recipients answered 250 but left out (suppressed, `suppression_action = "drop"`).
+    dropped: usize,
 }
 
 pub(crate) struct Session {
@@ -187,7 +189,7 @@ impl Session {
             Command::Ehlo(domain) => self.on_hello(domain, true).await,
             Command::Helo(domain) => self.on_hello(domain, false).await,
             Command::Mail(mail) => self.on_mail(mail).await,
-            Command::Rcpt(rcpt) => self.on_rcpt(rcpt),
+            Command::Rcpt(rcpt) => self.on_rcpt(rcpt).await,
             Command::Data => self.on_data(),
             Command::Bdat { size, last } => self.on_bdat(size, last),
             Command::Rset => {
@@ -260,7 +262,7 @@ impl Session {
     {
         let policy = self.shared.settings.policy.as_ref()?;
         match policy.ask(pick(policy), msg, on_timeout).await {
-            Verdict::Accept => None,
+            Verdict::Accept | Verdict::Discard => None,
             Verdict::Refuse(r) => {
                 let (class, subject, detail) = r.enhanced;
                 self.reply(r.code, code(class, subject, detail), &r.text);
@@ -400,12 +402,13 @@ impl Session {
             chunking: false,
             failed: None,
             content_octets: 0,
+            dropped: 0,
         });
         self.reply(250, code(2, 1, 0), "Ok");
         Flow::Continue
     }
 
-    fn on_rcpt(&mut self, rcpt: RcptTo) -> Flow {
+    async fn on_rcpt(&mut self, rcpt: RcptTo) -> Flow {
         let recipients_limit = self.settings().recipients;
         let Some(tx) = self.tx.as_ref() else {
             self.reply(503, code(5, 5, 1), "Error: need MAIL command");
@@ -443,7 +446,36 @@ impl Session {
                 address.to_string()
             }
         };
-        let tx = self.tx.as_mut().expect("checked above");
+        // The suppression list guards what submitters send out; mail from strangers to the
+        // domains we serve is not theirs to suppress.
+        if self.trusted() && address != "postmaster" {
+            let check = CheckRcpt {
+                recipient: address.clone(),
+            };
+            let policy = self.shared.settings.policy.clone();
+            if let Some(policy) = policy {
+                let unavailable = Verdict::Refuse(PolicyReply::unavailable());
+                match policy.ask(&policy.rcpt, check, unavailable).await {
+                    Verdict::Accept => {}
+                    Verdict::Discard => {
+                        info!(recipient = %address, "suppressed recipient dropped");
+                        if let Some(tx) = self.tx.as_mut() {
+                            tx.dropped += 1;
+                        }
+                        self.reply(250, code(2, 1, 5), "Ok");
+                        return Flow::Continue;
+                    }
+                    Verdict::Refuse(r) => {
+                        let (class, subject, detail) = r.enhanced;
+                        self.reply(r.code, code(class, subject, detail), &r.text);
+                        return Flow::Continue;
+                    }
+                }
+            }
+        }
+        let Some(tx) = self.tx.as_mut() else {
+            return Flow::Continue;
+        };
         tx.recipients.push(Recipient {
             address,
             notify: rcpt.notify,
@@ -469,7 +501,7 @@ impl Session {
                 self.reply(503, code(5, 5, 1), "Error: need MAIL command");
                 false
             }
-            Some(tx) if tx.recipients.is_empty() => {
+            Some(tx) if tx.recipients.is_empty() && tx.dropped == 0 => {
                 self.reply(503, code(5, 5, 1), "Error: need RCPT command");
                 false
             }
@@ -626,6 +658,14 @@ impl Session {
     /// confirmed a durable write.
     async fn spool(&mut self) -> Flow {
         let tx = self.tx.take().expect("spool without a transaction");
+        if tx.recipients.is_empty() {
+            // Every recipient was suppressed with the "drop" action: the client hears 250, as
+            // that action promises, and nothing is stored.
+            info!(id = %tx.id, dropped = tx.dropped, "message dropped: every recipient suppressed");
+            let text = format!("Ok: queued as {}", tx.id);
+            self.reply(250, code(2, 0, 0), &text);
+            return self.after_reply();
+        }
         let hops = count_received(&tx.body);
         if hops > self.shared.settings.max_hops {
             // RFC 5321 §6.3: a loop is detected by counting Received fields.
