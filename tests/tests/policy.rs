@@ -131,3 +131,24 @@ fn sender_rate_limit_gives_450_4_7_1() {
         c.cmd("RSET").expect_code(250);
     }
 }
+
+#[test]
+fn recipients_per_sender_rate_gives_450_at_rcpt() {
+    let server = strangers_welcome().set("policy.rcpt_rate", "3/h").start();
+    let mut c = SmtpClient::connect_from(lo(2), server.smtp);
+    c.read_reply().expect_code(220);
+    c.ehlo("mail.client.test").expect_code(250);
+    c.cmd("MAIL FROM:<list@client.test>").expect_code(250);
+    for i in 0..3 {
+        c.cmd(&format!("RCPT TO:<r{i}@example.net>"))
+            .expect_code(250);
+    }
+    c.cmd("RCPT TO:<r3@example.net>").expect("450", "4.7.1");
+    c.cmd("RSET").expect_code(250);
+    // Across messages too; another sender has its own allowance.
+    c.cmd("MAIL FROM:<list@client.test>").expect_code(250);
+    c.cmd("RCPT TO:<r4@example.net>").expect("450", "4.7.1");
+    c.cmd("RSET").expect_code(250);
+    c.cmd("MAIL FROM:<someone@client.test>").expect_code(250);
+    c.cmd("RCPT TO:<r5@example.net>").expect_code(250);
+}

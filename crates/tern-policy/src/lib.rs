@@ -91,6 +91,8 @@ pub struct PolicySettings {
     /// Messages per envelope sender (`MAIL FROM`), and per authenticated user.
     pub sender_rate: Option<Rate>,
     pub user_rate: Option<Rate>,
+    /// Recipients per envelope sender (all its messages together).
+    pub rcpt_rate: Option<Rate>,
     /// How long one DNS blocklist query may take before it counts as "not listed".
     pub dnsbl_timeout: Duration,
     /// What RCPT to a suppressed address from a submitter gets.
@@ -141,6 +143,10 @@ pub struct CheckMail {
 #[rtype(result = "Verdict")]
 pub struct CheckRcpt {
     pub recipient: String,
+    /// The transaction's reverse-path (empty for `<>`).
+    pub sender: String,
+    /// A trusted or authenticated client: the suppression list applies.
+    pub submitter: bool,
 }
 
 /// Adds entries to the suppression list (an operator, an import, or delivery after a hard
@@ -169,6 +175,7 @@ pub struct PolicyActor {
     connect_buckets: HashMap<IpAddr, TokenBucket>,
     sender_buckets: HashMap<String, TokenBucket>,
     user_buckets: HashMap<String, TokenBucket>,
+    rcpt_buckets: HashMap<String, TokenBucket>,
     suppression: Option<SuppressionList>,
 }
 
@@ -187,6 +194,7 @@ impl PolicyActor {
             connect_buckets: HashMap::new(),
             sender_buckets: HashMap::new(),
             user_buckets: HashMap::new(),
+            rcpt_buckets: HashMap::new(),
             suppression: None,
         }
     }
@@ -197,6 +205,7 @@ impl PolicyActor {
         self.connect_buckets.retain(|_, b| !b.is_full(now));
         self.sender_buckets.retain(|_, b| !b.is_full(now));
         self.user_buckets.retain(|_, b| !b.is_full(now));
+        self.rcpt_buckets.retain(|_, b| !b.is_full(now));
     }
 }
 
@@ -300,7 +309,22 @@ impl Handler<CheckRcpt> for PolicyActor {
     type Result = Verdict;
 
     fn handle(&mut self, req: CheckRcpt, _ctx: &mut Self::Context) -> Verdict {
-        let Some(list) = &self.suppression else {
+        if let (Some(rate), false) = (self.settings.rcpt_rate, req.sender.is_empty()) {
+            let now = Instant::now();
+            let bucket = self
+                .rcpt_buckets
+                .entry(req.sender.to_ascii_lowercase())
+                .or_insert_with(|| TokenBucket::new(rate, now));
+            if !bucket.take(now) {
+                info!(sender = %req.sender, "recipient rate limit exceeded for sender");
+                return Verdict::Refuse(PolicyReply::new(
+                    450,
+                    (4, 7, 1),
+                    "Error: recipient rate limit exceeded for this sender, try again later",
+                ));
+            }
+        }
+        let Some(list) = self.suppression.as_ref().filter(|_| req.submitter) else {
             return Verdict::Accept;
         };
         if !list.contains(&req.recipient) {
@@ -428,7 +452,7 @@ impl PolicyClient {
             connect: connect.then(|| addr.clone().recipient()),
             helo: helo.then(|| addr.clone().recipient()),
             mail: mail.then(|| addr.clone().recipient()),
-            rcpt: suppression.then(|| addr.clone().recipient()),
+            rcpt: (suppression || settings.rcpt_rate.is_some()).then(|| addr.clone().recipient()),
             timeout,
         }
     }

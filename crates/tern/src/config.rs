@@ -531,6 +531,9 @@ pub struct Policy {
     /// Messages per authenticated user; `None` is unlimited.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub user_rate: Option<Rate>,
+    /// Recipients per envelope sender; `None` is unlimited.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rcpt_rate: Option<Rate>,
     /// Keep a suppression list (`<data_dir>/suppression`), checked at RCPT for submitters
     /// and fed by hard bounces.
     pub suppression: bool,
@@ -567,6 +570,7 @@ impl Default for Policy {
             helo_reject_own_hostname: true,
             sender_rate: None,
             user_rate: None,
+            rcpt_rate: None,
             suppression: true,
             suppression_action: SuppressionAction::Reject,
         }
@@ -1004,6 +1008,7 @@ impl Config {
             ("policy.connect_rate", p.connect_rate),
             ("policy.sender_rate", p.sender_rate),
             ("policy.user_rate", p.user_rate),
+            ("policy.rcpt_rate", p.rcpt_rate),
         ] {
             if let Err(message) = check_rate(rate) {
                 return fail(key, message);

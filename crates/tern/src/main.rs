@@ -461,6 +461,7 @@ fn policy_settings(config: &Config) -> tern_policy::PolicySettings {
         },
         sender_rate: rate(&p.sender_rate),
         user_rate: rate(&p.user_rate),
+        rcpt_rate: rate(&p.rcpt_rate),
         dnsbl_timeout: p.dnsbl_timeout,
         suppression_action: p.suppression_action,
     }

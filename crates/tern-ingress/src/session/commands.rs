@@ -446,11 +446,17 @@ impl Session {
                 address.to_string()
             }
         };
-        // The suppression list guards what submitters send out; mail from strangers to the
-        // domains we serve is not theirs to suppress.
-        if self.trusted() && address != "postmaster" {
+        // The suppression list guards what submitters send out (mail from strangers to the
+        // domains we serve is not theirs to suppress); the recipient rate applies to all.
+        if address != "postmaster" {
             let check = CheckRcpt {
                 recipient: address.clone(),
+                sender: self
+                    .tx
+                    .as_ref()
+                    .map(|t| t.sender.clone())
+                    .unwrap_or_default(),
+                submitter: self.trusted(),
             };
             let policy = self.shared.settings.policy.clone();
             if let Some(policy) = policy {
