@@ -152,3 +152,17 @@ fn recipients_per_sender_rate_gives_450_at_rcpt() {
     c.cmd("MAIL FROM:<someone@client.test>").expect_code(250);
     c.cmd("RCPT TO:<r5@example.net>").expect_code(250);
 }
+
+#[test]
+fn policy_enabled_false_consults_nothing() {
+    let server = strangers_welcome()
+        .set("policy.enabled", false)
+        .set("policy.connect_rate", "1/h")
+        .set("policy.helo_require_fqdn", true)
+        .start();
+    for _ in 0..3 {
+        let mut c = SmtpClient::connect_from(lo(2), server.smtp);
+        c.read_reply().expect_code(220);
+        c.ehlo("WIN-PC").expect_code(250);
+    }
+}

@@ -421,6 +421,9 @@ pub struct PolicyClient {
     pub helo: Option<Recipient<CheckHelo>>,
     pub mail: Option<Recipient<CheckMail>>,
     pub rcpt: Option<Recipient<CheckRcpt>>,
+    /// What RCPT checks: the suppression list (submitters only) and/or the recipient rate (all).
+    pub rcpt_suppression: bool,
+    pub rcpt_rate: bool,
     /// The most a session waits for a verdict before using the step's default.
     pub timeout: Duration,
 }
@@ -453,8 +456,15 @@ impl PolicyClient {
             helo: helo.then(|| addr.clone().recipient()),
             mail: mail.then(|| addr.clone().recipient()),
             rcpt: (suppression || settings.rcpt_rate.is_some()).then(|| addr.clone().recipient()),
+            rcpt_suppression: suppression,
+            rcpt_rate: settings.rcpt_rate.is_some(),
             timeout,
         }
+    }
+
+    /// Whether RCPT from this client needs a round trip at all.
+    pub fn checks_rcpt(&self, submitter: bool) -> bool {
+        self.rcpt.is_some() && ((submitter && self.rcpt_suppression) || self.rcpt_rate)
     }
 
     /// Asks `to` with the time limit; `on_timeout` when the stage does not answer in time (or

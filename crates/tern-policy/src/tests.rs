@@ -167,6 +167,8 @@ async fn client_timeout_gives_the_default_verdict() {
         helo: None,
         mail: Some(stuck.recipient()),
         rcpt: None,
+        rcpt_suppression: false,
+        rcpt_rate: false,
         timeout: Duration::from_millis(100),
     };
     let v = client

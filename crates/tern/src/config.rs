@@ -506,6 +506,9 @@ pub struct Delivery {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Policy {
+    /// false: sessions do not consult the stage at all (the suppression list and its commands
+    /// still work, and hard bounces are still recorded).
+    pub enabled: bool,
     /// The longest a session waits for one verdict before applying the step's default.
     #[serde(
         serialize_with = "humantime_serde::serialize",
@@ -558,6 +561,7 @@ impl FromConfigStr for SuppressionAction {
 impl Default for Policy {
     fn default() -> Self {
         Self {
+            enabled: true,
             timeout: Duration::from_secs(10),
             connect_rate: Some(Rate {
                 count: 60,

@@ -407,7 +407,7 @@ fn serve(config_file: Option<&Path>) -> Result<()> {
         }
         let mut settings = settings;
         let (policy, policy_client) = start_policy(&config_policy, policy_resolver, data_dir)?;
-        settings.policy = Some(policy_client);
+        settings.policy = config_policy.0.enabled.then_some(policy_client);
         if config_policy.0.suppression {
             queue.do_send(tern_queue::AttachSuppression(policy.clone().recipient()));
         }

@@ -448,7 +448,10 @@ impl Session {
         };
         // The suppression list guards what submitters send out (mail from strangers to the
         // domains we serve is not theirs to suppress); the recipient rate applies to all.
-        if address != "postmaster" {
+        let submitter = self.trusted();
+        let policy = self.shared.settings.policy.clone();
+        let policy = policy.filter(|p| address != "postmaster" && p.checks_rcpt(submitter));
+        if let Some(policy) = policy {
             let check = CheckRcpt {
                 recipient: address.clone(),
                 sender: self
@@ -456,10 +459,9 @@ impl Session {
                     .as_ref()
                     .map(|t| t.sender.clone())
                     .unwrap_or_default(),
-                submitter: self.trusted(),
+                submitter,
             };
-            let policy = self.shared.settings.policy.clone();
-            if let Some(policy) = policy {
+            {
                 let unavailable = Verdict::Refuse(PolicyReply::unavailable());
                 match policy.ask(&policy.rcpt, check, unavailable).await {
                     Verdict::Accept => {}
