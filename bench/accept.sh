@@ -50,8 +50,7 @@ declare -A RATE
 # run_source LABEL MODE PORT RCPT [PID LOG]: runs smtp-source; sets T0 and T1 (start and end
 # times). With PID, first checks that the server is still running (LOG: its stderr to show).
 run_source() {
-  local label=$1 mode=$2 port=$3 rcpt=$4 pid=${5:-} serverlog=${6:-} flags=()
-  [ "$mode" = "-d" ] && flags+=(-d)
+  local label=$1 mode=$2 port=$3 rcpt=$4 pid=${5:-} serverlog=${6:-}
   # Let the previous run's disk writeback finish first: without this, whichever run came second
   # was up to 40% slower.
   sync
@@ -60,12 +59,7 @@ run_source() {
     [ -n "$serverlog" ] && tail -20 "$serverlog" >&2
     die "$label: the server (pid $pid) exited before the run — killed from outside?"
   fi
-  log "$label: smtp-source -s $SESSIONS -l $SIZE -m $MESSAGES ${flags[*]} 127.0.0.1:$port"
-  T0=$(now)
-  smtp-source -s "$SESSIONS" -l "$SIZE" -m "$MESSAGES" "${flags[@]}" \
-    -f "$SENDER" -t "$rcpt" -M client.bench.test "127.0.0.1:$port" \
-    >"$WORK/source-$label.log" 2>&1 || { cat "$WORK/source-$label.log" >&2; die "$label: smtp-source failed"; }
-  T1=$(now)
+  smtp_source "$label" "$mode" "$port" "$rcpt"
 }
 
 record() { # server mode accept_s accept_rate drain_s e2e_rate

@@ -223,3 +223,17 @@ health_field() {
 cpu_seconds() {
   awk -v hz="$(getconf CLK_TCK)" '{ sub(/^.*\) /, ""); printf "%.2f", ($12 + $13) / hz }' "/proc/$1/stat"
 }
+
+# smtp_source LABEL MODE PORT RCPT: one smtp-source run ($SESSIONS sessions, $MESSAGES messages
+# of $SIZE bytes from $SENDER; MODE "-d" reuses connections) against 127.0.0.1:PORT; sets T0 and
+# T1 (start and end times); its output goes to $WORK/source-LABEL.log.
+smtp_source() {
+  local label=$1 mode=$2 port=$3 rcpt=$4 flags=()
+  [ "$mode" = "-d" ] && flags+=(-d)
+  log "$label: smtp-source -s $SESSIONS -l $SIZE -m $MESSAGES ${flags[*]} 127.0.0.1:$port"
+  T0=$(now)
+  smtp-source -s "$SESSIONS" -l "$SIZE" -m "$MESSAGES" "${flags[@]}" \
+    -f "$SENDER" -t "$rcpt" -M client.bench.test "127.0.0.1:$port" \
+    >"$WORK/source-$label.log" 2>&1 || { cat "$WORK/source-$label.log" >&2; die "$label: smtp-source failed"; }
+  T1=$(now)
+}

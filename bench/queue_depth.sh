@@ -56,20 +56,13 @@ enabled = false"
 # measure LABEL PORT: the accept rate of each mode; sets RATE[LABEL MODE].
 declare -A RATE
 measure() {
-  local label=$1 port=$2 mode flags t0 t1
+  local label=$1 port=$2 mode
   for mode in $MODES; do
-    flags=()
-    [ "$mode" = "-d" ] && flags+=(-d)
     sync
     sleep "$SETTLE"
     kill -0 "$TERN_PID" 2>/dev/null || die "tern exited before the run"
-    log "$label: smtp-source -s $SESSIONS -l $SIZE -m $MESSAGES ${flags[*]} 127.0.0.1:$port"
-    t0=$(now)
-    smtp-source -s "$SESSIONS" -l "$SIZE" -m "$MESSAGES" "${flags[@]}" -f "$SENDER" -t "$RCPT" \
-      -M client.bench.test "127.0.0.1:$port" >"$WORK/source-$label$mode.log" 2>&1 ||
-      { cat "$WORK/source-$label$mode.log" >&2; die "smtp-source failed"; }
-    t1=$(now)
-    RATE[$label$mode]=$(rate "$MESSAGES" "$t0" "$t1")
+    smtp_source "$label$mode" "$mode" "$port" "$RCPT"
+    RATE[$label$mode]=$(rate "$MESSAGES" "$T0" "$T1")
     rec "accept $label" "$mode" "${RATE[$label$mode]}" msg/s
   done
 }

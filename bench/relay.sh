@@ -47,16 +47,7 @@ printf 'server\tmode\tmessages\tsessions\tsize\taccept_s\taccept_msg_s\tend_to_e
 
 declare -A ACC E2E
 
-run_source() { # label mode port → T0 T1
-  local label=$1 mode=$2 port=$3 flags=()
-  [ "$mode" = "-d" ] && flags+=(-d)
-  log "$label: smtp-source -s $SESSIONS -l $SIZE -m $MESSAGES ${flags[*]} 127.0.0.1:$port"
-  T0=$(now)
-  smtp-source -s "$SESSIONS" -l "$SIZE" -m "$MESSAGES" "${flags[@]}" \
-    -f "$SENDER" -t "$RCPT" -M client.bench.test "127.0.0.1:$port" \
-    >"$WORK/source-$label.log" 2>&1 || { cat "$WORK/source-$label.log" >&2; die "$label: smtp-source failed"; }
-  T1=$(now)
-}
+run_source() { smtp_source "$1" "$2" "$3" "$RCPT"; } # label mode port → T0 T1
 
 settle() { sync; sleep "$SETTLE"; }
 
