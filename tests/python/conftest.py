@@ -101,6 +101,8 @@ class TernServer:
             s.setdefault("submission_listen", [f"127.0.0.1:{sub}"])
             s.setdefault("submissions_listen", [f"127.0.0.1:{subs}"])
             cfg.setdefault("http", {}).setdefault("listen", f"127.0.0.1:{http}")
+            # These tests inspect the spool: nothing may leave it (no DNS, no bounces).
+            cfg.setdefault("delivery", {}).setdefault("enabled", False)
             self.config_path.write_text(to_toml(cfg))
             self.smtp_port = int(s["listen"][0].rsplit(":", 1)[1])
             self.submission_port = int(s["submission_listen"][0].rsplit(":", 1)[1])

@@ -126,7 +126,7 @@ def test_smtp_ssl_on_submissions(tern_server):
         s.ehlo()
         assert not s.has_extn("starttls")
         s.login("alice", "s3cret")
-        assert s.sendmail("alice@client.test", ["bob@elsewhere.test"], b"Subject: ssl\r\n\r\nimplicit tls\r\n") == {}
+        assert s.sendmail("alice@client.test", ["bob@elsewhere.test"], b"From: <alice@client.test>\r\nSubject: ssl\r\n\r\nimplicit tls\r\n") == {}
 
 
 def read_reply(f):

@@ -166,3 +166,23 @@ fn policy_enabled_false_consults_nothing() {
         c.ehlo("WIN-PC").expect_code(250);
     }
 }
+
+#[test]
+fn two_from_headers_are_refused_from_anyone() {
+    let server = strangers_welcome().start();
+    let mut c = SmtpClient::connect_from(lo(2), server.smtp);
+    c.read_reply().expect_code(220);
+    c.ehlo("mail.client.test").expect_code(250);
+    c.send_mail(
+        "a@client.test",
+        &["b@example.net"],
+        "From: <a@client.test>\r\nFrom: <ceo@bank.test>\r\n\r\nx\r\n",
+    )
+    .expect("550", "5.6.0");
+    // Mail from an MTA is not completed: no From is its business (and DMARC's).
+    tern_tests::queued_id(&c.send_mail(
+        "a@client.test",
+        &["b@example.net"],
+        "Subject: s\r\n\r\nx\r\n",
+    ));
+}

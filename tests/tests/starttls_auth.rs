@@ -273,7 +273,7 @@ fn received_header_of_an_authenticated_session_says_esmtpsa() {
     let id = queued_id(&c.send_mail(
         "alice@client.test",
         &["b@elsewhere.test"],
-        "Subject: a\r\n\r\nx\r\n",
+        "From: <alice@client.test>\r\nSubject: a\r\n\r\nx\r\n",
     ));
     server.stop();
     let (received, _) = split_received(&server.spooled_text(&id));
@@ -283,4 +283,44 @@ fn received_header_of_an_authenticated_session_says_esmtpsa() {
     );
     let msg = server.spooled_message(&id);
     assert_eq!(msg.client.auth_user.as_deref(), Some("alice"));
+}
+
+#[test]
+fn submission_gets_date_and_message_id_added_and_needs_one_from() {
+    let mut server = server();
+    let mut c = tls_submission(&server);
+    c.cmd(&format!("AUTH PLAIN {}", B64.encode(b"\0alice\0secret")))
+        .expect("235", "2.7.0");
+    let id = queued_id(&c.send_mail(
+        "alice@client.test",
+        &["b@elsewhere.test"],
+        "From: <alice@client.test>\r\nSubject: bare\r\n\r\nx\r\n",
+    ));
+    // No From at all, or two of them: refused.
+    c.send_mail(
+        "alice@client.test",
+        &["b@elsewhere.test"],
+        "Subject: anonymous\r\n\r\nx\r\n",
+    )
+    .expect("550", "5.6.0");
+    c.send_mail(
+        "alice@client.test",
+        &["b@elsewhere.test"],
+        "From: <alice@client.test>\r\nFrom: <ceo@bank.test>\r\nSubject: two\r\n\r\nx\r\n",
+    )
+    .expect("550", "5.6.0");
+    server.stop();
+    let text = server.spooled_text(&id);
+    let (received, rest) = split_received(&text);
+    assert!(received.contains("ESMTPSA"), "{received}");
+    let header = rest.split("\r\n\r\n").next().unwrap();
+    assert!(
+        header.starts_with("Date: "),
+        "added right after Received: {rest:?}"
+    );
+    assert!(
+        header.contains(&format!("Message-ID: <{id}@")),
+        "Message-ID from the queue id: {header:?}"
+    );
+    assert!(header.contains("Subject: bare"), "{header}");
 }

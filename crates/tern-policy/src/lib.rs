@@ -13,6 +13,7 @@
 
 mod bucket;
 mod checks;
+pub mod headers;
 pub mod suppression;
 
 use std::collections::HashMap;

@@ -53,6 +53,8 @@ struct Transaction {
     content_octets: u64,
     /// Recipients answered 250 but left out (suppressed, `suppression_action = "drop"`).
     dropped: usize,
+    /// Length of our Received header at the start of `body`.
+    trace_len: usize,
 }
 
 pub(crate) struct Session {
@@ -403,6 +405,7 @@ impl Session {
             failed: None,
             content_octets: 0,
             dropped: 0,
+            trace_len: 0,
         });
         self.reply(250, code(2, 1, 0), "Ok");
         Flow::Continue
@@ -595,6 +598,7 @@ impl Session {
             unix_secs: now_ms() / 1000,
         }
         .write_to(&mut tx.body);
+        tx.trace_len = tx.body.len();
     }
 
     pub fn ingest_data(&mut self, receiver: &mut DataReceiver, input: &[u8]) -> (usize, bool) {
@@ -673,6 +677,31 @@ impl Session {
             let text = format!("Ok: queued as {}", tx.id);
             self.reply(250, code(2, 0, 0), &text);
             return self.after_reply();
+        }
+        let mut tx = tx;
+        if self.shared.settings.policy.is_some() {
+            let id = format!("{}@{}", tx.id, self.settings().hostname);
+            let date = crate::received::rfc5322_date(now_ms() / 1000);
+            let content = &tx.body[tx.trace_len..];
+            // "Submission" as RFC 6409 means it: an authenticated client or the submission
+            // ports. Trusted hosts relaying on port 25 (an application, a relay) get their
+            // messages as they are, like Postfix's `always_add_missing_headers = no`.
+            let submission = self.auth_user.is_some() || self.kind.offers_auth();
+            match tern_policy::headers::check(content, submission, &id, &date) {
+                Ok(fixes) if fixes.add.is_empty() => {}
+                Ok(fixes) => {
+                    // Right after our Received header, where the submission server's own
+                    // fields belong.
+                    let at = tx.trace_len;
+                    tx.body.splice(at..at, fixes.add.into_bytes());
+                }
+                Err(r) => {
+                    info!(id = %tx.id, reason = %r.text, "message refused: headers");
+                    let (class, subject, detail) = r.enhanced;
+                    self.reply(r.code, code(class, subject, detail), &r.text);
+                    return self.after_reply();
+                }
+            }
         }
         let hops = count_received(&tx.body);
         if hops > self.shared.settings.max_hops {
