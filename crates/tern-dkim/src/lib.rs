@@ -402,7 +402,9 @@ fn fold(header: &str) -> String {
     out
 }
 
-fn check_domain(domain: &str) -> Result<String, DkimError> {
+/// `domain` as a `d=` value: lowercased, without a trailing dot; an error unless it is a
+/// domain name (letters, digits, '-', '_', dot-separated labels).
+pub fn check_domain(domain: &str) -> Result<String, DkimError> {
     let d = domain.trim_end_matches('.').to_ascii_lowercase();
     let ok = !d.is_empty()
         && d.len() <= 253
@@ -424,7 +426,9 @@ fn check_domain(domain: &str) -> Result<String, DkimError> {
     }
 }
 
-fn check_selector(selector: &str) -> Result<String, DkimError> {
+/// `selector` as an `s=` value; an error unless it is dot-separated labels of letters,
+/// digits, '-' and '_' (RFC 6376 §3.1).
+pub fn check_selector(selector: &str) -> Result<String, DkimError> {
     // RFC 6376 §3.1: a selector is one or more dot-separated sub-domain labels.
     let ok = !selector.is_empty()
         && selector.split('.').all(|label| {
