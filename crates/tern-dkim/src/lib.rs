@@ -205,7 +205,7 @@ impl DkimKey {
         let domain = check_domain(domain)?;
         let selector = check_selector(selector)?;
         let key_error = |message: String| DkimError::Key {
-            path: PathBuf::new(),
+            path: PathBuf::from("(PEM in memory)"),
             message,
         };
         let der = PrivateKeyDer::from_pem_slice(pem)
