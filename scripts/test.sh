@@ -16,12 +16,14 @@ start=$(date +%s)
 
 # --- system packages -------------------------------------------------------------------------
 # swaks: a real SMTP client for the swaks tests; postfix: smtp-source/smtp-sink (benchmarks and
-# the postfix-tools test); python3 + pip for the smtplib suite.
+# the postfix-tools test); python3 + pip for the Python suites; openssl: dkimpy makes its RSA
+# test keys with it (tests/python/test_dkim.py).
 need=()
 command -v swaks >/dev/null 2>&1 || need+=(swaks)
 command -v smtp-source >/dev/null 2>&1 || need+=(postfix)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "missing packages: ${need[*]} (run as root, or install them)" >&2
@@ -39,6 +41,13 @@ if ! python3 -c 'import pytest' >/dev/null 2>&1; then
   log "installing pytest"
   python3 -m pip install -q pytest 2>/dev/null \
     || python3 -m pip install -q --break-system-packages pytest
+fi
+
+# dkimpy (with PyNaCl for Ed25519): the independent DKIM implementation of test_dkim.py.
+if ! python3 -c 'import dkim, nacl' >/dev/null 2>&1; then
+  log "installing dkimpy pynacl"
+  python3 -m pip install -q dkimpy pynacl 2>/dev/null \
+    || python3 -m pip install -q --break-system-packages dkimpy pynacl
 fi
 
 # --- build -----------------------------------------------------------------------------------

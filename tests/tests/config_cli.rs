@@ -1,5 +1,5 @@
 //! The command line around the server: `tern config check`, TERN_* environment overrides,
-//! `tern auth hash`, `tern spool list`, and `/health`.
+//! `tern auth hash`, `tern spool list`, `/health`, and startup errors for bad key files.
 
 use std::fs;
 
@@ -285,6 +285,44 @@ fn an_unreadable_delivery_ca_bundle_is_a_startup_error_naming_the_key() {
     let stderr = serve_must_fail(&config);
     assert!(
         stderr.contains("delivery.tls_ca_file") && stderr.contains("/nonexistent/ca.pem"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_missing_or_unusable_dkim_key_is_a_startup_error_naming_the_entry_and_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let write_config = |key: &std::path::Path| {
+        let config = dir.path().join("tern.toml");
+        fs::write(
+            &config,
+            format!(
+                "[server]\ndata_dir = {:?}\n[smtp]\nlisten = [\"127.0.0.1:0\"]\nsubmission_listen = []\n\
+                 [http]\nlisten = \"127.0.0.1:0\"\n\
+                 [[dkim]]\ndomain = \"example.org\"\nselector = \"s1\"\nprivate_key = {:?}\n",
+                data.display().to_string(),
+                key.display().to_string()
+            ),
+        )
+        .unwrap();
+        config
+    };
+    let missing = dir.path().join("missing.pem");
+    let stderr = serve_must_fail(&write_config(&missing));
+    assert!(
+        stderr.contains("dkim[0].private_key") && stderr.contains("missing.pem"),
+        "{stderr}"
+    );
+    let junk = dir.path().join("junk.pem");
+    fs::write(
+        &junk,
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let stderr = serve_must_fail(&write_config(&junk));
+    assert!(
+        stderr.contains("dkim[0].private_key") && stderr.contains("junk.pem"),
         "{stderr}"
     );
 }

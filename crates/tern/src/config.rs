@@ -62,6 +62,8 @@ pub struct Config {
     pub dns: Dns,
     pub delivery: Delivery,
     pub policy: Policy,
+    /// `[[dkim]]`: signing keys; every key of a message's From: domain signs it.
+    pub dkim: Vec<DkimEntry>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -285,6 +287,27 @@ impl Default for Queue {
 }
 
 pub use tern_delivery::TlsPolicy;
+
+pub use tern_dkim::Algorithm as DkimAlgorithm;
+
+/// One `[[dkim]]` entry: a key that signs mail whose From: domain is `domain`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DkimEntry {
+    /// The `d=` domain, compared with the From: domain (case-insensitive).
+    pub domain: String,
+    /// The `s=` selector: the key is published at `SELECTOR._domainkey.DOMAIN`.
+    pub selector: String,
+    /// PEM file of the private key (PKCS#8, or PKCS#1 for RSA). Read when
+    /// `tern serve` starts; a missing or unusable file stops it.
+    pub private_key: PathBuf,
+    #[serde(
+        default,
+        serialize_with = "ser_dkim_algorithm",
+        deserialize_with = "de_parsed::<_, DkimAlgorithm>"
+    )]
+    pub algorithm: DkimAlgorithm,
+}
 
 /// One `[[routes]]` entry: how mail for the domains it matches is delivered.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -1066,6 +1089,30 @@ impl Config {
                 return fail(&key("max_message_rate"), message);
             }
         }
+
+        for (i, entry) in self.dkim.iter().enumerate() {
+            let key = |field: &str| format!("dkim[{i}].{field}");
+            if let Err(e) = tern_dkim::check_domain(&entry.domain) {
+                return fail(&key("domain"), e.to_string());
+            }
+            if let Err(e) = tern_dkim::check_selector(&entry.selector) {
+                return fail(&key("selector"), e.to_string());
+            }
+            if entry.private_key.as_os_str().is_empty() {
+                return fail(&key("private_key"), "must not be empty".into());
+            }
+            if let Some(j) = self.dkim[..i].iter().position(|e| {
+                e.domain.eq_ignore_ascii_case(&entry.domain) && e.selector == entry.selector
+            }) {
+                return fail(
+                    &key("selector"),
+                    format!(
+                        "{}/{} is already dkim[{j}]: one key per domain and selector",
+                        entry.domain, entry.selector
+                    ),
+                );
+            }
+        }
         Ok(())
     }
 }
@@ -1171,12 +1218,12 @@ fn check_known_keys(table: &toml::Table, origin: &str) -> Result<(), ConfigError
         if !top.contains(&section.as_str()) {
             return Err(unknown(section.clone(), top));
         }
-        if section == "routes" {
-            let route_fields = fields_of::<Route>();
-            for (i, route) in value.as_array().into_iter().flatten().enumerate() {
-                for field in route.as_table().into_iter().flat_map(|t| t.keys()) {
-                    if !route_fields.contains(&field.as_str()) {
-                        return Err(unknown(format!("routes[{i}].{field}"), route_fields));
+        if section == "routes" || section == "dkim" {
+            let entry_fields = section_fields(section);
+            for (i, entry) in value.as_array().into_iter().flatten().enumerate() {
+                for field in entry.as_table().into_iter().flat_map(|t| t.keys()) {
+                    if !entry_fields.contains(&field.as_str()) {
+                        return Err(unknown(format!("{section}[{i}].{field}"), entry_fields));
                     }
                 }
             }
@@ -1216,6 +1263,7 @@ fn section_fields(section: &str) -> &'static [&'static str] {
         "http" => fields_of::<Http>(),
         "queue" => fields_of::<Queue>(),
         "routes" => fields_of::<Route>(),
+        "dkim" => fields_of::<DkimEntry>(),
         "dns" => fields_of::<Dns>(),
         "delivery" => fields_of::<Delivery>(),
         "policy" => fields_of::<Policy>(),
@@ -1368,11 +1416,14 @@ fn env_overrides(
         if !top.contains(&parts[0]) {
             return Err(unknown(parts[0].to_string(), top));
         }
-        if parts[0] == "routes" {
+        if parts[0] == "routes" || parts[0] == "dkim" {
             return Err(env_error(
                 &var,
                 &key,
-                "routes cannot be set from the environment; list them in the config file".into(),
+                format!(
+                    "{} cannot be set from the environment; list them in the config file",
+                    parts[0]
+                ),
             ));
         }
         let fields = section_fields(parts[0]);
@@ -1513,6 +1564,15 @@ impl FromConfigStr for TlsPolicy {
         s.trim()
             .parse()
             .map_err(|_| "expected \"opportunistic\", \"required\" or \"none\"".to_string())
+    }
+}
+
+impl FromConfigStr for DkimAlgorithm {
+    const WHAT: &'static str = "DKIM algorithm";
+    fn parse(s: &str) -> Result<Self, String> {
+        s.trim()
+            .parse()
+            .map_err(|_| "expected \"rsa-sha256\" or \"ed25519-sha256\"".to_string())
     }
 }
 
@@ -1673,6 +1733,10 @@ fn ser_durations<S: serde::Serializer>(v: &[Duration], s: S) -> Result<S::Ok, S:
     )
 }
 
+fn ser_dkim_algorithm<S: serde::Serializer>(v: &DkimAlgorithm, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(v.as_str())
+}
+
 fn ser_tls_policy<S: serde::Serializer>(v: &TlsPolicy, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(v.as_str())
 }
@@ -1831,7 +1895,7 @@ mod tests {
             fields_of::<Config>(),
             [
                 "server", "smtp", "tls", "relay", "limits", "auth", "http", "queue", "routes",
-                "dns", "delivery", "policy"
+                "dns", "delivery", "policy", "dkim"
             ]
         );
         assert_eq!(&fields_of::<Smtp>()[..2], ["listen", "submission_listen"]);
@@ -2232,8 +2296,8 @@ mod tests {
         for section in fields_of::<Config>() {
             let heading = if *section == "auth" {
                 "## `[[auth.users]]`".to_string()
-            } else if *section == "routes" {
-                "## `[[routes]]`".to_string()
+            } else if *section == "routes" || *section == "dkim" {
+                format!("## `[[{section}]]`")
             } else {
                 format!("## `[{section}]`")
             };
@@ -2829,5 +2893,88 @@ mod tests {
         // And the defaults alone.
         let text = Config::default().to_toml();
         assert_eq!(load_file(&text, &[]).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn dkim_entries_load_in_order_with_the_default_algorithm() {
+        let c = load_file(
+            r#"
+            [[dkim]]
+            domain = "Example.ORG."
+            selector = "s2026"
+            private_key = "/etc/tern/dkim/rsa.pem"
+
+            [[dkim]]
+            domain = "example.org"
+            selector = "e2026"
+            private_key = "/etc/tern/dkim/ed.pem"
+            algorithm = "ed25519-sha256"
+            "#,
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.dkim.len(), 2);
+        assert_eq!(c.dkim[0].domain, "Example.ORG.");
+        assert_eq!(c.dkim[0].algorithm, DkimAlgorithm::RsaSha256);
+        assert_eq!(c.dkim[1].selector, "e2026");
+        assert_eq!(
+            c.dkim[1].private_key,
+            PathBuf::from("/etc/tern/dkim/ed.pem")
+        );
+        assert_eq!(c.dkim[1].algorithm, DkimAlgorithm::Ed25519Sha256);
+        // The effective configuration round-trips, algorithm included.
+        assert_eq!(load_file(&c.to_toml(), &[]).unwrap(), c);
+        assert!(Config::default().dkim.is_empty());
+    }
+
+    #[test]
+    fn dkim_errors_name_their_key() {
+        let entry =
+            "[[dkim]]\ndomain = \"example.org\"\nselector = \"s1\"\nprivate_key = \"k.pem\"\n";
+        let msg = file_error(
+            &format!("{entry}[[dkim]]\ndomain = \"example.org\"\nselektor = \"s2\"\n"),
+            &["dkim[1].selektor"],
+        );
+        assert!(msg.contains("selector"), "expected keys listed: {msg}");
+        file_error(
+            &format!("{entry}algorithm = \"rsa-sha1\"\n"),
+            &["dkim[0].algorithm:", "\"ed25519-sha256\""],
+        );
+        file_error(
+            "[[dkim]]\nselector = \"s1\"\nprivate_key = \"k.pem\"\n",
+            &["dkim[0]", "domain"],
+        );
+        let cases: &[(&str, &str)] = &[
+            (
+                "[[dkim]]\ndomain = \"bad domain\"\nselector = \"s1\"\nprivate_key = \"k\"\n",
+                "dkim[0].domain:",
+            ),
+            (
+                "[[dkim]]\ndomain = \"*.example.org\"\nselector = \"s1\"\nprivate_key = \"k\"\n",
+                "dkim[0].domain:",
+            ),
+            (
+                "[[dkim]]\ndomain = \"example.org\"\nselector = \"s 1\"\nprivate_key = \"k\"\n",
+                "dkim[0].selector:",
+            ),
+            (
+                "[[dkim]]\ndomain = \"example.org\"\nselector = \"s1\"\nprivate_key = \"\"\n",
+                "dkim[0].private_key:",
+            ),
+        ];
+        for (content, needle) in cases {
+            file_error(content, &[needle]);
+        }
+        file_error(
+            &format!("{entry}{}", entry.replace("example.org", "EXAMPLE.org")),
+            &["dkim[1].selector:", "already dkim[0]"],
+        );
+        env_error_msg(
+            &[("TERN_DKIM__DOMAIN", "example.org")],
+            &[
+                "TERN_DKIM__DOMAIN",
+                "dkim cannot be set from the environment",
+            ],
+        );
     }
 }
