@@ -88,6 +88,8 @@ pub struct Settings {
     pub workers: usize,
     /// The validation stage; `None` runs without policy checks (tests of the SMTP layer).
     pub policy: Option<tern_policy::PolicyClient>,
+    /// DKIM keys for mail from trusted and authenticated submitters; `None` signs nothing.
+    pub dkim: Option<Arc<tern_dkim::Signer>>,
 }
 
 impl Settings {

@@ -349,7 +349,7 @@ fn serve(config_file: Option<&Path>) -> Result<()> {
     let tls = tls::server_config(&config.tls, data_dir, &config.server.hostname)?;
     // The [[dkim]] keys are read at start so a bad key file stops the server here; signing
     // is not wired into the mail path yet.
-    let _dkim = tern::dkim::signer(&config)?;
+    let dkim = tern::dkim::signer(&config)?;
     let storage = SledStorage::open(
         &spool_dir(data_dir),
         SledOptions {
@@ -359,7 +359,8 @@ fn serve(config_file: Option<&Path>) -> Result<()> {
         },
     )
     .with_context(|| format!("cannot open the spool in {}", data_dir.display()))?;
-    let settings = ingress_settings(&config, tls);
+    let mut settings = ingress_settings(&config, tls);
+    settings.dkim = (!dkim.is_empty()).then(|| Arc::new(dkim));
     let http_listen = config.http.listen;
 
     let queue_config = queue_config(&config);
@@ -632,6 +633,7 @@ fn ingress_settings(config: &Config, tls: Arc<rustls::ServerConfig>) -> Settings
             .collect::<HashMap<_, _>>(),
         workers: smtp.workers,
         policy: None,
+        dkim: None,
     }
 }
 
