@@ -949,20 +949,6 @@ fn count_received(message: &[u8]) -> usize {
     count
 }
 
-#[cfg(test)]
-mod hop_tests {
-    use super::count_received;
-
-    #[test]
-    fn counts_received_fields_in_the_header_only() {
-        let msg =
-            b"Received: from a\r\n\tby b\r\nRECEIVED: x\r\nSubject: s\r\n\r\nReceived: body\r\n";
-        assert_eq!(count_received(msg), 2);
-        assert_eq!(count_received(b"Subject: none\r\n\r\n"), 0);
-        assert_eq!(count_received(b"Received-SPF: pass\r\n\r\n"), 0);
-    }
-}
-
 /// Signs the content after our Received header (`trace_len` octets) with every key of its From
 /// domain and inserts the DKIM-Signature fields right after the Received header. On a blocking
 /// thread: an RSA-2048 signature costs about half a millisecond, which would stall every session
@@ -985,4 +971,18 @@ async fn sign(
     })
     .await
     .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod hop_tests {
+    use super::count_received;
+
+    #[test]
+    fn counts_received_fields_in_the_header_only() {
+        let msg =
+            b"Received: from a\r\n\tby b\r\nRECEIVED: x\r\nSubject: s\r\n\r\nReceived: body\r\n";
+        assert_eq!(count_received(msg), 2);
+        assert_eq!(count_received(b"Subject: none\r\n\r\n"), 0);
+        assert_eq!(count_received(b"Received-SPF: pass\r\n\r\n"), 0);
+    }
 }
