@@ -117,6 +117,9 @@ pub enum SuppressionAction {
 #[rtype(result = "Verdict")]
 pub struct CheckConnect {
     pub ip: IpAddr,
+    /// The session already applied the connection rate (`LocalChecks::connect`).
+    #[serde(default)]
+    pub rate_checked: bool,
 }
 
 /// HELO/EHLO check.
@@ -168,12 +171,74 @@ pub struct ListSuppressed {
     pub limit: usize,
 }
 
+/// The checks cheap enough to run in the session itself, without a round trip to the actor:
+/// the HELO rules (pure) and the connection-rate buckets (shared state behind a mutex, held for
+/// a hash-map lookup). The actor keeps a handle too, to sweep idle buckets and to answer
+/// `CheckConnect` from a remote session.
+pub struct LocalChecks {
+    settings: Arc<PolicySettings>,
+    connect_buckets: std::sync::Mutex<HashMap<IpAddr, TokenBucket>>,
+}
+
+impl LocalChecks {
+    fn new(settings: Arc<PolicySettings>) -> Self {
+        Self {
+            settings,
+            connect_buckets: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// One connection from `ip` against `policy.connect_rate`.
+    pub fn connect(&self, ip: IpAddr) -> Verdict {
+        let Some(rate) = self.settings.connect_rate else {
+            return Verdict::Accept;
+        };
+        let now = Instant::now();
+        let mut buckets = self
+            .connect_buckets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let bucket = buckets
+            .entry(ip)
+            .or_insert_with(|| TokenBucket::new(rate, now));
+        if bucket.take(now) {
+            return Verdict::Accept;
+        }
+        drop(buckets);
+        info!(%ip, "connection rate limit exceeded");
+        Verdict::Refuse(PolicyReply::new(
+            421,
+            (4, 7, 0),
+            "Error: too many connections from your address, slow down",
+        ))
+    }
+
+    /// The HELO rules for a stranger.
+    pub fn helo(&self, ip: IpAddr, helo: &str) -> Verdict {
+        match check_helo(helo, &self.settings.hostname, &self.settings.helo) {
+            Ok(()) => Verdict::Accept,
+            Err(reply) => {
+                debug!(%ip, %helo, reason = %reply.text, "HELO refused");
+                Verdict::Refuse(reply)
+            }
+        }
+    }
+
+    fn sweep(&self) {
+        let now = Instant::now();
+        self.connect_buckets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, b| !b.is_full(now));
+    }
+}
+
 /// The validation actor. State (rate buckets) lives here; buckets idle for longer than it
 /// takes them to refill are dropped by a periodic sweep so memory stays bounded.
 pub struct PolicyActor {
     settings: Arc<PolicySettings>,
     resolver: Option<Arc<MxResolver>>,
-    connect_buckets: HashMap<IpAddr, TokenBucket>,
+    local: Arc<LocalChecks>,
     sender_buckets: HashMap<String, TokenBucket>,
     user_buckets: HashMap<String, TokenBucket>,
     rcpt_buckets: HashMap<String, TokenBucket>,
@@ -181,6 +246,11 @@ pub struct PolicyActor {
 }
 
 impl PolicyActor {
+    /// The checks sessions run themselves, sharing this actor's state.
+    pub fn local_checks(&self) -> Arc<LocalChecks> {
+        self.local.clone()
+    }
+
     /// With a suppression list (see [`SuppressionList::open`]).
     pub fn with_suppression(mut self, list: SuppressionList) -> Self {
         self.suppression = Some(list);
@@ -189,10 +259,11 @@ impl PolicyActor {
 
     /// `resolver` is needed only with DNS blocklists.
     pub fn new(settings: PolicySettings, resolver: Option<MxResolver>) -> Self {
+        let settings = Arc::new(settings);
         Self {
-            settings: Arc::new(settings),
+            local: Arc::new(LocalChecks::new(settings.clone())),
+            settings,
             resolver: resolver.map(Arc::new),
-            connect_buckets: HashMap::new(),
             sender_buckets: HashMap::new(),
             user_buckets: HashMap::new(),
             rcpt_buckets: HashMap::new(),
@@ -203,7 +274,7 @@ impl PolicyActor {
     /// Drops the buckets that have refilled: they hold nothing a new bucket would not.
     fn sweep(&mut self) {
         let now = Instant::now();
-        self.connect_buckets.retain(|_, b| !b.is_full(now));
+        self.local.sweep();
         self.sender_buckets.retain(|_, b| !b.is_full(now));
         self.user_buckets.retain(|_, b| !b.is_full(now));
         self.rcpt_buckets.retain(|_, b| !b.is_full(now));
@@ -226,21 +297,9 @@ impl Handler<CheckConnect> for PolicyActor {
     type Result = ResponseFuture<Verdict>;
 
     fn handle(&mut self, req: CheckConnect, _ctx: &mut Self::Context) -> Self::Result {
-        if let Some(rate) = self.settings.connect_rate {
-            let now = Instant::now();
-            let bucket = self
-                .connect_buckets
-                .entry(req.ip)
-                .or_insert_with(|| TokenBucket::new(rate, now));
-            if !bucket.take(now) {
-                info!(ip = %req.ip, "connection rate limit exceeded");
-                return Box::pin(async {
-                    Verdict::Refuse(PolicyReply::new(
-                        421,
-                        (4, 7, 0),
-                        "Error: too many connections from your address, slow down",
-                    ))
-                });
+        if !req.rate_checked {
+            if let refused @ Verdict::Refuse(_) = self.local.connect(req.ip) {
+                return Box::pin(async { refused });
             }
         }
         let zones = self.settings.dnsbl_zones.clone();
@@ -259,13 +318,7 @@ impl Handler<CheckHelo> for PolicyActor {
         if req.trusted {
             return Verdict::Accept;
         }
-        match check_helo(&req.helo, &self.settings.hostname, &self.settings.helo) {
-            Ok(()) => Verdict::Accept,
-            Err(reply) => {
-                debug!(ip = %req.ip, helo = %req.helo, reason = %reply.text, "HELO refused");
-                Verdict::Refuse(reply)
-            }
-        }
+        self.local.helo(req.ip, &req.helo)
     }
 }
 
@@ -425,6 +478,8 @@ pub struct PolicyClient {
     /// What RCPT checks: the suppression list (submitters only) and/or the recipient rate (all).
     pub rcpt_suppression: bool,
     pub rcpt_rate: bool,
+    /// Connection rate and HELO rules, run in the session.
+    pub local: Option<Arc<LocalChecks>>,
     /// The most a session waits for a verdict before using the step's default.
     pub timeout: Duration,
 }
@@ -442,24 +497,42 @@ impl std::fmt::Debug for PolicyClient {
 }
 
 impl PolicyClient {
-    /// A client for `addr` with only the steps `settings` has checks for.
+    /// A client for `addr` with only the steps `settings` has checks for; the connection rate
+    /// and the HELO rules run locally on `local` (from [`PolicyActor::local_checks`]).
     pub fn new(
         addr: &Addr<PolicyActor>,
-        settings: &PolicySettings,
+        local: Arc<LocalChecks>,
         suppression: bool,
         timeout: Duration,
     ) -> Self {
-        let connect = settings.connect_rate.is_some() || !settings.dnsbl_zones.is_empty();
-        let helo = settings.helo.enabled();
+        let settings = local.settings.clone();
         let mail = settings.sender_rate.is_some() || settings.user_rate.is_some();
+        let rcpt = suppression || settings.rcpt_rate.is_some();
         Self {
-            connect: connect.then(|| addr.clone().recipient()),
-            helo: helo.then(|| addr.clone().recipient()),
+            // Only the blocklists need the actor at connect.
+            connect: (!settings.dnsbl_zones.is_empty()).then(|| addr.clone().recipient()),
+            helo: None,
             mail: mail.then(|| addr.clone().recipient()),
-            rcpt: (suppression || settings.rcpt_rate.is_some()).then(|| addr.clone().recipient()),
+            rcpt: rcpt.then(|| addr.clone().recipient()),
             rcpt_suppression: suppression,
             rcpt_rate: settings.rcpt_rate.is_some(),
+            local: Some(local),
             timeout,
+        }
+    }
+
+    /// The connection rate, in the session.
+    pub fn connect_local(&self, ip: IpAddr) -> Verdict {
+        self.local
+            .as_ref()
+            .map_or(Verdict::Accept, |l| l.connect(ip))
+    }
+
+    /// The HELO rules, in the session.
+    pub fn helo_local(&self, ip: IpAddr, helo: &str) -> Verdict {
+        match &self.local {
+            Some(l) if l.settings.helo.enabled() => l.helo(ip, helo),
+            _ => Verdict::Accept,
         }
     }
 

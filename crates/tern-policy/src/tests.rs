@@ -39,6 +39,7 @@ async fn dnsbl_listed_unlisted_and_failing_zones() {
     let v = addr
         .send(CheckConnect {
             ip: "127.0.0.2".parse().unwrap(),
+            rate_checked: false,
         })
         .await
         .unwrap();
@@ -48,6 +49,7 @@ async fn dnsbl_listed_unlisted_and_failing_zones() {
     let v = addr
         .send(CheckConnect {
             ip: "127.0.0.3".parse().unwrap(),
+            rate_checked: false,
         })
         .await
         .unwrap();
@@ -75,6 +77,7 @@ async fn dnsbl_timeout_counts_as_not_listed() {
     let v = addr
         .send(CheckConnect {
             ip: "127.0.0.2".parse().unwrap(),
+            rate_checked: false,
         })
         .await
         .unwrap();
@@ -93,7 +96,12 @@ async fn connection_rate_trips_and_recovers() {
     };
     let addr = PolicyActor::new(settings, None).start();
     let ip: IpAddr = "192.0.2.1".parse().unwrap();
-    let check = || addr.send(CheckConnect { ip });
+    let check = || {
+        addr.send(CheckConnect {
+            ip,
+            rate_checked: false,
+        })
+    };
     assert_eq!(check().await.unwrap(), Verdict::Accept);
     assert_eq!(check().await.unwrap(), Verdict::Accept);
     let v = check().await.unwrap();
@@ -102,6 +110,7 @@ async fn connection_rate_trips_and_recovers() {
     let other = addr
         .send(CheckConnect {
             ip: "192.0.2.2".parse().unwrap(),
+            rate_checked: false,
         })
         .await
         .unwrap();
@@ -169,6 +178,7 @@ async fn client_timeout_gives_the_default_verdict() {
         rcpt: None,
         rcpt_suppression: false,
         rcpt_rate: false,
+        local: None,
         timeout: Duration::from_millis(100),
     };
     let v = client

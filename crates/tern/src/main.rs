@@ -494,9 +494,9 @@ fn start_policy(
             .with_context(|| format!("cannot open the suppression list in {}", dir.display()))?;
         actor = actor.with_suppression(list);
     }
+    let local = actor.local_checks();
     let addr = tern_policy::spawn(actor);
-    let client =
-        tern_policy::PolicyClient::new(&addr, settings, config.suppression, config.timeout);
+    let client = tern_policy::PolicyClient::new(&addr, local, config.suppression, config.timeout);
     Ok((addr, client))
 }
 

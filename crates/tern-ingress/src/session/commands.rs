@@ -21,7 +21,7 @@ use super::Shared;
 use crate::auth::{self, AuthStep, SaslError};
 use crate::received::Trace;
 use crate::settings::{canonical_ip, ListenerKind, Settings, VrfyPolicy};
-use tern_policy::{CheckHelo, CheckMail, CheckRcpt, PolicyClient, PolicyReply, Verdict};
+use tern_policy::{CheckMail, CheckRcpt, PolicyClient, PolicyReply, Verdict};
 
 pub(crate) enum Mode {
     Command,
@@ -279,19 +279,15 @@ impl Session {
     }
 
     async fn on_hello(&mut self, domain: String, esmtp: bool) -> Flow {
-        // HELO checks are for strangers: a trusted client costs no round trip.
+        // HELO checks are for strangers, and run here: no round trip.
         if !self.trusted() {
-            let check = CheckHelo {
-                ip: canonical_ip(self.client.ip()),
-                helo: domain.clone(),
-                trusted: false,
-            };
-            if self
-                .policy_refusal(|p| &p.helo, check, Verdict::Accept)
-                .await
-                .is_some()
-            {
-                return Flow::Continue;
+            if let Some(policy) = &self.shared.settings.policy {
+                let ip = canonical_ip(self.client.ip());
+                if let Verdict::Refuse(r) = policy.helo_local(ip, &domain) {
+                    let (class, subject, detail) = r.enhanced;
+                    self.reply(r.code, code(class, subject, detail), &r.text);
+                    return Flow::Continue;
+                }
             }
         }
         self.tx = None;

@@ -70,9 +70,16 @@ async fn serve(connection: Connection) {
     if let Some(policy) = &settings.policy {
         let ip = canonical_ip(client.ip());
         if !listener.kind.implicit_tls() && !settings.is_trusted_network(ip) {
-            let check = tern_policy::CheckConnect { ip };
-            // A stage that does not answer in time: go on; HELO and MAIL still ask.
-            let verdict = policy.ask(&policy.connect, check, Verdict::Accept).await;
+            // The rate in the session (no round trip), then the blocklists in the stage. A
+            // stage that does not answer in time: go on; MAIL and RCPT still ask.
+            let mut verdict = policy.connect_local(ip);
+            if verdict == Verdict::Accept {
+                let check = tern_policy::CheckConnect {
+                    ip,
+                    rate_checked: true,
+                };
+                verdict = policy.ask(&policy.connect, check, Verdict::Accept).await;
+            }
             if let Verdict::Refuse(r) = verdict {
                 let (c, s, d) = r.enhanced;
                 let reply = format!(
