@@ -178,6 +178,8 @@ pub struct ListSuppressed {
 pub struct LocalChecks {
     settings: Arc<PolicySettings>,
     connect_buckets: std::sync::Mutex<HashMap<IpAddr, TokenBucket>>,
+    /// The suppression list, read directly (a sled lookup) at RCPT.
+    suppression: std::sync::OnceLock<SuppressionList>,
 }
 
 impl LocalChecks {
@@ -185,6 +187,26 @@ impl LocalChecks {
         Self {
             settings,
             connect_buckets: std::sync::Mutex::new(HashMap::new()),
+            suppression: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// A submitter's recipient against the suppression list.
+    pub fn suppressed(&self, recipient: &str) -> Verdict {
+        let Some(list) = self.suppression.get() else {
+            return Verdict::Accept;
+        };
+        if !list.contains(recipient) {
+            return Verdict::Accept;
+        }
+        info!(%recipient, action = ?self.settings.suppression_action, "suppressed recipient");
+        match self.settings.suppression_action {
+            SuppressionAction::Reject => Verdict::Refuse(PolicyReply::new(
+                550,
+                (5, 1, 1),
+                "Error: recipient address is on the suppression list",
+            )),
+            SuppressionAction::Drop => Verdict::Discard,
         }
     }
 
@@ -253,6 +275,7 @@ impl PolicyActor {
 
     /// With a suppression list (see [`SuppressionList::open`]).
     pub fn with_suppression(mut self, list: SuppressionList) -> Self {
+        let _ = self.local.suppression.set(list.clone());
         self.suppression = Some(list);
         self
     }
@@ -378,21 +401,10 @@ impl Handler<CheckRcpt> for PolicyActor {
                 ));
             }
         }
-        let Some(list) = self.suppression.as_ref().filter(|_| req.submitter) else {
-            return Verdict::Accept;
-        };
-        if !list.contains(&req.recipient) {
-            return Verdict::Accept;
+        if req.submitter {
+            return self.local.suppressed(&req.recipient);
         }
-        info!(recipient = %req.recipient, action = ?self.settings.suppression_action, "suppressed recipient");
-        match self.settings.suppression_action {
-            SuppressionAction::Reject => Verdict::Refuse(PolicyReply::new(
-                550,
-                (5, 1, 1),
-                "Error: recipient address is on the suppression list",
-            )),
-            SuppressionAction::Drop => Verdict::Discard,
-        }
+        Verdict::Accept
     }
 }
 
@@ -507,7 +519,8 @@ impl PolicyClient {
     ) -> Self {
         let settings = local.settings.clone();
         let mail = settings.sender_rate.is_some() || settings.user_rate.is_some();
-        let rcpt = suppression || settings.rcpt_rate.is_some();
+        // The suppression list is read in the session; only the recipient rate needs the actor.
+        let rcpt = settings.rcpt_rate.is_some();
         Self {
             // Only the blocklists need the actor at connect.
             connect: (!settings.dnsbl_zones.is_empty()).then(|| addr.clone().recipient()),
@@ -536,9 +549,17 @@ impl PolicyClient {
         }
     }
 
-    /// Whether RCPT from this client needs a round trip at all.
-    pub fn checks_rcpt(&self, submitter: bool) -> bool {
-        self.rcpt.is_some() && ((submitter && self.rcpt_suppression) || self.rcpt_rate)
+    /// Whether RCPT needs a round trip to the actor (the recipient rate).
+    pub fn checks_rcpt(&self) -> bool {
+        self.rcpt.is_some() && self.rcpt_rate
+    }
+
+    /// A submitter's recipient against the suppression list, in the session.
+    pub fn suppressed_local(&self, recipient: &str) -> Verdict {
+        match &self.local {
+            Some(l) if self.rcpt_suppression => l.suppressed(recipient),
+            _ => Verdict::Accept,
+        }
     }
 
     /// Asks `to` with the time limit; `on_timeout` when the stage does not answer in time (or

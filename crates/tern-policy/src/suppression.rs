@@ -34,7 +34,9 @@ fn storage(e: impl std::fmt::Display) -> SuppressionError {
     SuppressionError::Storage(e.to_string())
 }
 
-/// The list, backed by sled.
+/// The list, backed by sled. Cloning is cheap and shares the database (sessions look up
+/// recipients directly; the actor writes).
+#[derive(Clone)]
 pub struct SuppressionList {
     db: sled::Db,
 }

@@ -448,21 +448,29 @@ impl Session {
         // The suppression list guards what submitters send out (mail from strangers to the
         // domains we serve is not theirs to suppress); the recipient rate applies to all.
         let submitter = self.trusted();
-        let policy = self.shared.settings.policy.clone();
-        let policy = policy.filter(|p| address != "postmaster" && p.checks_rcpt(submitter));
-        if let Some(policy) = policy {
-            let check = CheckRcpt {
-                recipient: address.clone(),
-                sender: self
-                    .tx
-                    .as_ref()
-                    .map(|t| t.sender.clone())
-                    .unwrap_or_default(),
-                submitter,
-            };
-            {
-                let unavailable = Verdict::Refuse(PolicyReply::unavailable());
-                match policy.ask(&policy.rcpt, check, unavailable).await {
+        if let Some(policy) = self.shared.settings.policy.clone() {
+            if address != "postmaster" {
+                // The suppression list is read here (a sled lookup); only the recipient rate
+                // needs the policy actor.
+                let mut verdict = if submitter {
+                    policy.suppressed_local(&address)
+                } else {
+                    Verdict::Accept
+                };
+                if verdict == Verdict::Accept && policy.checks_rcpt() {
+                    let check = CheckRcpt {
+                        recipient: address.clone(),
+                        sender: self
+                            .tx
+                            .as_ref()
+                            .map(|t| t.sender.clone())
+                            .unwrap_or_default(),
+                        submitter: false,
+                    };
+                    let unavailable = Verdict::Refuse(PolicyReply::unavailable());
+                    verdict = policy.ask(&policy.rcpt, check, unavailable).await;
+                }
+                match verdict {
                     Verdict::Accept => {}
                     Verdict::Discard => {
                         info!(recipient = %address, "suppressed recipient dropped");
