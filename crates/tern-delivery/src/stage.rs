@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use tern_dns::{DnsError, MxResolver, MxTarget};
-use tern_message::{now_ms, AttemptResult, DeliveryJob, DeliveryReport, RemoteHost};
+use tern_message::{now_ms, AttemptResult, DeliveryJob, DeliveryReport, Rate, RemoteHost};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::{debug, info, info_span, warn, Instrument};
@@ -35,8 +35,8 @@ use crate::DeliveryError;
 pub struct DestinationLimits {
     pub max_connections: usize,
     pub max_messages_per_connection: usize,
-    /// At most `.0` messages per `.1`, spread evenly (one every `.1 / .0`).
-    pub max_message_rate: Option<(u32, Duration)>,
+    /// Spread evenly: one message every `per / count`.
+    pub max_message_rate: Option<Rate>,
 }
 
 impl Default for DestinationLimits {
@@ -120,7 +120,7 @@ impl DeliverySettings {
 
 struct Shared {
     settings: DeliverySettings,
-    resolver: MxResolver,
+    resolver: Arc<MxResolver>,
     report_to: Recipient<DeliveryReport>,
 }
 
@@ -142,7 +142,7 @@ pub struct Dispatcher {
 impl Dispatcher {
     pub fn new(
         settings: DeliverySettings,
-        resolver: MxResolver,
+        resolver: Arc<MxResolver>,
         report_to: Recipient<DeliveryReport>,
     ) -> Self {
         Self {
@@ -241,7 +241,7 @@ impl Handler<ActiveDestinations> for Dispatcher {
 /// running actix `System`.
 pub fn spawn_delivery(
     settings: DeliverySettings,
-    resolver: MxResolver,
+    resolver: Arc<MxResolver>,
     report_to: Recipient<DeliveryReport>,
 ) -> Addr<Dispatcher> {
     let arbiter = Arbiter::new();
@@ -272,8 +272,8 @@ type Assigned = (DeliveryJob, Option<Instant>);
 impl Destination {
     /// The start time for the next message under `max_message_rate`.
     fn slot(&mut self) -> Option<Instant> {
-        let (count, per) = self.target.limits.max_message_rate?;
-        let gap = per / count.max(1);
+        let rate = self.target.limits.max_message_rate?;
+        let gap = rate.per / rate.count.max(1);
         let now = Instant::now();
         let at = self.next_slot.map_or(now, |t| t.max(now));
         self.next_slot = Some(at + gap);

@@ -280,6 +280,81 @@ pub enum SpoolError {
     Unavailable(String),
 }
 
+/// A rate limit: at most `count` events per `per`. Written `"100/s"`, `"6000/m"`,
+/// `"50000/h"` or `"1000000/d"` in configuration and in serialized form. Shared by the
+/// configuration, the delivery stage (`max_message_rate`) and the policy stage (rate buckets).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    /// At least 1 (checked with the rest of the configuration).
+    pub count: u32,
+    /// One second, minute, hour or day when parsed.
+    pub per: std::time::Duration,
+}
+
+impl fmt::Display for Rate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let unit = match self.per.as_secs() {
+            _ if self.per.subsec_nanos() != 0 => None,
+            1 => Some("s"),
+            60 => Some("m"),
+            3600 => Some("h"),
+            86_400 => Some("d"),
+            _ => None,
+        };
+        match unit {
+            Some(unit) => write!(f, "{}/{unit}", self.count),
+            // Not produced by parsing; shown readably, though it cannot be read back.
+            None => write!(f, "{}/{:?}", self.count, self.per),
+        }
+    }
+}
+
+impl FromStr for Rate {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        const FORMS: &str = "expected COUNT/UNIT with unit s, m, h or d, e.g. 100/s or 6000/m";
+        let (count, unit) = s.trim().split_once('/').ok_or_else(|| FORMS.to_string())?;
+        let count = count
+            .trim()
+            .parse::<u32>()
+            .map_err(|_| format!("bad count {:?}; {FORMS}", count.trim()))?;
+        let per = match unit.trim() {
+            "s" => 1,
+            "m" => 60,
+            "h" => 3600,
+            "d" => 86_400,
+            other => return Err(format!("bad unit {other:?}; {FORMS}")),
+        };
+        Ok(Self {
+            count,
+            per: std::time::Duration::from_secs(per),
+        })
+    }
+}
+
+impl Serialize for Rate {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Rate {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Rate;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a rate string")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Rate, E> {
+                v.parse()
+                    .map_err(|why| E::custom(format!("invalid rate {v:?}: {why}")))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
 /// Current time in milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     SystemTime::now()

@@ -1,16 +1,11 @@
 //! Token buckets for rate limits: `count` tokens per `per`, refilled continuously, with a
 //! burst of `count` (a client may use its whole allowance at once, then waits for the refill).
 
-use std::time::{Duration, Instant};
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::time::Instant;
 
-use serde::{Deserialize, Serialize};
-
-/// At most `count` events per `per`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Rate {
-    pub count: u32,
-    pub per: Duration,
-}
+pub use tern_message::Rate;
 
 #[derive(Clone, Debug)]
 pub struct TokenBucket {
@@ -56,9 +51,46 @@ impl TokenBucket {
     }
 }
 
+/// One bucket per key (client address, sender, user) for one rate; `None` is unlimited.
+#[derive(Debug)]
+pub struct Buckets<K> {
+    rate: Option<Rate>,
+    map: HashMap<K, TokenBucket>,
+}
+
+impl<K: Hash + Eq> Buckets<K> {
+    pub fn new(rate: Option<Rate>) -> Self {
+        Self {
+            rate,
+            map: HashMap::new(),
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.rate.is_some()
+    }
+
+    /// Takes a token for `key`: false when its bucket is empty (over the rate).
+    pub fn take(&mut self, key: K, now: Instant) -> bool {
+        let Some(rate) = self.rate else {
+            return true;
+        };
+        self.map
+            .entry(key)
+            .or_insert_with(|| TokenBucket::new(rate, now))
+            .take(now)
+    }
+
+    /// Drops the buckets that have refilled: they hold nothing a new bucket would not.
+    pub fn sweep(&mut self, now: Instant) {
+        self.map.retain(|_, b| !b.is_full(now));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn burst_then_refill() {

@@ -16,7 +16,6 @@ mod checks;
 pub mod headers;
 pub mod suppression;
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use tern_dns::MxResolver;
 use tracing::{debug, info};
 
-pub use bucket::{Rate, TokenBucket};
+pub use bucket::{Buckets, Rate, TokenBucket};
 pub use checks::{check_helo, HeloPolicy};
 pub use suppression::{Suppressed, SuppressionError, SuppressionList};
 
@@ -112,24 +111,12 @@ pub enum SuppressionAction {
     Drop,
 }
 
-/// Connect-stage check.
+/// Connect-stage check: the DNS blocklists (the connection rate runs in the session, see
+/// [`LocalChecks`]).
 #[derive(Message, Clone, Debug, Serialize, Deserialize)]
 #[rtype(result = "Verdict")]
 pub struct CheckConnect {
     pub ip: IpAddr,
-    /// The session already applied the connection rate (`LocalChecks::connect`).
-    #[serde(default)]
-    pub rate_checked: bool,
-}
-
-/// HELO/EHLO check.
-#[derive(Message, Clone, Debug, Serialize, Deserialize)]
-#[rtype(result = "Verdict")]
-pub struct CheckHelo {
-    pub ip: IpAddr,
-    pub helo: String,
-    /// Trusted network or authenticated: HELO checks do not apply.
-    pub trusted: bool,
 }
 
 /// MAIL FROM check.
@@ -142,15 +129,14 @@ pub struct CheckMail {
     pub auth_user: Option<String>,
 }
 
-/// RCPT check for a submitter's recipient (the suppression list).
+/// RCPT check: recipients per sender (the suppression list is read in the session, see
+/// [`LocalChecks::suppressed`]).
 #[derive(Message, Clone, Debug, Serialize, Deserialize)]
 #[rtype(result = "Verdict")]
 pub struct CheckRcpt {
     pub recipient: String,
     /// The transaction's reverse-path (empty for `<>`).
     pub sender: String,
-    /// A trusted or authenticated client: the suppression list applies.
-    pub submitter: bool,
 }
 
 /// Adds entries to the suppression list (an operator, an import, or delivery after a hard
@@ -173,11 +159,11 @@ pub struct ListSuppressed {
 
 /// The checks cheap enough to run in the session itself, without a round trip to the actor:
 /// the HELO rules (pure) and the connection-rate buckets (shared state behind a mutex, held for
-/// a hash-map lookup). The actor keeps a handle too, to sweep idle buckets and to answer
-/// `CheckConnect` from a remote session.
+/// a hash-map lookup) and the suppression list (a sled lookup). The actor keeps a handle too, to
+/// sweep idle buckets and to write the suppression list.
 pub struct LocalChecks {
     settings: Arc<PolicySettings>,
-    connect_buckets: std::sync::Mutex<HashMap<IpAddr, TokenBucket>>,
+    connect_buckets: std::sync::Mutex<Buckets<IpAddr>>,
     /// The suppression list, read directly (a sled lookup) at RCPT.
     suppression: std::sync::OnceLock<SuppressionList>,
 }
@@ -185,9 +171,9 @@ pub struct LocalChecks {
 impl LocalChecks {
     fn new(settings: Arc<PolicySettings>) -> Self {
         Self {
-            settings,
-            connect_buckets: std::sync::Mutex::new(HashMap::new()),
+            connect_buckets: std::sync::Mutex::new(Buckets::new(settings.connect_rate)),
             suppression: std::sync::OnceLock::new(),
+            settings,
         }
     }
 
@@ -212,21 +198,14 @@ impl LocalChecks {
 
     /// One connection from `ip` against `policy.connect_rate`.
     pub fn connect(&self, ip: IpAddr) -> Verdict {
-        let Some(rate) = self.settings.connect_rate else {
-            return Verdict::Accept;
-        };
-        let now = Instant::now();
-        let mut buckets = self
+        let allowed = self
             .connect_buckets
             .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let bucket = buckets
-            .entry(ip)
-            .or_insert_with(|| TokenBucket::new(rate, now));
-        if bucket.take(now) {
+            .unwrap_or_else(|e| e.into_inner())
+            .take(ip, Instant::now());
+        if allowed {
             return Verdict::Accept;
         }
-        drop(buckets);
         info!(%ip, "connection rate limit exceeded");
         Verdict::Refuse(PolicyReply::new(
             421,
@@ -246,12 +225,11 @@ impl LocalChecks {
         }
     }
 
-    fn sweep(&self) {
-        let now = Instant::now();
+    fn sweep(&self, now: Instant) {
         self.connect_buckets
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .retain(|_, b| !b.is_full(now));
+            .sweep(now);
     }
 }
 
@@ -261,9 +239,9 @@ pub struct PolicyActor {
     settings: Arc<PolicySettings>,
     resolver: Option<Arc<MxResolver>>,
     local: Arc<LocalChecks>,
-    sender_buckets: HashMap<String, TokenBucket>,
-    user_buckets: HashMap<String, TokenBucket>,
-    rcpt_buckets: HashMap<String, TokenBucket>,
+    sender_buckets: Buckets<String>,
+    user_buckets: Buckets<String>,
+    rcpt_buckets: Buckets<String>,
     suppression: Option<SuppressionList>,
 }
 
@@ -281,26 +259,26 @@ impl PolicyActor {
     }
 
     /// `resolver` is needed only with DNS blocklists.
-    pub fn new(settings: PolicySettings, resolver: Option<MxResolver>) -> Self {
+    pub fn new(settings: PolicySettings, resolver: Option<Arc<MxResolver>>) -> Self {
         let settings = Arc::new(settings);
         Self {
             local: Arc::new(LocalChecks::new(settings.clone())),
-            settings,
-            resolver: resolver.map(Arc::new),
-            sender_buckets: HashMap::new(),
-            user_buckets: HashMap::new(),
-            rcpt_buckets: HashMap::new(),
+            resolver,
+            sender_buckets: Buckets::new(settings.sender_rate),
+            user_buckets: Buckets::new(settings.user_rate),
+            rcpt_buckets: Buckets::new(settings.rcpt_rate),
             suppression: None,
+            settings,
         }
     }
 
     /// Drops the buckets that have refilled: they hold nothing a new bucket would not.
     fn sweep(&mut self) {
         let now = Instant::now();
-        self.local.sweep();
-        self.sender_buckets.retain(|_, b| !b.is_full(now));
-        self.user_buckets.retain(|_, b| !b.is_full(now));
-        self.rcpt_buckets.retain(|_, b| !b.is_full(now));
+        self.local.sweep(now);
+        self.sender_buckets.sweep(now);
+        self.user_buckets.sweep(now);
+        self.rcpt_buckets.sweep(now);
     }
 }
 
@@ -320,28 +298,12 @@ impl Handler<CheckConnect> for PolicyActor {
     type Result = ResponseFuture<Verdict>;
 
     fn handle(&mut self, req: CheckConnect, _ctx: &mut Self::Context) -> Self::Result {
-        if !req.rate_checked {
-            if let refused @ Verdict::Refuse(_) = self.local.connect(req.ip) {
-                return Box::pin(async { refused });
-            }
-        }
         let zones = self.settings.dnsbl_zones.clone();
         let (Some(resolver), false) = (self.resolver.clone(), zones.is_empty()) else {
             return Box::pin(async { Verdict::Accept });
         };
         let timeout = self.settings.dnsbl_timeout;
-        Box::pin(async move { checks::dnsbl(&resolver, req.ip, &zones, timeout).await })
-    }
-}
-
-impl Handler<CheckHelo> for PolicyActor {
-    type Result = Verdict;
-
-    fn handle(&mut self, req: CheckHelo, _ctx: &mut Self::Context) -> Verdict {
-        if req.trusted {
-            return Verdict::Accept;
-        }
-        self.local.helo(req.ip, &req.helo)
+        Box::pin(checks::dnsbl(resolver, req.ip, zones, timeout))
     }
 }
 
@@ -350,14 +312,8 @@ impl Handler<CheckMail> for PolicyActor {
 
     fn handle(&mut self, req: CheckMail, _ctx: &mut Self::Context) -> Verdict {
         let now = Instant::now();
-        let limited = |map: &mut HashMap<String, TokenBucket>, key: &str, rate: Rate| {
-            let bucket = map
-                .entry(key.to_ascii_lowercase())
-                .or_insert_with(|| TokenBucket::new(rate, now));
-            !bucket.take(now)
-        };
-        if let (Some(rate), Some(user)) = (self.settings.user_rate, req.auth_user.as_deref()) {
-            if limited(&mut self.user_buckets, user, rate) {
+        if let Some(user) = req.auth_user.as_deref() {
+            if !self.user_buckets.take(user.to_ascii_lowercase(), now) {
                 info!(user, "message rate limit exceeded for authenticated user");
                 return Verdict::Refuse(PolicyReply::new(
                     450,
@@ -368,15 +324,17 @@ impl Handler<CheckMail> for PolicyActor {
         }
         // The null sender is every bounce in the world: rate-limiting it by address would
         // throttle unrelated mail.
-        if let (Some(rate), false) = (self.settings.sender_rate, req.sender.is_empty()) {
-            if limited(&mut self.sender_buckets, &req.sender, rate) {
-                info!(sender = %req.sender, "message rate limit exceeded for sender");
-                return Verdict::Refuse(PolicyReply::new(
-                    450,
-                    (4, 7, 1),
-                    "Error: message rate limit exceeded for this sender, try again later",
-                ));
-            }
+        if !req.sender.is_empty()
+            && !self
+                .sender_buckets
+                .take(req.sender.to_ascii_lowercase(), now)
+        {
+            info!(sender = %req.sender, "message rate limit exceeded for sender");
+            return Verdict::Refuse(PolicyReply::new(
+                450,
+                (4, 7, 1),
+                "Error: message rate limit exceeded for this sender, try again later",
+            ));
         }
         Verdict::Accept
     }
@@ -386,23 +344,17 @@ impl Handler<CheckRcpt> for PolicyActor {
     type Result = Verdict;
 
     fn handle(&mut self, req: CheckRcpt, _ctx: &mut Self::Context) -> Verdict {
-        if let (Some(rate), false) = (self.settings.rcpt_rate, req.sender.is_empty()) {
-            let now = Instant::now();
-            let bucket = self
+        if !req.sender.is_empty()
+            && !self
                 .rcpt_buckets
-                .entry(req.sender.to_ascii_lowercase())
-                .or_insert_with(|| TokenBucket::new(rate, now));
-            if !bucket.take(now) {
-                info!(sender = %req.sender, "recipient rate limit exceeded for sender");
-                return Verdict::Refuse(PolicyReply::new(
-                    450,
-                    (4, 7, 1),
-                    "Error: recipient rate limit exceeded for this sender, try again later",
-                ));
-            }
-        }
-        if req.submitter {
-            return self.local.suppressed(&req.recipient);
+                .take(req.sender.to_ascii_lowercase(), Instant::now())
+        {
+            info!(sender = %req.sender, recipient = %req.recipient, "recipient rate limit exceeded for sender");
+            return Verdict::Refuse(PolicyReply::new(
+                450,
+                (4, 7, 1),
+                "Error: recipient rate limit exceeded for this sender, try again later",
+            ));
         }
         Verdict::Accept
     }
@@ -468,11 +420,6 @@ impl Handler<ListSuppressed> for PolicyActor {
     }
 }
 
-/// Starts the policy actor on an arbiter of its own.
-pub fn spawn_policy(settings: PolicySettings, resolver: Option<MxResolver>) -> Addr<PolicyActor> {
-    spawn(PolicyActor::new(settings, resolver))
-}
-
 /// Starts a configured policy actor on an arbiter of its own.
 pub fn spawn(actor: PolicyActor) -> Addr<PolicyActor> {
     let arbiter = Arbiter::new();
@@ -484,7 +431,6 @@ pub fn spawn(actor: PolicyActor) -> Addr<PolicyActor> {
 #[derive(Clone)]
 pub struct PolicyClient {
     pub connect: Option<Recipient<CheckConnect>>,
-    pub helo: Option<Recipient<CheckHelo>>,
     pub mail: Option<Recipient<CheckMail>>,
     pub rcpt: Option<Recipient<CheckRcpt>>,
     /// What RCPT checks: the suppression list (submitters only) and/or the recipient rate (all).
@@ -500,7 +446,6 @@ impl std::fmt::Debug for PolicyClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PolicyClient")
             .field("connect", &self.connect.is_some())
-            .field("helo", &self.helo.is_some())
             .field("mail", &self.mail.is_some())
             .field("rcpt", &self.rcpt.is_some())
             .field("timeout", &self.timeout)
@@ -524,7 +469,6 @@ impl PolicyClient {
         Self {
             // Only the blocklists need the actor at connect.
             connect: (!settings.dnsbl_zones.is_empty()).then(|| addr.clone().recipient()),
-            helo: None,
             mail: mail.then(|| addr.clone().recipient()),
             rcpt: rcpt.then(|| addr.clone().recipient()),
             rcpt_suppression: suppression,

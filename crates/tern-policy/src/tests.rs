@@ -8,8 +8,11 @@ use tern_dns::testing::{TestDns, TestZone};
 
 use super::*;
 
-fn resolver(dns: &TestDns) -> MxResolver {
-    MxResolver::with_timeout(Some(vec![dns.addr()]), true, Duration::from_millis(500), 1).unwrap()
+fn resolver(dns: &TestDns) -> Arc<MxResolver> {
+    Arc::new(
+        MxResolver::with_timeout(Some(vec![dns.addr()]), true, Duration::from_millis(500), 1)
+            .unwrap(),
+    )
 }
 
 fn refused(v: &Verdict) -> &PolicyReply {
@@ -39,7 +42,6 @@ async fn dnsbl_listed_unlisted_and_failing_zones() {
     let v = addr
         .send(CheckConnect {
             ip: "127.0.0.2".parse().unwrap(),
-            rate_checked: false,
         })
         .await
         .unwrap();
@@ -49,7 +51,6 @@ async fn dnsbl_listed_unlisted_and_failing_zones() {
     let v = addr
         .send(CheckConnect {
             ip: "127.0.0.3".parse().unwrap(),
-            rate_checked: false,
         })
         .await
         .unwrap();
@@ -72,12 +73,11 @@ async fn dnsbl_timeout_counts_as_not_listed() {
         dnsbl_timeout: Duration::from_millis(300),
         ..PolicySettings::default()
     };
-    let addr = PolicyActor::new(settings, Some(resolver)).start();
+    let addr = PolicyActor::new(settings, Some(Arc::new(resolver))).start();
     let started = std::time::Instant::now();
     let v = addr
         .send(CheckConnect {
             ip: "127.0.0.2".parse().unwrap(),
-            rate_checked: false,
         })
         .await
         .unwrap();
@@ -85,8 +85,8 @@ async fn dnsbl_timeout_counts_as_not_listed() {
     assert!(started.elapsed() < Duration::from_secs(2));
 }
 
-#[actix_rt::test]
-async fn connection_rate_trips_and_recovers() {
+#[test]
+fn connection_rate_trips_and_recovers() {
     let settings = PolicySettings {
         connect_rate: Some(Rate {
             count: 2,
@@ -94,29 +94,16 @@ async fn connection_rate_trips_and_recovers() {
         }),
         ..PolicySettings::default()
     };
-    let addr = PolicyActor::new(settings, None).start();
+    let local = PolicyActor::new(settings, None).local_checks();
     let ip: IpAddr = "192.0.2.1".parse().unwrap();
-    let check = || {
-        addr.send(CheckConnect {
-            ip,
-            rate_checked: false,
-        })
-    };
-    assert_eq!(check().await.unwrap(), Verdict::Accept);
-    assert_eq!(check().await.unwrap(), Verdict::Accept);
-    let v = check().await.unwrap();
+    assert_eq!(local.connect(ip), Verdict::Accept);
+    assert_eq!(local.connect(ip), Verdict::Accept);
+    let v = local.connect(ip);
     assert_eq!((refused(&v).code, refused(&v).enhanced), (421, (4, 7, 0)));
     // Another address is not affected.
-    let other = addr
-        .send(CheckConnect {
-            ip: "192.0.2.2".parse().unwrap(),
-            rate_checked: false,
-        })
-        .await
-        .unwrap();
-    assert_eq!(other, Verdict::Accept);
-    tokio::time::sleep(Duration::from_millis(250)).await;
-    assert_eq!(check().await.unwrap(), Verdict::Accept, "refilled");
+    assert_eq!(local.connect("192.0.2.2".parse().unwrap()), Verdict::Accept);
+    std::thread::sleep(Duration::from_millis(250));
+    assert_eq!(local.connect(ip), Verdict::Accept, "refilled");
 }
 
 #[actix_rt::test]
@@ -173,7 +160,6 @@ async fn client_timeout_gives_the_default_verdict() {
     let stuck = Stuck.start();
     let client = PolicyClient {
         connect: None,
-        helo: None,
         mail: Some(stuck.recipient()),
         rcpt: None,
         rcpt_suppression: false,

@@ -402,58 +402,8 @@ impl<'de> Deserialize<'de> for RelayHost {
     }
 }
 
-/// A message rate: at most `count` messages per `per`. Written "100/s",
-/// "6000/m", "50000/h" or "1000000/d".
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Rate {
-    /// At least 1.
-    pub count: u32,
-    /// One second, minute, hour or day.
-    pub per: Duration,
-}
-
-impl fmt::Display for Rate {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let unit = match self.per.as_secs() {
-            _ if self.per.subsec_nanos() != 0 => None,
-            1 => Some("s"),
-            60 => Some("m"),
-            3600 => Some("h"),
-            86_400 => Some("d"),
-            _ => None,
-        };
-        match unit {
-            Some(unit) => write!(f, "{}/{unit}", self.count),
-            // Not produced by parsing; shown readably, though it cannot be
-            // read back.
-            None => write!(
-                f,
-                "{}/{}",
-                self.count,
-                humantime_serde::re::humantime::format_duration(self.per)
-            ),
-        }
-    }
-}
-
-impl std::str::FromStr for Rate {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        <Self as FromConfigStr>::parse(s)
-    }
-}
-
-impl Serialize for Rate {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for Rate {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        de_parsed(d)
-    }
-}
+/// A message rate (`"100/s"`): the one type the configuration, delivery and policy share.
+pub use tern_message::Rate;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -548,7 +498,6 @@ pub struct Policy {
         deserialize_with = "de_parsed::<_, Duration>"
     )]
     pub dnsbl_timeout: Duration,
-    pub helo_reject_invalid: bool,
     pub helo_require_fqdn: bool,
     pub helo_reject_own_hostname: bool,
     /// Messages per envelope sender; `None` is unlimited.
@@ -592,7 +541,6 @@ impl Default for Policy {
             }),
             dnsbl_zones: Vec::new(),
             dnsbl_timeout: Duration::from_secs(5),
-            helo_reject_invalid: false,
             helo_require_fqdn: false,
             helo_reject_own_hostname: true,
             sender_rate: None,
@@ -1636,23 +1584,7 @@ impl FromConfigStr for RelayHost {
 impl FromConfigStr for Rate {
     const WHAT: &'static str = "rate";
     fn parse(s: &str) -> Result<Self, String> {
-        const FORMS: &str = "expected COUNT/UNIT with unit s, m, h or d, e.g. 100/s or 6000/m";
-        let (count, unit) = s.trim().split_once('/').ok_or_else(|| FORMS.to_string())?;
-        let count = count
-            .trim()
-            .parse::<u32>()
-            .map_err(|_| format!("bad count {:?}; {FORMS}", count.trim()))?;
-        let per = match unit.trim() {
-            "s" => 1,
-            "m" => 60,
-            "h" => 3600,
-            "d" => 86_400,
-            other => return Err(format!("bad unit {other:?}; {FORMS}")),
-        };
-        Ok(Self {
-            count,
-            per: Duration::from_secs(per),
-        })
+        s.parse()
     }
 }
 

@@ -368,47 +368,29 @@ fn serve(config_file: Option<&Path>) -> Result<()> {
         true => Some(delivery_settings(&config)?),
         false => None,
     };
-    let resolver = if delivery.is_some() {
-        let nameservers =
-            (!config.dns.nameservers.is_empty()).then(|| config.dns.nameservers.clone());
-        Some(
-            tern_dns::MxResolver::with_timeout(
-                nameservers,
-                config.delivery.allow_private_addresses,
-                config.dns.timeout,
-                tern_dns::DEFAULT_ATTEMPTS,
-            )
-            .context("cannot set up the DNS resolver (dns.nameservers)")?,
-        )
-    } else {
-        None
-    };
-
-    let config_policy = config.policy.clone();
+    let policy_config = config.policy.clone();
     let policy_settings = policy_settings(&config);
-    // Blocklist lookups use the same resolver configuration as delivery.
-    let policy_resolver = if policy_settings.dnsbl_zones.is_empty() {
-        None
-    } else {
+    // One resolver (and one answer cache) for MX lookups and blocklist queries.
+    let resolver = if delivery.is_some() || !policy_settings.dnsbl_zones.is_empty() {
         let nameservers =
             (!config.dns.nameservers.is_empty()).then(|| config.dns.nameservers.clone());
-        Some(
-            tern_dns::MxResolver::with_timeout(
-                nameservers,
-                true,
-                config.dns.timeout,
-                tern_dns::DEFAULT_ATTEMPTS,
-            )
-            .context("cannot set up the DNS resolver for policy.dnsbl_zones (dns.nameservers)")?,
+        let resolver = tern_dns::MxResolver::with_timeout(
+            nameservers,
+            config.delivery.allow_private_addresses,
+            config.dns.timeout,
+            tern_dns::DEFAULT_ATTEMPTS,
         )
+        .context("cannot set up the DNS resolver (dns.nameservers)")?;
+        Some(Arc::new(resolver))
+    } else {
+        None
     };
-    let config_policy = (config_policy, policy_settings);
 
     let system = actix::System::new();
     system.block_on(async move {
         let queue = tern_queue::spawn_queue(Arc::new(storage), queue_config)
             .context("cannot recover the spool")?;
-        if let (Some(settings), Some(resolver)) = (delivery, resolver) {
+        if let (Some(settings), Some(resolver)) = (delivery, resolver.clone()) {
             let dispatcher =
                 tern_delivery::spawn_delivery(settings, resolver, queue.clone().recipient());
             queue.do_send(AttachDelivery(dispatcher.recipient()));
@@ -416,9 +398,10 @@ fn serve(config_file: Option<&Path>) -> Result<()> {
             info!("delivery.enabled = false: mail is accepted and kept in the queue");
         }
         let mut settings = settings;
-        let (policy, policy_client) = start_policy(&config_policy, policy_resolver, data_dir)?;
-        settings.policy = config_policy.0.enabled.then_some(policy_client);
-        if config_policy.0.suppression {
+        let (policy, policy_client) =
+            start_policy(&policy_config, policy_settings, resolver, data_dir)?;
+        settings.policy = policy_config.enabled.then_some(policy_client);
+        if policy_config.suppression {
             queue.do_send(tern_queue::AttachSuppression(policy.clone().recipient()));
         }
         let ingress = Ingress::start(settings, queue.clone().recipient())?;
@@ -454,24 +437,17 @@ fn serve(config_file: Option<&Path>) -> Result<()> {
 
 fn policy_settings(config: &Config) -> tern_policy::PolicySettings {
     let p = &config.policy;
-    let rate = |r: &Option<config::Rate>| {
-        r.map(|r| tern_policy::Rate {
-            count: r.count,
-            per: r.per,
-        })
-    };
     tern_policy::PolicySettings {
         hostname: config.server.hostname.clone(),
-        connect_rate: rate(&p.connect_rate),
+        connect_rate: p.connect_rate,
         dnsbl_zones: p.dnsbl_zones.clone(),
         helo: tern_policy::HeloPolicy {
-            reject_invalid: p.helo_reject_invalid,
             require_fqdn: p.helo_require_fqdn,
             reject_own_hostname: p.helo_reject_own_hostname,
         },
-        sender_rate: rate(&p.sender_rate),
-        user_rate: rate(&p.user_rate),
-        rcpt_rate: rate(&p.rcpt_rate),
+        sender_rate: p.sender_rate,
+        user_rate: p.user_rate,
+        rcpt_rate: p.rcpt_rate,
         dnsbl_timeout: p.dnsbl_timeout,
         suppression_action: p.suppression_action,
     }
@@ -480,14 +456,16 @@ fn policy_settings(config: &Config) -> tern_policy::PolicySettings {
 /// Starts the validation actor (with the suppression list in `<data_dir>/suppression` when
 /// enabled) and returns its address and what sessions use to consult it.
 fn start_policy(
-    (config, settings): &(config::Policy, tern_policy::PolicySettings),
-    resolver: Option<tern_dns::MxResolver>,
+    config: &config::Policy,
+    settings: tern_policy::PolicySettings,
+    resolver: Option<Arc<tern_dns::MxResolver>>,
     data_dir: &Path,
 ) -> Result<(
     actix::Addr<tern_policy::PolicyActor>,
     tern_policy::PolicyClient,
 )> {
-    let mut actor = tern_policy::PolicyActor::new(settings.clone(), resolver);
+    let resolver = resolver.filter(|_| !settings.dnsbl_zones.is_empty());
+    let mut actor = tern_policy::PolicyActor::new(settings, resolver);
     if config.suppression {
         let dir = data_dir.join("suppression");
         let list = tern_policy::SuppressionList::open(&dir)
@@ -512,10 +490,6 @@ fn queue_config(config: &Config) -> QueueConfig {
         data_dir: Some(config.server.data_dir.clone()),
         ..QueueConfig::default()
     }
-}
-
-fn rate(r: &config::Rate) -> (u32, std::time::Duration) {
-    (r.count, r.per)
 }
 
 /// The authorities trusted for `tls = "required"` routes. A missing default bundle is only a
@@ -544,7 +518,7 @@ fn delivery_settings(config: &Config) -> Result<DeliverySettings> {
     let limits = DestinationLimits {
         max_connections: d.max_connections,
         max_messages_per_connection: d.max_messages_per_connection,
-        max_message_rate: d.max_message_rate.as_ref().map(rate),
+        max_message_rate: d.max_message_rate,
     };
     let mut settings = DeliverySettings::new(client);
     settings.port = d.port;
@@ -565,11 +539,7 @@ fn delivery_settings(config: &Config) -> Result<DeliverySettings> {
                 max_messages_per_connection: r
                     .max_messages_per_connection
                     .unwrap_or(limits.max_messages_per_connection),
-                max_message_rate: r
-                    .max_message_rate
-                    .as_ref()
-                    .map(rate)
-                    .or(limits.max_message_rate),
+                max_message_rate: r.max_message_rate.or(limits.max_message_rate),
             },
         })
         .collect();

@@ -21,7 +21,7 @@ use super::Shared;
 use crate::auth::{self, AuthStep, SaslError};
 use crate::received::Trace;
 use crate::settings::{canonical_ip, ListenerKind, Settings, VrfyPolicy};
-use tern_policy::{CheckMail, CheckRcpt, PolicyClient, PolicyReply, Verdict};
+use tern_policy::{CheckMail, CheckRcpt, PolicyReply, Verdict};
 
 pub(crate) enum Mode {
     Command,
@@ -252,25 +252,10 @@ impl Session {
         }
     }
 
-    /// Asks the policy stage; `Some(reply)` when it refuses (already counted as an error).
-    async fn policy_refusal<M>(
-        &mut self,
-        pick: impl Fn(&PolicyClient) -> &Option<actix::Recipient<M>>,
-        msg: M,
-        on_timeout: Verdict,
-    ) -> Option<()>
-    where
-        M: actix::Message<Result = Verdict> + Send + 'static,
-    {
-        let policy = self.shared.settings.policy.as_ref()?;
-        match policy.ask(pick(policy), msg, on_timeout).await {
-            Verdict::Accept | Verdict::Discard => None,
-            Verdict::Refuse(r) => {
-                let (class, subject, detail) = r.enhanced;
-                self.reply(r.code, code(class, subject, detail), &r.text);
-                Some(())
-            }
-        }
+    /// Sends the reply the policy stage chose (counted as an error like any refusal).
+    fn send_policy(&mut self, r: PolicyReply) {
+        let (class, subject, detail) = r.enhanced;
+        self.reply(r.code, code(class, subject, detail), &r.text);
     }
 
     /// Trusted networks and authenticated clients skip the checks aimed at strangers.
@@ -284,8 +269,7 @@ impl Session {
             if let Some(policy) = &self.shared.settings.policy {
                 let ip = canonical_ip(self.client.ip());
                 if let Verdict::Refuse(r) = policy.helo_local(ip, &domain) {
-                    let (class, subject, detail) = r.enhanced;
-                    self.reply(r.code, code(class, subject, detail), &r.text);
+                    self.send_policy(r);
                     return Flow::Continue;
                 }
             }
@@ -377,19 +361,18 @@ impl Session {
                 address.to_string()
             }
         };
-        let check = CheckMail {
-            ip: canonical_ip(self.client.ip()),
-            sender: sender.clone(),
-            auth_user: self.auth_user.clone(),
-        };
-        // A policy stage that does not answer in time must not let mail in unchecked.
-        let unavailable = Verdict::Refuse(PolicyReply::unavailable());
-        if self
-            .policy_refusal(|p| &p.mail, check, unavailable)
-            .await
-            .is_some()
-        {
-            return Flow::Continue;
+        if let Some(policy) = self.shared.settings.policy.clone() {
+            let check = CheckMail {
+                ip: canonical_ip(self.client.ip()),
+                sender: sender.clone(),
+                auth_user: self.auth_user.clone(),
+            };
+            // A policy stage that does not answer in time must not let mail in unchecked.
+            let unavailable = Verdict::Refuse(PolicyReply::unavailable());
+            if let Verdict::Refuse(r) = policy.ask(&policy.mail, check, unavailable).await {
+                self.send_policy(r);
+                return Flow::Continue;
+            }
         }
         self.tx = Some(Transaction {
             id: QueueId::new(),
@@ -465,7 +448,6 @@ impl Session {
                             .as_ref()
                             .map(|t| t.sender.clone())
                             .unwrap_or_default(),
-                        submitter: false,
                     };
                     let unavailable = Verdict::Refuse(PolicyReply::unavailable());
                     verdict = policy.ask(&policy.rcpt, check, unavailable).await;
@@ -481,8 +463,7 @@ impl Session {
                         return Flow::Continue;
                     }
                     Verdict::Refuse(r) => {
-                        let (class, subject, detail) = r.enhanced;
-                        self.reply(r.code, code(class, subject, detail), &r.text);
+                        self.send_policy(r);
                         return Flow::Continue;
                     }
                 }
@@ -701,8 +682,7 @@ impl Session {
                 }
                 Err(r) => {
                     info!(id = %tx.id, reason = %r.text, "message refused: headers");
-                    let (class, subject, detail) = r.enhanced;
-                    self.reply(r.code, code(class, subject, detail), &r.text);
+                    self.send_policy(r);
                     return self.after_reply();
                 }
             }
