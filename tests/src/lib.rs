@@ -497,6 +497,28 @@ impl TernServer {
             .collect()
     }
 
+    /// The delivery log once `ready` holds for it (lines reach the file within 20 ms of the
+    /// event, so a test that just saw its effect elsewhere waits for them here).
+    #[track_caller]
+    pub fn delivery_log_when(
+        &self,
+        what: &str,
+        ready: impl Fn(&[serde_json::Value]) -> bool,
+        within: Duration,
+    ) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + within;
+        loop {
+            let log = self.delivery_log();
+            if ready(&log) {
+                return log;
+            }
+            if Instant::now() > deadline {
+                panic!("delivery log never had {what} within {within:?}: {log:#?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Waits for the first delivery-log `event` about `recipient` and returns it.
     #[track_caller]
     pub fn wait_event(&self, event: &str, recipient: &str, within: Duration) -> serde_json::Value {

@@ -381,7 +381,11 @@ fn permanent_refusal_bounces_with_status_and_diagnostic_code() {
     assert!(text.contains(&format!("Subject: test {token}")));
     assert!(!text.contains(&format!("body {token}")));
     server.wait_queued(0, WAIT);
-    let events = server.delivery_log();
+    let events = server.delivery_log_when(
+        "a bounce-sent line",
+        |log| log.iter().any(|e| e["event"] == "bounce-sent"),
+        WAIT,
+    );
     assert!(events.iter().any(|e| e["event"] == "bounce-sent"));
 }
 
@@ -726,12 +730,10 @@ fn postfix_smtp_sink_receives_relayed_mail() {
         );
     }
     server.wait_queued(0, WAIT);
-    let delivered = server
-        .delivery_log()
-        .iter()
-        .filter(|e| e["event"] == "delivered")
-        .count();
-    assert_eq!(delivered, 3);
+    let delivered_lines =
+        |log: &[serde_json::Value]| log.iter().filter(|e| e["event"] == "delivered").count();
+    let log = server.delivery_log_when("3 delivered lines", |l| delivered_lines(l) >= 3, WAIT);
+    assert_eq!(delivered_lines(&log), 3);
     let dump = std::fs::read_to_string(&sink.dump).unwrap_or_default();
     for t in &tokens {
         assert!(
@@ -776,8 +778,12 @@ fn max_message_rate_spaces_deliveries_to_a_destination() {
         );
     }
     server.wait_queued(0, WAIT);
-    let mut starts: Vec<u64> = server
-        .delivery_log()
+    let log = server.delivery_log_when(
+        "6 delivered lines",
+        |l| l.iter().filter(|e| e["event"] == "delivered").count() >= 6,
+        WAIT,
+    );
+    let mut starts: Vec<u64> = log
         .iter()
         .filter(|e| e["event"] == "delivered")
         .map(|e| e["ts_ms"].as_u64().unwrap() - e["latency_ms"].as_u64().unwrap())

@@ -376,7 +376,11 @@ fn delete_removes_a_message_and_unknown_ids_fail() {
     assert!(find(&list, &gone).is_none(), "{list}");
     assert!(find(&list, &keep).is_some(), "{list}");
     let deleted = server
-        .delivery_log()
+        .delivery_log_when(
+            "a deleted line",
+            |l| l.iter().any(|e| e["event"] == "deleted"),
+            WAIT,
+        )
         .into_iter()
         .find(|e| e["event"] == "deleted")
         .expect("a deleted event");
@@ -425,7 +429,16 @@ fn delete_with_bounce_sends_a_dsn_to_the_sender() {
     assert!(text.contains("5.0.0"), "{text}");
     assert!(text.contains("bob@example.net"), "{text}");
     server.wait_queued(0, WAIT);
-    let events = server.delivery_log();
+    let events = server.delivery_log_when(
+        "the deleted and bounce-sent lines",
+        |l| {
+            ["deleted", "bounce-sent"].iter().all(|ev| {
+                l.iter()
+                    .any(|e| e["event"] == *ev && e["queue_id"] == id.as_str())
+            })
+        },
+        WAIT,
+    );
     assert!(
         events
             .iter()

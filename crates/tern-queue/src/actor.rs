@@ -21,7 +21,8 @@ use crate::events::{Event, EventLog};
 use crate::schedule::{self, DueIndex, RetryPolicy};
 use crate::storage::{SpooledMeta, Storage, StorageError};
 
-/// How often delivery state changes (results, removals) are made durable.
+/// How often delivery state changes (results, removals) are made durable and the delivery
+/// log's buffered lines are written out.
 const STATE_SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Hands a message to the queue. `Ok(id)` means it is durably spooled: only then may the session
@@ -240,7 +241,12 @@ impl Actor for QueueActor {
         // Enqueue handling is quick (it hands off to the committer), but bursts of sessions
         // should not park on a 16-slot mailbox.
         ctx.set_mailbox_capacity(1024);
-        ctx.run_interval(STATE_SYNC_INTERVAL, |act, _ctx| act.sync_state());
+        // One tick for both: delivery state to the committer, log lines to the file. Neither
+        // is worth a syscall per message on the accept path.
+        ctx.run_interval(STATE_SYNC_INTERVAL, |act, _ctx| {
+            act.sync_state();
+            act.events.flush();
+        });
     }
 }
 
@@ -287,7 +293,6 @@ impl QueueActor {
             ip: Some(msg.client.addr.ip().to_string()),
             ..Event::default()
         });
-        self.events.flush();
         if self.can_dispatch() {
             self.dispatch(id, Some(msg), now_ms());
         } else {

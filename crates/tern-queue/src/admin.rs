@@ -13,7 +13,7 @@ use tern_message::{now_ms, ClientInfo, Envelope, QueueId, RecipientState};
 use tracing::{info, warn};
 
 use crate::actor::{DeliveryCounters, QueueActor};
-use crate::delivery::{domain_of, save_suspended};
+use crate::delivery::{domain_of, save_suspended, Original};
 use crate::storage::SpooledMeta;
 
 /// One recipient as `tern queue list/show` prints it.
@@ -302,15 +302,14 @@ impl Handler<DeleteMessage> for QueueActor {
                 return self.storage.remove(req.id).is_ok();
             }
         };
-        let mut envelope = msg.envelope;
-        self.delete_now(
-            req.id,
-            &mut envelope,
-            msg.arrived_ms,
-            &msg.body,
-            req.bounce,
-            ctx,
-        );
+        let original = Original {
+            id: req.id,
+            envelope: &msg.envelope,
+            client: &msg.client,
+            arrived_ms: msg.arrived_ms,
+            body: &msg.body,
+        };
+        self.delete_now(original, req.bounce, ctx);
         true
     }
 }

@@ -97,7 +97,6 @@ impl QueueActor {
                 self.dispatch(id, None, now);
             }
         }
-        self.events.flush();
         self.arm_timer(ctx);
     }
 
@@ -353,14 +352,14 @@ impl QueueActor {
         self.in_flight_bytes -= flight.body.len() as u64;
         let now = now_ms();
         if let Some(bounce) = flight.delete {
-            self.delete_now(
+            let original = Original {
                 id,
-                &mut flight.envelope,
-                flight.arrived_ms,
-                &flight.body,
-                bounce,
-                ctx,
-            );
+                envelope: &flight.envelope,
+                client: &flight.client,
+                arrived_ms: flight.arrived_ms,
+                body: &flight.body,
+            };
+            self.delete_now(original, bounce, ctx);
             return;
         }
         let dsn = self.notification(id, &mut flight, now);
@@ -406,7 +405,6 @@ impl QueueActor {
                 }
             };
             then(act, ok, ctx);
-            act.events.flush();
             act.pump(ctx);
         }));
     }
@@ -500,8 +498,30 @@ impl QueueActor {
         if reports.is_empty() {
             return None;
         }
+        let action = actions.into_iter().collect::<Vec<_>>().join(",");
+        let original = Original {
+            id,
+            envelope: &flight.envelope,
+            client: &flight.client,
+            arrived_ms: flight.arrived_ms,
+            body: &flight.body,
+        };
+        self.build_dsn(&original, reports, &action, now)
+    }
+
+    /// One notification about `original` for `reports`: the RFC 3464 report (tern-bounce), its
+    /// envelope from `<>`, and the `bounce-sent` log line. `None` (logged) when the report
+    /// cannot be built.
+    fn build_dsn(
+        &mut self,
+        original: &Original<'_>,
+        reports: Vec<RecipientReport>,
+        action: &str,
+        now: u64,
+    ) -> Option<InboundMessage> {
+        let id = original.id;
         let queue_id = id.to_string();
-        let envid = flight
+        let envid = original
             .envelope
             .envid
             .as_deref()
@@ -509,13 +529,13 @@ impl QueueActor {
         let request = DsnRequest {
             reporting_mta: &self.config.hostname,
             postmaster: format!("MAILER-DAEMON@{}", self.config.hostname),
-            original_sender: &sender,
+            original_sender: &original.envelope.sender,
             envid: envid.as_deref(),
-            arrived_ms: flight.arrived_ms,
+            arrived_ms: original.arrived_ms,
             queue_id: &queue_id,
             recipients: reports,
-            ret: flight.envelope.ret,
-            original: &flight.body,
+            ret: original.envelope.ret,
+            original: original.body,
             now_ms: now,
         };
         let content = match tern_bounce::build(&request) {
@@ -525,16 +545,15 @@ impl QueueActor {
                 return None;
             }
         };
-        let dsn = self.dsn_message(&flight.envelope, &flight.client, content, now);
-        let action = actions.into_iter().collect::<Vec<_>>().join(",");
+        let dsn = self.dsn_message(original.envelope, original.client, content, now);
         info!(queue_id = %id, dsn_id = %dsn.id, %action, "delivery status notification");
         self.events.log(&Event {
             ts_ms: now,
             event: "bounce-sent",
-            queue_id: queue_id.clone(),
-            recipient: Some(&sender),
+            queue_id,
+            recipient: Some(&original.envelope.sender),
             dsn_id: Some(dsn.id.to_string()),
-            action: Some(&action),
+            action: Some(action),
             ..Event::default()
         });
         Some(dsn)
@@ -576,14 +595,12 @@ impl QueueActor {
     /// recipients not yet final (5.0.0, "deleted by the operator").
     pub(crate) fn delete_now(
         &mut self,
-        id: QueueId,
-        envelope: &mut Envelope,
-        arrived_ms: u64,
-        body: &[u8],
+        original: Original<'_>,
         bounce: bool,
         ctx: &mut Context<Self>,
     ) {
         let now = now_ms();
+        let id = original.id;
         self.index.remove(id);
         if let Err(e) = self.storage.remove(id) {
             warn!(queue_id = %id, error = %e, "cannot delete message");
@@ -594,70 +611,49 @@ impl QueueActor {
             ts_ms: now,
             event: "deleted",
             queue_id: id.to_string(),
-            sender: Some(&envelope.sender),
+            sender: Some(&original.envelope.sender),
             ..Event::default()
         });
         if !bounce {
-            self.events.flush();
             return;
         }
-        let mut reports = Vec::new();
-        for rcpt in &mut envelope.recipients {
-            if matches!(
-                rcpt.state,
-                RecipientState::Delivered { .. } | RecipientState::Failed { .. }
-            ) {
-                continue;
-            }
-            rcpt.state = RecipientState::Failed {
-                at_ms: now,
-                reply: "5.0.0 message deleted from the queue by the operator".into(),
-            };
-            if tern_bounce::should_notify(&envelope.sender, rcpt.notify, Action::Failed) {
-                if let Some(report) = RecipientReport::from_state(rcpt) {
-                    reports.push(report);
-                }
-            }
-        }
-        if reports.is_empty() {
-            self.events.flush();
-            return;
-        }
-        let queue_id = id.to_string();
-        let request = DsnRequest {
-            reporting_mta: &self.config.hostname,
-            postmaster: format!("MAILER-DAEMON@{}", self.config.hostname),
-            original_sender: &envelope.sender,
-            envid: None,
-            arrived_ms,
-            queue_id: &queue_id,
-            recipients: reports,
-            ret: envelope.ret,
-            original: body,
-            now_ms: now,
-        };
-        match tern_bounce::build(&request) {
-            Ok(content) => {
-                let client = ClientInfo::new(
-                    std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
-                    std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
-                    self.config.hostname.clone(),
+        let sender = &original.envelope.sender;
+        let reports: Vec<RecipientReport> = original
+            .envelope
+            .recipients
+            .iter()
+            .filter(|r| {
+                !matches!(
+                    r.state,
+                    RecipientState::Delivered { .. } | RecipientState::Failed { .. }
+                ) && tern_bounce::should_notify(sender, r.notify, Action::Failed)
+            })
+            .map(|r| {
+                let mut report = RecipientReport::new(
+                    r,
+                    Action::Failed,
+                    "5.0.0 message deleted from the queue by the operator",
                 );
-                let dsn = self.dsn_message(envelope, &client, content, now);
-                self.events.log(&Event {
-                    ts_ms: now,
-                    event: "bounce-sent",
-                    queue_id,
-                    recipient: Some(&envelope.sender),
-                    dsn_id: Some(dsn.id.to_string()),
-                    action: Some("failed"),
-                    ..Event::default()
-                });
-                self.send_dsn(dsn, ctx, |_, _, _| {});
-            }
-            Err(e) => warn!(queue_id = %id, error = %e, "cannot build the deletion notice"),
+                report.last_attempt_ms = Some(now);
+                report
+            })
+            .collect();
+        if reports.is_empty() {
+            return;
+        }
+        if let Some(dsn) = self.build_dsn(&original, reports, Action::Failed.as_str(), now) {
+            self.send_dsn(dsn, ctx, |_, _, _| {});
         }
     }
+}
+
+/// The message a notification is about.
+pub(crate) struct Original<'a> {
+    pub(crate) id: QueueId,
+    pub(crate) envelope: &'a Envelope,
+    pub(crate) client: &'a ClientInfo,
+    pub(crate) arrived_ms: u64,
+    pub(crate) body: &'a [u8],
 }
 
 impl Handler<AttachDelivery> for QueueActor {
@@ -684,7 +680,6 @@ impl Handler<DeliveryReport> for QueueActor {
         if let Some(id) = self.apply_report(report) {
             self.finish(id, ctx);
         }
-        self.events.flush();
         // A finished round may have made room in flight.
         self.pump(ctx);
     }
