@@ -6,7 +6,10 @@
 //! it can delete mail, and the health endpoint is the only thing a load balancer needs.
 
 use actix::Addr;
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::body::{EitherBody, MessageBody};
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::middleware::{from_fn, Next};
+use actix_web::{web, HttpResponse};
 use serde::Deserialize;
 use tern_message::QueueId;
 use tern_queue::admin::{
@@ -15,23 +18,26 @@ use tern_queue::admin::{
 use tern_queue::{GetStats, QueueActor};
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/health", web::get().to(health))
-        .service(
-            web::scope("/api/suppression")
-                .route("", web::get().to(suppression_list))
-                .route("", web::post().to(suppression_add))
-                .route("/{address}", web::delete().to(suppression_remove)),
-        )
-        .service(
-            web::scope("/api/queue")
-                .route("/messages", web::get().to(list))
-                .route("/messages/{id}", web::get().to(show))
-                .route("/messages/{id}", web::delete().to(delete))
-                .route("/flush", web::post().to(flush))
-                .route("/suspend/{domain}", web::post().to(suspend))
-                .route("/resume/{domain}", web::post().to(resume))
-                .route("/stats", web::get().to(stats)),
-        );
+    cfg.route("/health", web::get().to(health)).service(
+        web::scope("/api")
+            .wrap(from_fn(loopback_only))
+            .service(
+                web::scope("/suppression")
+                    .route("", web::get().to(suppression_list))
+                    .route("", web::post().to(suppression_add))
+                    .route("/{address}", web::delete().to(suppression_remove)),
+            )
+            .service(
+                web::scope("/queue")
+                    .route("/messages", web::get().to(list))
+                    .route("/messages/{id}", web::get().to(show))
+                    .route("/messages/{id}", web::delete().to(delete))
+                    .route("/flush", web::post().to(flush))
+                    .route("/suspend/{domain}", web::post().to(suspend))
+                    .route("/resume/{domain}", web::post().to(resume))
+                    .route("/stats", web::get().to(stats)),
+            ),
+    );
 }
 
 type Queue = web::Data<Addr<QueueActor>>;
@@ -45,15 +51,22 @@ fn error(status: actix_web::http::StatusCode, message: impl Into<String>) -> Htt
     HttpResponse::build(status).json(serde_json::json!({ "error": message.into() }))
 }
 
-/// 403 unless the peer is on loopback.
-fn local_only(req: &HttpRequest) -> Option<HttpResponse> {
-    let local = req.peer_addr().is_some_and(|a| a.ip().is_loopback());
-    (!local).then(|| {
-        error(
-            actix_web::http::StatusCode::FORBIDDEN,
-            "the admin API answers loopback clients only",
-        )
-    })
+/// Everything under `/api`: 403 unless the peer is on loopback.
+async fn loopback_only(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
+    if req.peer_addr().is_some_and(|a| a.ip().is_loopback()) {
+        return next
+            .call(req)
+            .await
+            .map(ServiceResponse::map_into_left_body);
+    }
+    let denied = error(
+        actix_web::http::StatusCode::FORBIDDEN,
+        "the admin API answers loopback clients only",
+    );
+    Ok(req.into_response(denied).map_into_right_body())
 }
 
 async fn health(queue: Queue) -> HttpResponse {
@@ -86,10 +99,7 @@ struct ListQuery {
     limit: usize,
 }
 
-async fn list(req: HttpRequest, queue: Queue, q: web::Query<ListQuery>) -> HttpResponse {
-    if let Some(denied) = local_only(&req) {
-        return denied;
-    }
+async fn list(queue: Queue, q: web::Query<ListQuery>) -> HttpResponse {
     let q = q.into_inner();
     if let Some(state) = q.state.as_deref() {
         if !STATE_NAMES.iter().any(|s| s.eq_ignore_ascii_case(state)) {
@@ -121,10 +131,7 @@ fn parse_id(raw: &str) -> Result<QueueId, HttpResponse> {
     })
 }
 
-async fn show(req: HttpRequest, queue: Queue, id: web::Path<String>) -> HttpResponse {
-    if let Some(denied) = local_only(&req) {
-        return denied;
-    }
+async fn show(queue: Queue, id: web::Path<String>) -> HttpResponse {
     let id = match parse_id(&id) {
         Ok(id) => id,
         Err(r) => return r,
@@ -145,15 +152,7 @@ struct DeleteQuery {
     bounce: bool,
 }
 
-async fn delete(
-    req: HttpRequest,
-    queue: Queue,
-    id: web::Path<String>,
-    q: web::Query<DeleteQuery>,
-) -> HttpResponse {
-    if let Some(denied) = local_only(&req) {
-        return denied;
-    }
+async fn delete(queue: Queue, id: web::Path<String>, q: web::Query<DeleteQuery>) -> HttpResponse {
     let id = match parse_id(&id) {
         Ok(id) => id,
         Err(r) => return r,
@@ -175,10 +174,7 @@ struct FlushQuery {
     domain: Option<String>,
 }
 
-async fn flush(req: HttpRequest, queue: Queue, q: web::Query<FlushQuery>) -> HttpResponse {
-    if let Some(denied) = local_only(&req) {
-        return denied;
-    }
+async fn flush(queue: Queue, q: web::Query<FlushQuery>) -> HttpResponse {
     match queue
         .send(Flush {
             domain: q.into_inner().domain,
@@ -190,23 +186,15 @@ async fn flush(req: HttpRequest, queue: Queue, q: web::Query<FlushQuery>) -> Htt
     }
 }
 
-async fn suspend(req: HttpRequest, queue: Queue, domain: web::Path<String>) -> HttpResponse {
-    set_suspended(req, queue, domain.into_inner(), true).await
+async fn suspend(queue: Queue, domain: web::Path<String>) -> HttpResponse {
+    set_suspended(queue, domain.into_inner(), true).await
 }
 
-async fn resume(req: HttpRequest, queue: Queue, domain: web::Path<String>) -> HttpResponse {
-    set_suspended(req, queue, domain.into_inner(), false).await
+async fn resume(queue: Queue, domain: web::Path<String>) -> HttpResponse {
+    set_suspended(queue, domain.into_inner(), false).await
 }
 
-async fn set_suspended(
-    req: HttpRequest,
-    queue: Queue,
-    domain: String,
-    suspend: bool,
-) -> HttpResponse {
-    if let Some(denied) = local_only(&req) {
-        return denied;
-    }
+async fn set_suspended(queue: Queue, domain: String, suspend: bool) -> HttpResponse {
     match queue.send(SuspendDomain { domain, suspend }).await {
         Ok(Ok(list)) => HttpResponse::Ok().json(serde_json::json!({ "suspended": list })),
         Ok(Err(message)) => error(actix_web::http::StatusCode::BAD_REQUEST, message),
@@ -214,10 +202,7 @@ async fn set_suspended(
     }
 }
 
-async fn stats(req: HttpRequest, queue: Queue) -> HttpResponse {
-    if let Some(denied) = local_only(&req) {
-        return denied;
-    }
+async fn stats(queue: Queue) -> HttpResponse {
     match queue.send(Summarize).await {
         Ok(summary) => HttpResponse::Ok().json(summary),
         Err(e) => unavailable(e),
@@ -232,14 +217,7 @@ struct LimitQuery {
     limit: usize,
 }
 
-async fn suppression_list(
-    req: HttpRequest,
-    policy: Policy,
-    q: web::Query<LimitQuery>,
-) -> HttpResponse {
-    if let Some(denied) = local_only(&req) {
-        return denied;
-    }
+async fn suppression_list(policy: Policy, q: web::Query<LimitQuery>) -> HttpResponse {
     match policy
         .send(tern_policy::ListSuppressed { limit: q.limit })
         .await
@@ -260,14 +238,7 @@ struct NewEntry {
     source: Option<String>,
 }
 
-async fn suppression_add(
-    req: HttpRequest,
-    policy: Policy,
-    entries: web::Json<Vec<NewEntry>>,
-) -> HttpResponse {
-    if let Some(denied) = local_only(&req) {
-        return denied;
-    }
+async fn suppression_add(policy: Policy, entries: web::Json<Vec<NewEntry>>) -> HttpResponse {
     let now = tern_message::now_ms();
     let mut list = Vec::with_capacity(entries.len());
     for e in entries.into_inner() {
@@ -288,14 +259,7 @@ async fn suppression_add(
     }
 }
 
-async fn suppression_remove(
-    req: HttpRequest,
-    policy: Policy,
-    address: web::Path<String>,
-) -> HttpResponse {
-    if let Some(denied) = local_only(&req) {
-        return denied;
-    }
+async fn suppression_remove(policy: Policy, address: web::Path<String>) -> HttpResponse {
     let address = address.into_inner();
     match policy.send(tern_policy::Unsuppress(address.clone())).await {
         Ok(Ok(true)) => HttpResponse::Ok().json(serde_json::json!({ "removed": address })),
@@ -305,5 +269,32 @@ async fn suppression_remove(
         ),
         Ok(Err(message)) => error(actix_web::http::StatusCode::BAD_REQUEST, message),
         Err(e) => unavailable(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use actix_web::{test, App};
+
+    /// The guard itself: no queue behind it, so a request that gets through fails later (500:
+    /// no app data), one that does not is answered 403 before any handler runs.
+    #[actix_rt::test]
+    async fn the_api_answers_loopback_peers_only() {
+        let app = test::init_service(App::new().configure(routes)).await;
+        for path in ["/api/queue/stats", "/api/suppression"] {
+            let remote = test::TestRequest::get()
+                .uri(path)
+                .peer_addr("192.0.2.7:40000".parse().unwrap())
+                .to_request();
+            let resp = test::call_service(&app, remote).await;
+            assert_eq!(resp.status(), 403, "{path} from 192.0.2.7");
+            let local = test::TestRequest::get()
+                .uri(path)
+                .peer_addr("127.0.0.1:40000".parse().unwrap())
+                .to_request();
+            let resp = test::call_service(&app, local).await;
+            assert_ne!(resp.status(), 403, "{path} from loopback");
+        }
     }
 }
