@@ -32,18 +32,7 @@ SENDER=${SENDER:-bench@client.bench.test}
 POSTFIX_RCPT=${POSTFIX_RCPT:-sink@relay.bench.test}
 TERN_RCPT=${TERN_RCPT:-sink@[127.0.0.1]}
 
-for tool in smtp-source smtp-sink postfix python3; do
-  command -v "$tool" >/dev/null || die "$tool not found (apt-get install postfix python3)"
-done
-ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-
-WORK=$(mktemp -d /tmp/tern-bench.XXXXXX)
-chmod 755 "$WORK"
-trap bench_cleanup EXIT
-OUT="$REPO/bench-out"
-mkdir -p "$OUT"
-RESULTS="$OUT/accept-$(date +%Y%m%d-%H%M%S).tsv"
-printf 'server\tmode\tmessages\tsessions\tsize\taccept_s\taccept_msg_s\tdrain_s\tend_to_end_msg_s\n' >"$RESULTS"
+bench_init accept "$(printf 'server\tmode\tmessages\tsessions\tsize\taccept_s\taccept_msg_s\tdrain_s\tend_to_end_msg_s')" smtp-source smtp-sink postfix python3
 
 declare -A RATE
 

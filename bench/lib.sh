@@ -237,3 +237,21 @@ smtp_source() {
     >"$WORK/source-$label.log" 2>&1 || { cat "$WORK/source-$label.log" >&2; die "$label: smtp-source failed"; }
   T1=$(now)
 }
+
+# bench_init NAME HEADER TOOL...: checks the tools, raises the file limit, makes the work dir
+# (removed on exit unless KEEP_WORK=1) and the results file bench-out/NAME-<time>.tsv with its
+# tab-separated HEADER line. Sets WORK and RESULTS.
+bench_init() {
+  local name=$1 header=$2 tool
+  shift 2
+  for tool in "$@"; do
+    command -v "$tool" >/dev/null || die "$tool not found (apt-get install postfix python3)"
+  done
+  ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+  WORK=$(mktemp -d /tmp/tern-bench.XXXXXX)
+  chmod 755 "$WORK"
+  trap bench_cleanup EXIT
+  mkdir -p "$REPO/bench-out"
+  RESULTS="$REPO/bench-out/$name-$(date +%Y%m%d-%H%M%S).tsv"
+  printf '%s\n' "$header" >"$RESULTS"
+}

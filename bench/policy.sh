@@ -26,18 +26,7 @@ SETTLE=${SETTLE:-10}
 SENDER=${SENDER:-bench@client.bench.test}
 RCPT=${RCPT:-sink@mx.bench.test}
 
-for tool in smtp-source python3; do
-  command -v "$tool" >/dev/null || die "$tool not found (apt-get install postfix python3)"
-done
-ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-
-WORK=$(mktemp -d /tmp/tern-bench.XXXXXX)
-chmod 755 "$WORK"
-trap bench_cleanup EXIT
-OUT="$REPO/bench-out"
-mkdir -p "$OUT"
-RESULTS="$OUT/policy-$(date +%Y%m%d-%H%M%S).tsv"
-printf 'policy\tmode\tround\tmessages\tsessions\tsize\taccept_s\taccept_msg_s\n' >"$RESULTS"
+bench_init policy "$(printf 'policy\tmode\tround\tmessages\tsessions\tsize\taccept_s\taccept_msg_s')" smtp-source python3
 
 # run_one on|off MODE ROUND: one fresh tern, one smtp-source run; sets ACC (msg/s).
 run_one() {

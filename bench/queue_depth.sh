@@ -33,18 +33,7 @@ DRAIN_SECS=${DRAIN_SECS:-30}
 SENDER=${SENDER:-bench@client.bench.test}
 RCPT=${RCPT:-sink@relay.bench.test}
 
-for tool in smtp-source smtp-sink python3; do
-  command -v "$tool" >/dev/null || die "$tool not found (apt-get install postfix python3)"
-done
-ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-
-WORK=$(mktemp -d /tmp/tern-bench.XXXXXX)
-chmod 755 "$WORK"
-trap bench_cleanup EXIT
-OUT="$REPO/bench-out"
-mkdir -p "$OUT"
-RESULTS="$OUT/queue_depth-$(date +%Y%m%d-%H%M%S).tsv"
-printf 'what\tmode\tvalue\tunit\n' >"$RESULTS"
+bench_init queue_depth "$(printf 'what\tmode\tvalue\tunit')" smtp-source smtp-sink python3
 rec() { printf '%s\t%s\t%s\t%s\n' "$@" >>"$RESULTS"; log "$1 ($2): $3 $4"; }
 
 BIN=$(tern_bin)

@@ -32,18 +32,7 @@ SENDER=${SENDER:-bench@client.bench.test}
 RCPT=${RCPT:-sink@relay.bench.test}
 TERN_DELIVERY=${TERN_DELIVERY:-}
 
-for tool in smtp-source smtp-sink postfix python3; do
-  command -v "$tool" >/dev/null || die "$tool not found (apt-get install postfix python3)"
-done
-ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-
-WORK=$(mktemp -d /tmp/tern-bench.XXXXXX)
-chmod 755 "$WORK"
-trap bench_cleanup EXIT
-OUT="$REPO/bench-out"
-mkdir -p "$OUT"
-RESULTS="$OUT/relay-$(date +%Y%m%d-%H%M%S).tsv"
-printf 'server\tmode\tmessages\tsessions\tsize\taccept_s\taccept_msg_s\tend_to_end_s\tend_to_end_msg_s\n' >"$RESULTS"
+bench_init relay "$(printf 'server\tmode\tmessages\tsessions\tsize\taccept_s\taccept_msg_s\tend_to_end_s\tend_to_end_msg_s')" smtp-source smtp-sink postfix python3
 
 declare -A ACC E2E
 
