@@ -10,6 +10,9 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
+# Postfix puts smtp-source/smtp-sink in /usr/sbin, which a non-login CI shell may not have on
+# its PATH; the tests call them by name.
+export PATH="$PATH:/usr/sbin:/sbin"
 
 log() { printf '\n== %s\n' "$*"; }
 start=$(date +%s)
