@@ -402,19 +402,24 @@ fn fold(header: &str) -> String {
     out
 }
 
-/// `domain` as a `d=` value: lowercased, without a trailing dot; an error unless it is a
-/// domain name (letters, digits, '-', '_', dot-separated labels).
-pub fn check_domain(domain: &str) -> Result<String, DkimError> {
-    let d = domain.trim_end_matches('.').to_ascii_lowercase();
-    let ok = !d.is_empty()
-        && d.len() <= 253
-        && d.split('.').all(|label| {
+/// Non-empty, dot-separated labels of 1–63 letters, digits, '-' and '_': what a `d=` domain
+/// and an `s=` selector are made of (RFC 6376 §3.1, §3.5).
+fn dns_labels(name: &str) -> bool {
+    !name.is_empty()
+        && name.split('.').all(|label| {
             !label.is_empty()
                 && label.len() <= 63
                 && label
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        });
+        })
+}
+
+/// `domain` as a `d=` value: lowercased, without a trailing dot; an error unless it is a
+/// domain name (letters, digits, '-', '_', dot-separated labels).
+pub fn check_domain(domain: &str) -> Result<String, DkimError> {
+    let d = domain.trim_end_matches('.').to_ascii_lowercase();
+    let ok = d.len() <= 253 && dns_labels(&d);
     if ok {
         Ok(d)
     } else {
@@ -430,14 +435,7 @@ pub fn check_domain(domain: &str) -> Result<String, DkimError> {
 /// digits, '-' and '_' (RFC 6376 §3.1).
 pub fn check_selector(selector: &str) -> Result<String, DkimError> {
     // RFC 6376 §3.1: a selector is one or more dot-separated sub-domain labels.
-    let ok = !selector.is_empty()
-        && selector.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        });
+    let ok = dns_labels(selector);
     if ok {
         Ok(selector.to_string())
     } else {
