@@ -48,6 +48,23 @@ fn message(from: &str, to: &str, token: &str) -> String {
     )
 }
 
+/// Submits `n` messages from a@client.test, one to each of r0@…r{n-1}@example.net; returns
+/// their tokens (each message's body says `body <token>`).
+fn submit_n(server: &TernServer, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            let token = unique_token();
+            submit(
+                server,
+                "<a@client.test>",
+                &[&format!("<r{i}@example.net>")],
+                &message("a@client.test", "r@example.net", &token),
+            );
+            token
+        })
+        .collect()
+}
+
 /// The parsed `message/delivery-status` fields of a DSN: (per-message, per-recipient groups).
 fn dsn_fields(raw: &[u8]) -> (String, Vec<HashMap<String, String>>) {
     let msg = MessageParser::default().parse(raw).expect("DSN parses");
@@ -147,14 +164,7 @@ fn connection_reused_for_many_messages_to_one_destination() {
     let server = to_sink(TernServer::builder(), &sink)
         .set("delivery.max_connections", 1)
         .start();
-    for i in 0..10 {
-        submit(
-            &server,
-            "<a@client.test>",
-            &[&format!("<r{i}@example.net>")],
-            &message("a@client.test", "r@example.net", &unique_token()),
-        );
-    }
+    submit_n(&server, 10);
     sink.wait_for_messages(10, WAIT);
     server.wait_queued(0, WAIT);
     assert!(
@@ -597,15 +607,7 @@ fn sigkill_during_delivery_loses_nothing() {
     let mut server = to_sink(TernServer::builder(), &sink)
         .set("delivery.max_connections", 2)
         .start();
-    let tokens: Vec<String> = (0..20).map(|_| unique_token()).collect();
-    for t in &tokens {
-        submit(
-            &server,
-            "<a@client.test>",
-            &["<b@example.net>"],
-            &message("a@client.test", "b@example.net", t),
-        );
-    }
+    let tokens = submit_n(&server, 20);
     // Some are delivered, the rest queued or in flight.
     sink.wait_for_messages(2, WAIT);
     server.kill();
@@ -720,15 +722,7 @@ fn postfix_smtp_sink_receives_relayed_mail() {
         .set("delivery.enabled", true)
         .route("*", Some(&sink.addr.to_string()), "none")
         .start();
-    let tokens: Vec<String> = (0..3).map(|_| unique_token()).collect();
-    for (i, t) in tokens.iter().enumerate() {
-        submit(
-            &server,
-            "<a@client.test>",
-            &[&format!("<r{i}@example.net>")],
-            &message("a@client.test", "r@example.net", t),
-        );
-    }
+    let tokens = submit_n(&server, 3);
     server.wait_queued(0, WAIT);
     let delivered_lines =
         |log: &[serde_json::Value]| log.iter().filter(|e| e["event"] == "delivered").count();
@@ -769,14 +763,7 @@ fn max_message_rate_spaces_deliveries_to_a_destination() {
         .set("delivery.max_message_rate", "4/s")
         .route("*", Some(&sink.addr().to_string()), "none")
         .start();
-    for i in 0..6 {
-        submit(
-            &server,
-            "<a@client.test>",
-            &[&format!("<r{i}@example.net>")],
-            &message("a@client.test", "r@example.net", &unique_token()),
-        );
-    }
+    submit_n(&server, 6);
     server.wait_queued(0, WAIT);
     let log = server.delivery_log_when(
         "6 delivered lines",
