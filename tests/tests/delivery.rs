@@ -782,3 +782,57 @@ fn max_message_rate_spaces_deliveries_to_a_destination() {
     let span = starts[5] - starts[0];
     assert!(span >= 1200, "6 deliveries started within {span} ms at 4/s");
 }
+
+/// A server that accepts connections and never says anything; counts them.
+fn silent_server() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = count.clone();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in listener.incoming().flatten() {
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(conn);
+        }
+    });
+    (addr, count)
+}
+
+#[test]
+fn an_unreachable_destination_answers_every_queued_job_at_once() {
+    // One connection allowed; it hangs until the greeting times out (1 s). The messages queued
+    // behind it meanwhile get the same answer without a connection attempt each.
+    let (addr, connections) = silent_server();
+    let server = TernServer::builder()
+        .set("delivery.enabled", true)
+        .set("delivery.max_connections", 1)
+        .set("delivery.command_timeout", "1s")
+        .set_list("queue.retry_schedule", &["1h"])
+        .route("*", Some(&addr.to_string()), "none")
+        .start();
+    submit_n(&server, 5);
+    let log = server.delivery_log_when(
+        "5 deferred lines",
+        |l| l.iter().filter(|e| e["event"] == "deferred").count() >= 5,
+        WAIT,
+    );
+    let deferred: Vec<&serde_json::Value> =
+        log.iter().filter(|e| e["event"] == "deferred").collect();
+    assert_eq!(deferred.len(), 5, "{log:#?}");
+    for e in &deferred {
+        assert_eq!(e["attempt"], 1, "{e}");
+        assert!(
+            e["reply"]
+                .as_str()
+                .unwrap()
+                .contains("timed out during greeting"),
+            "{e}"
+        );
+    }
+    assert_eq!(
+        connections.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one connection attempt for the whole queue"
+    );
+}

@@ -146,6 +146,21 @@ impl Envelope {
             delay_warned: false,
         }
     }
+
+    /// The same envelope parameters with other recipients (a delivery job's share), without
+    /// copying the recipients it replaces.
+    pub fn with_recipients(&self, recipients: Vec<Recipient>) -> Envelope {
+        Envelope {
+            sender: self.sender.clone(),
+            recipients,
+            body_type: self.body_type,
+            smtputf8: self.smtputf8,
+            ret: self.ret,
+            envid: self.envid.clone(),
+            auth: self.auth.clone(),
+            delay_warned: self.delay_warned,
+        }
+    }
 }
 
 /// Who handed us the message: kept with it for the Received header, logs, DSNs and policy.

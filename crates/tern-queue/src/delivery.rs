@@ -212,10 +212,7 @@ impl QueueActor {
             jobs.push(DeliveryJob {
                 id,
                 domain,
-                envelope: Envelope {
-                    recipients,
-                    ..envelope.clone()
-                },
+                envelope: envelope.with_recipients(recipients),
                 rcpt_index: indices,
                 body: body.clone(),
                 attempt,
