@@ -836,3 +836,20 @@ fn an_unreachable_destination_answers_every_queued_job_at_once() {
         "one connection attempt for the whole queue"
     );
 }
+
+#[test]
+fn max_messages_per_connection_opens_a_new_connection() {
+    let sink = Sink::start(SinkConfig::default());
+    let server = to_sink(TernServer::builder(), &sink)
+        .set("delivery.max_connections", 1)
+        .set("delivery.max_messages_per_connection", 2)
+        .start();
+    submit_n(&server, 6);
+    sink.wait_for_messages(6, WAIT);
+    // Two messages per connection at most: at least three connections for six messages.
+    assert!(
+        sink.connections() >= 3,
+        "{} connections for 6 messages with max_messages_per_connection = 2",
+        sink.connections()
+    );
+}
