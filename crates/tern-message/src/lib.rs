@@ -130,6 +130,10 @@ pub struct Envelope {
     /// enough. Absent in records written before it existed, hence the default.
     #[serde(default)]
     pub delay_warned: bool,
+    /// Kept in the hold state, for this reason (the validation stage's quarantine, or an
+    /// operator): not delivered until released.
+    #[serde(default)]
+    pub hold: Option<String>,
 }
 
 impl Envelope {
@@ -144,6 +148,7 @@ impl Envelope {
             envid: None,
             auth: None,
             delay_warned: false,
+            hold: None,
         }
     }
 
@@ -159,6 +164,7 @@ impl Envelope {
             envid: self.envid.clone(),
             auth: self.auth.clone(),
             delay_warned: self.delay_warned,
+            hold: self.hold.clone(),
         }
     }
 }

@@ -40,6 +40,63 @@ pub fn header_section(message: &[u8]) -> &[u8] {
     message
 }
 
+/// The fields of `message`'s header section that claim to come from us — an
+/// `Authentication-Results:` whose authserv-id is `hostname`, or any `X-Tern-Score:` — removed
+/// (with their continuation lines). `None` when there are none, the usual case, so nothing is
+/// copied.
+pub fn strip_ours(message: &[u8], hostname: &str) -> Option<Vec<u8>> {
+    let header = header_section(message);
+    let ours = |field: &[u8]| -> bool {
+        let Some(colon) = field.iter().position(|&b| b == b':') else {
+            return false;
+        };
+        let name = &field[..colon];
+        if name.eq_ignore_ascii_case(b"x-tern-score") {
+            return true;
+        }
+        if !name.eq_ignore_ascii_case(b"authentication-results") {
+            return false;
+        }
+        // authserv-id: the value's first token, before `;` (RFC 8601 §2.2), possibly after
+        // folding whitespace or a comment we do not try to parse.
+        let value = String::from_utf8_lossy(&field[colon + 1..]);
+        let id = value
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .next()
+            .unwrap_or("");
+        id.trim_end_matches('.')
+            .eq_ignore_ascii_case(hostname.trim_end_matches('.'))
+    };
+    // Split the section into fields: a line starting with space or tab continues the field.
+    let mut fields: Vec<(usize, usize)> = Vec::new();
+    let mut start = 0;
+    while start < header.len() {
+        let end = header[start..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(header.len(), |i| start + i + 1);
+        match header[start] {
+            b' ' | b'\t' if !fields.is_empty() => fields.last_mut().expect("not empty").1 = end,
+            _ => fields.push((start, end)),
+        }
+        start = end;
+    }
+    if !fields.iter().any(|&(a, b)| ours(&header[a..b])) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(message.len());
+    for &(a, b) in &fields {
+        if !ours(&header[a..b]) {
+            out.extend_from_slice(&header[a..b]);
+        }
+    }
+    out.extend_from_slice(&message[header.len()..]);
+    Some(out)
+}
+
 /// Checks `message` (headers and body, CRLF) and says which fields to add.
 /// `message_id` is the id to use when a submitter's message lacks one (`<id@hostname>`),
 /// `date` the RFC 5322 date for a missing `Date:`.
@@ -85,6 +142,17 @@ mod tests {
     use super::*;
 
     const DATE: &str = "Sun, 22 Nov 2026 10:00:00 +0000";
+
+    #[test]
+    fn strips_fields_claiming_to_be_ours() {
+        let msg = b"Authentication-Results: mx.test;\r\n\tspf=pass smtp.mailfrom=a@x\r\nAuthentication-Results: other.example; dkim=pass\r\nX-Tern-Score: -100\r\nSubject: hi\r\n\r\nAuthentication-Results: mx.test; in the body\r\n";
+        let out = strip_ours(msg, "MX.test").unwrap();
+        assert_eq!(
+            out,
+            b"Authentication-Results: other.example; dkim=pass\r\nSubject: hi\r\n\r\nAuthentication-Results: mx.test; in the body\r\n"
+        );
+        assert_eq!(strip_ours(&out, "mx.test"), None);
+    }
 
     #[test]
     fn one_from_and_submission_fields() {

@@ -9,11 +9,17 @@
 //! * HELO: syntax, optionally a fully qualified name, and strangers claiming our own name;
 //! * MAIL: per-sender and per-authenticated-user message rates → `450 4.7.1`.
 //!
-//! Content checks, SPF/DKIM/DMARC, suppression and greylisting come with the rest of issue #4.
+//! * MAIL, for strangers: SPF ([`CheckSpf`]), recorded, and `550 5.7.23` on `fail` when
+//!   `policy.spf = "reject"`;
+//! * end of DATA, for strangers: DKIM, ARC and DMARC verification and the content rules
+//!   ([`CheckContent`]), answered with the fields to prepend (`Authentication-Results:`,
+//!   `X-Tern-Score:`), and a refusal or a hold when DMARC or the score says so.
 
+pub mod auth;
 mod bucket;
 mod checks;
 pub mod headers;
+pub mod rules;
 pub mod suppression;
 
 use std::net::IpAddr;
@@ -25,7 +31,9 @@ use serde::{Deserialize, Serialize};
 use tern_dns::MxResolver;
 use tracing::{debug, info};
 
+pub use auth::{AuthChecks, AuthReport, AuthStatus, Authenticator, DmarcPolicy, SpfRecord};
 pub use bucket::{Buckets, Rate, TokenBucket};
+pub use rules::{Rules, RulesError, Score};
 pub use checks::{check_helo, HeloPolicy};
 pub use suppression::{Suppressed, SuppressionError, SuppressionList};
 
@@ -97,6 +105,53 @@ pub struct PolicySettings {
     pub dnsbl_timeout: Duration,
     /// What RCPT to a suppressed address from a submitter gets.
     pub suppression_action: SuppressionAction,
+    /// SPF at MAIL FROM (strangers).
+    pub spf: SpfAction,
+    /// DKIM and ARC verification at the end of DATA (strangers).
+    pub dkim_verify: bool,
+    pub arc_verify: bool,
+    /// What a DMARC failure does (strangers).
+    pub dmarc: DmarcAction,
+}
+
+/// What SPF does at MAIL FROM.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SpfAction {
+    /// Not evaluated.
+    Off,
+    /// Evaluated and reported (Authentication-Results, content rules, DMARC); never refuses by
+    /// itself. The default: RFC 7489 §10.1 warns that rejecting on SPF alone, before DMARC has
+    /// looked at DKIM, loses forwarded mail that DKIM would have vouched for.
+    #[default]
+    Record,
+    /// `fail` (`-all`) refuses MAIL FROM with `550 5.7.23` (RFC 7372).
+    Reject,
+}
+
+/// What a DMARC failure does with the From domain's policy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DmarcAction {
+    /// Not evaluated.
+    Off,
+    /// Evaluated and reported only.
+    Record,
+    /// `p=quarantine` and `p=reject` both hold the message (the override large receivers use
+    /// to avoid bouncing mail a mailing list broke).
+    Hold,
+    /// `p=reject` refuses with `550 5.7.1`, `p=quarantine` holds.
+    #[default]
+    Enforce,
+}
+
+/// The content rules and their thresholds (`policy.rules_file`, `policy.reject_score`,
+/// `policy.quarantine_score`).
+#[derive(Debug)]
+pub struct ContentSettings {
+    pub rules: Rules,
+    pub reject_score: f64,
+    pub quarantine_score: f64,
 }
 
 /// What happens to mail for a suppressed address.
@@ -137,6 +192,76 @@ pub struct CheckRcpt {
     pub recipient: String,
     /// The transaction's reverse-path (empty for `<>`).
     pub sender: String,
+}
+
+/// MAIL FROM from a stranger: SPF.
+#[derive(Message, Clone, Debug, Serialize, Deserialize)]
+#[rtype(result = "SpfVerdict")]
+pub struct CheckSpf {
+    pub ip: IpAddr,
+    pub helo: String,
+    /// The reverse-path without brackets; empty for `<>`.
+    pub sender: String,
+}
+
+/// The SPF result (kept with the transaction) and what it means for MAIL FROM.
+#[derive(MessageResponse, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpfVerdict {
+    pub spf: SpfRecord,
+    pub verdict: Verdict,
+}
+
+impl SpfVerdict {
+    /// When the stage does not answer in time: `temperror` recorded, mail goes on (an SPF
+    /// outage must not stop mail; receivers treat temperror as "no opinion").
+    pub fn unavailable(sender: &str, helo: &str) -> Self {
+        Self {
+            spf: SpfRecord {
+                status: AuthStatus::TempError,
+                domain: sender
+                    .rsplit_once('@')
+                    .map_or(helo, |(_, d)| d)
+                    .to_string(),
+            },
+            verdict: Verdict::Accept,
+        }
+    }
+}
+
+/// A stranger's message at the end of DATA, before it is queued.
+#[derive(Message, Clone, Debug, Serialize, Deserialize)]
+#[rtype(result = "ContentVerdict")]
+pub struct CheckContent {
+    pub ip: IpAddr,
+    pub helo: String,
+    pub sender: String,
+    /// What SPF said at MAIL FROM, if it ran.
+    pub spf: Option<SpfRecord>,
+    /// The content as the client sent it (without our Received field).
+    pub message: bytes::Bytes,
+}
+
+/// What to do with the message: refuse, hold or accept, and the fields to prepend.
+#[derive(MessageResponse, Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ContentVerdict {
+    pub verdict: Verdict,
+    /// Queue the message in the hold state, for this reason.
+    pub hold: Option<String>,
+    /// `Authentication-Results:` and `X-Tern-Score:` fields, CRLF-terminated.
+    pub headers: String,
+    pub score: Option<f64>,
+}
+
+impl ContentVerdict {
+    /// The stage did not answer in time: try again later (nothing unchecked gets in).
+    pub fn unavailable() -> Self {
+        Self {
+            verdict: Verdict::Refuse(PolicyReply::unavailable()),
+            hold: None,
+            headers: String::new(),
+            score: None,
+        }
+    }
 }
 
 /// Adds entries to the suppression list (an operator, an import, or delivery after a hard
@@ -243,6 +368,8 @@ pub struct PolicyActor {
     user_buckets: Buckets<String>,
     rcpt_buckets: Buckets<String>,
     suppression: Option<SuppressionList>,
+    authenticator: Option<Arc<Authenticator>>,
+    content: Option<Arc<ContentSettings>>,
 }
 
 impl PolicyActor {
@@ -258,6 +385,40 @@ impl PolicyActor {
         self
     }
 
+    /// What a [`PolicyClient`] for this actor needs to know, taken before the actor starts.
+    pub fn steps(&self) -> Steps {
+        Steps {
+            local: self.local.clone(),
+            spf: self.authenticator.is_some() && self.settings.spf != SpfAction::Off,
+            content: self.checks_content(),
+        }
+    }
+
+    /// With SPF/DKIM/ARC/DMARC (as `settings` enables them), through `authenticator`.
+    pub fn with_authenticator(mut self, authenticator: Authenticator) -> Self {
+        self.authenticator = Some(Arc::new(authenticator));
+        self
+    }
+
+    /// With content rules.
+    pub fn with_content(mut self, content: ContentSettings) -> Self {
+        self.content = Some(Arc::new(content));
+        self
+    }
+
+    /// Whether the end-of-DATA step has anything to do.
+    pub fn checks_content(&self) -> bool {
+        self.content.is_some() || (self.authenticator.is_some() && self.auth_checks().any())
+    }
+
+    fn auth_checks(&self) -> AuthChecks {
+        AuthChecks {
+            dkim: self.settings.dkim_verify,
+            arc: self.settings.arc_verify,
+            dmarc: self.settings.dmarc != DmarcAction::Off,
+        }
+    }
+
     /// `resolver` is needed only with DNS blocklists.
     pub fn new(settings: PolicySettings, resolver: Option<Arc<MxResolver>>) -> Self {
         let settings = Arc::new(settings);
@@ -268,6 +429,8 @@ impl PolicyActor {
             user_buckets: Buckets::new(settings.user_rate),
             rcpt_buckets: Buckets::new(settings.rcpt_rate),
             suppression: None,
+            authenticator: None,
+            content: None,
             settings,
         }
     }
@@ -305,6 +468,142 @@ impl Handler<CheckConnect> for PolicyActor {
         let timeout = self.settings.dnsbl_timeout;
         Box::pin(checks::dnsbl(resolver, req.ip, zones, timeout))
     }
+}
+
+impl Handler<CheckSpf> for PolicyActor {
+    type Result = ResponseFuture<SpfVerdict>;
+
+    fn handle(&mut self, req: CheckSpf, _ctx: &mut Self::Context) -> Self::Result {
+        let action = self.settings.spf;
+        let Some(auth) = self.authenticator.clone().filter(|_| action != SpfAction::Off) else {
+            return Box::pin(async {
+                SpfVerdict {
+                    spf: SpfRecord::default(),
+                    verdict: Verdict::Accept,
+                }
+            });
+        };
+        Box::pin(async move {
+            let spf = auth.spf(req.ip, &req.helo, &req.sender).await;
+            debug!(ip = %req.ip, sender = %req.sender, spf = %spf.status, domain = %spf.domain, "SPF");
+            let verdict = if action == SpfAction::Reject && spf.status == AuthStatus::Fail {
+                info!(ip = %req.ip, sender = %req.sender, "SPF fail: MAIL FROM refused");
+                Verdict::Refuse(PolicyReply::new(
+                    550,
+                    (5, 7, 23),
+                    format!(
+                        "Error: SPF check failed: {} does not designate {} as permitted sender",
+                        spf.domain, req.ip
+                    ),
+                ))
+            } else {
+                Verdict::Accept
+            };
+            SpfVerdict { spf, verdict }
+        })
+    }
+}
+
+impl Handler<CheckContent> for PolicyActor {
+    type Result = ResponseFuture<ContentVerdict>;
+
+    fn handle(&mut self, req: CheckContent, _ctx: &mut Self::Context) -> Self::Result {
+        let auth = self.authenticator.clone();
+        let checks = self.auth_checks();
+        let content = self.content.clone();
+        let dmarc_action = self.settings.dmarc;
+        Box::pin(async move {
+            let report = match auth.filter(|_| checks.any()) {
+                Some(a) => Some(
+                    a.verify(
+                        &req.message,
+                        req.ip,
+                        &req.helo,
+                        &req.sender,
+                        req.spf.as_ref(),
+                        checks,
+                    )
+                    .await,
+                ),
+                None => None,
+            };
+            judge(&req, report, content.as_deref(), dmarc_action)
+        })
+    }
+}
+
+/// The end-of-DATA decision from what authentication found and the content score.
+fn judge(
+    req: &CheckContent,
+    report: Option<AuthReport>,
+    content: Option<&ContentSettings>,
+    dmarc_action: DmarcAction,
+) -> ContentVerdict {
+    let mut out = ContentVerdict {
+        verdict: Verdict::Accept,
+        hold: None,
+        headers: String::new(),
+        score: None,
+    };
+    let fallback;
+    let report = match report {
+        Some(r) => {
+            out.headers.push_str(&r.header);
+            fallback = r;
+            &fallback
+        }
+        None => {
+            fallback = AuthReport {
+                spf: req.spf.as_ref().map_or(AuthStatus::None, |s| s.status),
+                ..AuthReport::default()
+            };
+            &fallback
+        }
+    };
+    if report.dmarc == AuthStatus::Fail {
+        let domain = &report.from_domain;
+        let policy = report.dmarc_policy;
+        match (dmarc_action, policy) {
+            (DmarcAction::Enforce, DmarcPolicy::Reject) => {
+                info!(sender = %req.sender, %domain, "DMARC fail, p=reject: message refused");
+                out.verdict = Verdict::Refuse(PolicyReply::new(
+                    550,
+                    (5, 7, 1),
+                    format!("Error: message rejected by the DMARC policy of {domain}"),
+                ));
+            }
+            (DmarcAction::Enforce | DmarcAction::Hold, DmarcPolicy::Reject | DmarcPolicy::Quarantine) => {
+                info!(sender = %req.sender, %domain, %policy, "DMARC fail: message held");
+                out.hold = Some(format!("DMARC policy {policy} of {domain}"));
+            }
+            _ => {}
+        }
+    }
+    if let Some(content) = content {
+        let score = content.rules.score(&req.message, report);
+        out.headers.push_str(&score.header());
+        out.score = Some(score.total);
+        if out.verdict == Verdict::Accept {
+            if score.total >= content.reject_score {
+                info!(sender = %req.sender, score = score.total, "content score: message refused");
+                out.verdict = Verdict::Refuse(PolicyReply::new(
+                    550,
+                    (5, 7, 1),
+                    format!(
+                        "Error: message content rejected as spam (score {:.1})",
+                        score.total
+                    ),
+                ));
+            } else if score.total >= content.quarantine_score && out.hold.is_none() {
+                info!(sender = %req.sender, score = score.total, "content score: message held");
+                out.hold = Some(format!(
+                    "content score {:.1} >= quarantine_score {}",
+                    score.total, content.quarantine_score
+                ));
+            }
+        }
+    }
+    out
 }
 
 impl Handler<CheckMail> for PolicyActor {
@@ -426,6 +725,13 @@ pub fn spawn(actor: PolicyActor) -> Addr<PolicyActor> {
     PolicyActor::start_in_arbiter(&arbiter.handle(), move |_| actor)
 }
 
+/// Which steps an actor has work for (see [`PolicyActor::steps`]).
+pub struct Steps {
+    pub local: Arc<LocalChecks>,
+    pub spf: bool,
+    pub content: bool,
+}
+
 /// What a session holds to consult the policy stage: the addresses, which checks are on (so a
 /// session skips the round trip for a step with nothing to check) and the time limit.
 #[derive(Clone)]
@@ -433,6 +739,9 @@ pub struct PolicyClient {
     pub connect: Option<Recipient<CheckConnect>>,
     pub mail: Option<Recipient<CheckMail>>,
     pub rcpt: Option<Recipient<CheckRcpt>>,
+    /// SPF at MAIL FROM and the end-of-DATA checks, for strangers.
+    pub spf: Option<Recipient<CheckSpf>>,
+    pub content: Option<Recipient<CheckContent>>,
     /// What RCPT checks: the suppression list (submitters only) and/or the recipient rate (all).
     pub rcpt_suppression: bool,
     pub rcpt_rate: bool,
@@ -448,6 +757,8 @@ impl std::fmt::Debug for PolicyClient {
             .field("connect", &self.connect.is_some())
             .field("mail", &self.mail.is_some())
             .field("rcpt", &self.rcpt.is_some())
+            .field("spf", &self.spf.is_some())
+            .field("content", &self.content.is_some())
             .field("timeout", &self.timeout)
             .finish()
     }
@@ -458,10 +769,15 @@ impl PolicyClient {
     /// and the HELO rules run locally on `local` (from [`PolicyActor::local_checks`]).
     pub fn new(
         addr: &Addr<PolicyActor>,
-        local: Arc<LocalChecks>,
+        steps: Steps,
         suppression: bool,
         timeout: Duration,
     ) -> Self {
+        let Steps {
+            local,
+            spf,
+            content,
+        } = steps;
         let settings = local.settings.clone();
         let mail = settings.sender_rate.is_some() || settings.user_rate.is_some();
         // The suppression list is read in the session; only the recipient rate needs the actor.
@@ -471,6 +787,8 @@ impl PolicyClient {
             connect: (!settings.dnsbl_zones.is_empty()).then(|| addr.clone().recipient()),
             mail: mail.then(|| addr.clone().recipient()),
             rcpt: rcpt.then(|| addr.clone().recipient()),
+            spf: spf.then(|| addr.clone().recipient()),
+            content: content.then(|| addr.clone().recipient()),
             rcpt_suppression: suppression,
             rcpt_rate: settings.rcpt_rate.is_some(),
             local: Some(local),
@@ -512,9 +830,18 @@ impl PolicyClient {
     where
         M: Message<Result = Verdict> + Send + 'static,
     {
-        let Some(to) = to else {
-            return Verdict::Accept;
-        };
+        match to {
+            Some(to) => self.ask_for(to, msg, on_timeout).await,
+            None => Verdict::Accept,
+        }
+    }
+
+    /// [`ask`](Self::ask) for any answer type.
+    pub async fn ask_for<M, R>(&self, to: &Recipient<M>, msg: M, on_timeout: R) -> R
+    where
+        M: Message<Result = R> + Send + 'static,
+        R: Send + 'static,
+    {
         match tokio::time::timeout(self.timeout, to.send(msg)).await {
             Ok(Ok(verdict)) => verdict,
             Ok(Err(e)) => {

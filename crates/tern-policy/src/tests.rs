@@ -162,6 +162,8 @@ async fn client_timeout_gives_the_default_verdict() {
         connect: None,
         mail: Some(stuck.recipient()),
         rcpt: None,
+        spf: None,
+        content: None,
         rcpt_suppression: false,
         rcpt_rate: false,
         local: None,

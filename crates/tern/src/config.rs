@@ -46,7 +46,7 @@ const LIST_KEYS: [&str; 8] = [
 ];
 
 /// The whole configuration. See `docs/configuration.md` for every key.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub server: Server,
@@ -476,7 +476,7 @@ pub struct Delivery {
 
 /// The validation stage's checks (`[policy]`). Clients in `relay.networks` and authenticated
 /// clients are exempt from the connection rate and the HELO checks.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Policy {
     /// false: sessions do not consult the stage at all (the suppression list and its commands
@@ -515,9 +515,53 @@ pub struct Policy {
     /// `reject` (550 5.1.1) or `drop` (250, recipient left out, logged).
     #[serde(deserialize_with = "de_parsed::<_, SuppressionAction>")]
     pub suppression_action: SuppressionAction,
+    /// SPF at MAIL FROM for strangers: `off`, `record` (reported and scored) or `reject`
+    /// (`fail` → 550 5.7.23).
+    #[serde(deserialize_with = "de_parsed::<_, SpfAction>")]
+    pub spf: SpfAction,
+    /// DKIM and ARC verification of strangers' mail (reported in Authentication-Results).
+    pub dkim_verify: bool,
+    pub arc_verify: bool,
+    /// DMARC for strangers' mail: `off`, `record`, `hold` (reject and quarantine both hold) or
+    /// `enforce` (reject → 550 5.7.1, quarantine → hold).
+    #[serde(deserialize_with = "de_parsed::<_, DmarcAction>")]
+    pub dmarc: DmarcAction,
+    /// Score strangers' mail with the content rules.
+    pub content_rules: bool,
+    /// The rules file (TOML); empty: the built-in rules.
+    pub rules_file: PathBuf,
+    /// A score at or above this refuses the message (550 5.7.1).
+    pub reject_score: f64,
+    /// A score at or above this (and below reject_score) holds it.
+    pub quarantine_score: f64,
 }
 
-pub use tern_policy::SuppressionAction;
+pub use tern_policy::{DmarcAction, SpfAction, SuppressionAction};
+
+impl FromConfigStr for SpfAction {
+    const WHAT: &'static str = "SPF action";
+    fn parse(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "off" => Ok(Self::Off),
+            "record" => Ok(Self::Record),
+            "reject" => Ok(Self::Reject),
+            _ => Err("expected \"off\", \"record\" or \"reject\"".into()),
+        }
+    }
+}
+
+impl FromConfigStr for DmarcAction {
+    const WHAT: &'static str = "DMARC action";
+    fn parse(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "off" => Ok(Self::Off),
+            "record" => Ok(Self::Record),
+            "hold" => Ok(Self::Hold),
+            "enforce" => Ok(Self::Enforce),
+            _ => Err("expected \"off\", \"record\", \"hold\" or \"enforce\"".into()),
+        }
+    }
+}
 
 impl FromConfigStr for SuppressionAction {
     const WHAT: &'static str = "suppression action";
@@ -548,6 +592,14 @@ impl Default for Policy {
             rcpt_rate: None,
             suppression: true,
             suppression_action: SuppressionAction::Reject,
+            spf: SpfAction::Record,
+            dkim_verify: true,
+            arc_verify: true,
+            dmarc: DmarcAction::Enforce,
+            content_rules: true,
+            rules_file: PathBuf::new(),
+            reject_score: 10.0,
+            quarantine_score: 6.0,
         }
     }
 }
@@ -987,6 +1039,31 @@ impl Config {
         ] {
             if let Err(message) = check_rate(rate) {
                 return fail(key, message);
+            }
+        }
+        for (key, score) in [
+            ("policy.reject_score", p.reject_score),
+            ("policy.quarantine_score", p.quarantine_score),
+        ] {
+            if !score.is_finite() {
+                return fail(key, "must be a number".into());
+            }
+        }
+        if p.quarantine_score > p.reject_score {
+            return fail(
+                "policy.quarantine_score",
+                format!(
+                    "{} is above policy.reject_score ({}): nothing could be held",
+                    p.quarantine_score, p.reject_score
+                ),
+            );
+        }
+        if !p.rules_file.as_os_str().is_empty() {
+            if let Err(e) = tern_policy::Rules::load(&p.rules_file) {
+                return fail(
+                    "policy.rules_file",
+                    format!("{}: {e}", p.rules_file.display()),
+                );
             }
         }
         for (i, zone) in p.dnsbl_zones.iter().enumerate() {

@@ -347,8 +347,7 @@ fn serve(config_file: Option<&Path>) -> Result<()> {
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
     let tls = tls::server_config(&config.tls, data_dir, &config.server.hostname)?;
-    // The [[dkim]] keys are read at start so a bad key file stops the server here; signing
-    // is not wired into the mail path yet.
+    // The [[dkim]] keys are read at start so a bad key file stops the server here.
     let dkim = tern::dkim::signer(&config)?;
     let storage = SledStorage::open(
         &spool_dir(data_dir),
@@ -369,6 +368,7 @@ fn serve(config_file: Option<&Path>) -> Result<()> {
         false => None,
     };
     let policy_config = config.policy.clone();
+    let full_config = config.clone();
     let policy_settings = policy_settings(&config);
     // One resolver (and one answer cache) for MX lookups and blocklist queries.
     let resolver = if delivery.is_some() || !policy_settings.dnsbl_zones.is_empty() {
@@ -399,7 +399,7 @@ fn serve(config_file: Option<&Path>) -> Result<()> {
         }
         let mut settings = settings;
         let (policy, policy_client) =
-            start_policy(&policy_config, policy_settings, resolver, data_dir)?;
+            start_policy(&full_config, policy_settings, resolver)?;
         settings.policy = policy_config.enabled.then_some(policy_client);
         if policy_config.suppression {
             queue.do_send(tern_queue::AttachSuppression(policy.clone().recipient()));
@@ -450,31 +450,63 @@ fn policy_settings(config: &Config) -> tern_policy::PolicySettings {
         rcpt_rate: p.rcpt_rate,
         dnsbl_timeout: p.dnsbl_timeout,
         suppression_action: p.suppression_action,
+        spf: p.spf,
+        dkim_verify: p.dkim_verify,
+        arc_verify: p.arc_verify,
+        dmarc: p.dmarc,
     }
 }
 
 /// Starts the validation actor (with the suppression list in `<data_dir>/suppression` when
 /// enabled) and returns its address and what sessions use to consult it.
 fn start_policy(
-    config: &config::Policy,
+    full: &Config,
     settings: tern_policy::PolicySettings,
     resolver: Option<Arc<tern_dns::MxResolver>>,
-    data_dir: &Path,
 ) -> Result<(
     actix::Addr<tern_policy::PolicyActor>,
     tern_policy::PolicyClient,
 )> {
+    let config = &full.policy;
+    let data_dir = full.server.data_dir.as_path();
     let resolver = resolver.filter(|_| !settings.dnsbl_zones.is_empty());
+    let authenticate = config.enabled
+        && (settings.spf != tern_policy::SpfAction::Off
+            || settings.dkim_verify
+            || settings.arc_verify
+            || settings.dmarc != tern_policy::DmarcAction::Off);
     let mut actor = tern_policy::PolicyActor::new(settings, resolver);
+    if authenticate {
+        let dns = &full.dns;
+        let nameservers = (!dns.nameservers.is_empty()).then_some(dns.nameservers.as_slice());
+        let authenticator =
+            tern_policy::Authenticator::new(&full.server.hostname, nameservers, dns.timeout)
+                .map_err(|e| anyhow::anyhow!(e))
+                .context("cannot set up the resolver for SPF/DKIM/DMARC (dns.nameservers)")?;
+        actor = actor.with_authenticator(authenticator);
+    }
+    if config.enabled && config.content_rules {
+        let rules = if config.rules_file.as_os_str().is_empty() {
+            tern_policy::Rules::builtin()
+        } else {
+            tern_policy::Rules::load(&config.rules_file)
+                .with_context(|| format!("policy.rules_file = {}", config.rules_file.display()))?
+        };
+        actor = actor.with_content(tern_policy::ContentSettings {
+            rules,
+            reject_score: config.reject_score,
+            quarantine_score: config.quarantine_score,
+        });
+    }
     if config.suppression {
         let dir = data_dir.join("suppression");
         let list = tern_policy::SuppressionList::open(&dir)
             .with_context(|| format!("cannot open the suppression list in {}", dir.display()))?;
         actor = actor.with_suppression(list);
     }
-    let local = actor.local_checks();
+    let steps = actor.steps();
     let addr = tern_policy::spawn(actor);
-    let client = tern_policy::PolicyClient::new(&addr, local, config.suppression, config.timeout);
+    let client = tern_policy::PolicyClient::new(&addr, steps, config.suppression, config.timeout);
     Ok((addr, client))
 }
 

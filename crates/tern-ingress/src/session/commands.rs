@@ -21,7 +21,10 @@ use super::Shared;
 use crate::auth::{self, AuthStep, SaslError};
 use crate::received::Trace;
 use crate::settings::{canonical_ip, ListenerKind, Settings, VrfyPolicy};
-use tern_policy::{CheckMail, CheckRcpt, PolicyReply, Verdict};
+use tern_policy::{
+    CheckContent, CheckMail, CheckRcpt, CheckSpf, ContentVerdict, PolicyReply, SpfRecord,
+    SpfVerdict, Verdict,
+};
 
 pub(crate) enum Mode {
     Command,
@@ -55,6 +58,8 @@ struct Transaction {
     dropped: usize,
     /// Length of our Received header at the start of `body`.
     trace_len: usize,
+    /// What SPF said at MAIL FROM (strangers, when the check is on).
+    spf: Option<SpfRecord>,
 }
 
 pub(crate) struct Session {
@@ -374,6 +379,24 @@ impl Session {
                 return Flow::Continue;
             }
         }
+        let mut spf = None;
+        if let (Some(policy), false) = (self.shared.settings.policy.clone(), self.trusted()) {
+            if let Some(to) = &policy.spf {
+                let helo = self.helo.clone().unwrap_or_default();
+                let unavailable = SpfVerdict::unavailable(&sender, &helo);
+                let check = CheckSpf {
+                    ip: canonical_ip(self.client.ip()),
+                    helo,
+                    sender: sender.clone(),
+                };
+                let answer = policy.ask_for(to, check, unavailable).await;
+                if let Verdict::Refuse(r) = answer.verdict {
+                    self.send_policy(r);
+                    return Flow::Continue;
+                }
+                spf = Some(answer.spf);
+            }
+        }
         self.tx = Some(Transaction {
             id: QueueId::new(),
             sender,
@@ -385,6 +408,7 @@ impl Session {
             content_octets: 0,
             dropped: 0,
             trace_len: 0,
+            spf,
         });
         self.reply(250, code(2, 1, 0), "Ok");
         Flow::Continue
@@ -687,6 +711,38 @@ impl Session {
                 }
             }
         }
+        let mut hold = None;
+        if let (Some(policy), false) = (self.shared.settings.policy.clone(), self.trusted()) {
+            if let Some(to) = &policy.content {
+                let check = CheckContent {
+                    ip: canonical_ip(self.client.ip()),
+                    helo: self.helo.clone().unwrap_or_default(),
+                    sender: tx.sender.clone(),
+                    spf: tx.spf.clone(),
+                    message: Bytes::copy_from_slice(&tx.body[tx.trace_len..]),
+                };
+                let verdict = policy
+                    .ask_for(to, check, ContentVerdict::unavailable())
+                    .await;
+                if let Verdict::Refuse(r) = verdict.verdict {
+                    info!(id = %tx.id, reason = %r.text, "message refused: content checks");
+                    self.send_policy(r);
+                    return self.after_reply();
+                }
+                // Fields a stranger wrote in our name (our Authentication-Results, any
+                // X-Tern-Score) would be read as ours downstream (RFC 8601 §5): drop them.
+                let hostname = &self.shared.settings.hostname;
+                if let Some(clean) =
+                    tern_policy::headers::strip_ours(&tx.body[tx.trace_len..], hostname)
+                {
+                    tx.body.truncate(tx.trace_len);
+                    tx.body.extend_from_slice(&clean);
+                }
+                let at = tx.trace_len;
+                tx.body.splice(at..at, verdict.headers.into_bytes());
+                hold = verdict.hold;
+            }
+        }
         if let (Some(signer), true) = (self.settings().dkim.clone(), self.trusted()) {
             match sign(signer, std::mem::take(&mut tx.body), tx.trace_len).await {
                 Ok(body) => tx.body = body,
@@ -721,6 +777,7 @@ impl Session {
                 envid: tx.mail.envid,
                 auth: tx.mail.auth.filter(|_| self.auth_user.is_some()),
                 delay_warned: false,
+                hold,
             },
             client: ClientInfo {
                 addr: self.client,

@@ -1,0 +1,378 @@
+//! Sender authentication with mail-auth: SPF when the client names its sender (MAIL FROM), then
+//! DKIM, ARC and DMARC once the message is in (end of DATA), summed up in an
+//! `Authentication-Results:` field (RFC 8601) that names us as the authentication server.
+//!
+//! mail-auth brings its own resolver (hickory 0.25); it is pointed at the same name servers as the
+//! rest of Tern (`dns.nameservers`) and relies on the resolver's TTL cache. The results travel
+//! between stages as the plain serde types below ([`AuthStatus`], [`SpfRecord`]), never as
+//! mail-auth's borrowed outputs, so the stage can run on another node.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use mail_auth::common::headers::HeaderWriter;
+use mail_auth::dmarc::verify::DmarcParameters;
+use mail_auth::dmarc::Policy as DmarcRecordPolicy;
+use mail_auth::hickory_resolver::config::{
+    NameServerConfig, NameServerConfigGroup, ResolveHosts, ResolverConfig, ResolverOpts,
+};
+use mail_auth::hickory_resolver::proto::xfer::Protocol;
+use mail_auth::spf::verify::SpfParameters;
+use mail_auth::{
+    AuthenticatedMessage, AuthenticationResults, DkimResult, DmarcResult, MessageAuthenticator,
+    SpfOutput, SpfResult,
+};
+use serde::{Deserialize, Serialize};
+
+/// A check's result, with RFC 8601's names (`softfail` only for SPF).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthStatus {
+    Pass,
+    Fail,
+    SoftFail,
+    Neutral,
+    TempError,
+    PermError,
+    /// Nothing to check: no record, no signature.
+    #[default]
+    None,
+}
+
+impl AuthStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthStatus::Pass => "pass",
+            AuthStatus::Fail => "fail",
+            AuthStatus::SoftFail => "softfail",
+            AuthStatus::Neutral => "neutral",
+            AuthStatus::TempError => "temperror",
+            AuthStatus::PermError => "permerror",
+            AuthStatus::None => "none",
+        }
+    }
+}
+
+impl fmt::Display for AuthStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<SpfResult> for AuthStatus {
+    fn from(r: SpfResult) -> Self {
+        match r {
+            SpfResult::Pass => AuthStatus::Pass,
+            SpfResult::Fail => AuthStatus::Fail,
+            SpfResult::SoftFail => AuthStatus::SoftFail,
+            SpfResult::Neutral => AuthStatus::Neutral,
+            SpfResult::TempError => AuthStatus::TempError,
+            SpfResult::PermError => AuthStatus::PermError,
+            SpfResult::None => AuthStatus::None,
+        }
+    }
+}
+
+impl From<AuthStatus> for SpfResult {
+    fn from(s: AuthStatus) -> Self {
+        match s {
+            AuthStatus::Pass => SpfResult::Pass,
+            AuthStatus::Fail => SpfResult::Fail,
+            AuthStatus::SoftFail => SpfResult::SoftFail,
+            AuthStatus::Neutral => SpfResult::Neutral,
+            AuthStatus::TempError => SpfResult::TempError,
+            AuthStatus::PermError => SpfResult::PermError,
+            AuthStatus::None => SpfResult::None,
+        }
+    }
+}
+
+fn dkim_status(r: &DkimResult) -> AuthStatus {
+    match r {
+        DkimResult::Pass => AuthStatus::Pass,
+        DkimResult::Neutral(_) => AuthStatus::Neutral,
+        DkimResult::Fail(_) => AuthStatus::Fail,
+        DkimResult::PermError(_) => AuthStatus::PermError,
+        DkimResult::TempError(_) => AuthStatus::TempError,
+        DkimResult::None => AuthStatus::None,
+    }
+}
+
+/// The SPF result for the MAIL FROM identity (the HELO identity for the null sender), kept
+/// with the transaction until the message is in: DMARC needs it and Authentication-Results
+/// reports it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpfRecord {
+    pub status: AuthStatus,
+    /// The domain whose record was evaluated.
+    pub domain: String,
+}
+
+/// A domain's DMARC policy (`p=`, or `sp=` for a subdomain), after `pct=` sampling.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DmarcPolicy {
+    #[default]
+    None,
+    Quarantine,
+    Reject,
+}
+
+impl fmt::Display for DmarcPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DmarcPolicy::None => "none",
+            DmarcPolicy::Quarantine => "quarantine",
+            DmarcPolicy::Reject => "reject",
+        })
+    }
+}
+
+/// What the end-of-DATA checks found.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthReport {
+    pub spf: AuthStatus,
+    /// Pass if any signature passed; otherwise the first signature's result; none without any.
+    pub dkim: AuthStatus,
+    pub arc: AuthStatus,
+    pub dmarc: AuthStatus,
+    /// The From domain's policy, meaningful when `dmarc` is `fail`.
+    pub dmarc_policy: DmarcPolicy,
+    /// The RFC 5322.From domain DMARC evaluated (empty when it could not: no or several).
+    pub from_domain: String,
+    /// The complete `Authentication-Results:` field, CRLF-terminated.
+    pub header: String,
+}
+
+/// Which end-of-DATA checks run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AuthChecks {
+    pub dkim: bool,
+    pub arc: bool,
+    pub dmarc: bool,
+}
+
+impl AuthChecks {
+    pub fn any(&self) -> bool {
+        self.dkim || self.arc || self.dmarc
+    }
+}
+
+/// mail-auth with our resolver settings and host name (the authserv-id).
+#[derive(Clone)]
+pub struct Authenticator {
+    inner: MessageAuthenticator,
+    hostname: String,
+}
+
+impl fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Authenticator")
+            .field("hostname", &self.hostname)
+            .finish()
+    }
+}
+
+/// The organizational domain (RFC 7489 §3.2) from the public suffix list, for relaxed
+/// alignment: `news.example.co.uk` and `example.co.uk` align, `a.co.uk` and `b.co.uk` do not.
+fn organizational_domain(domain: &str) -> &str {
+    psl::domain_str(domain).unwrap_or(domain)
+}
+
+impl Authenticator {
+    /// `nameservers`: `dns.nameservers` (None: the system configuration). `timeout` bounds each
+    /// DNS query, so a slow zone yields `temperror` rather than a stalled session.
+    pub fn new(
+        hostname: &str,
+        nameservers: Option<&[SocketAddr]>,
+        timeout: Duration,
+    ) -> Result<Self, String> {
+        let inner = match nameservers {
+            None => MessageAuthenticator::new_system_conf().map_err(|e| e.to_string())?,
+            Some([]) => return Err("empty name server list".into()),
+            Some(servers) => {
+                let mut group = NameServerConfigGroup::with_capacity(servers.len() * 2);
+                for addr in servers {
+                    for protocol in [Protocol::Udp, Protocol::Tcp] {
+                        group.push(NameServerConfig::new(*addr, protocol));
+                    }
+                }
+                let mut opts = ResolverOpts::default();
+                opts.timeout = timeout;
+                opts.attempts = 2;
+                // An explicit server list is deliberate (tests, split horizon).
+                opts.use_hosts_file = ResolveHosts::Never;
+                MessageAuthenticator::new(ResolverConfig::from_parts(None, vec![], group), opts)
+                    .map_err(|e| e.to_string())?
+            }
+        };
+        Ok(Self {
+            inner,
+            hostname: hostname.to_string(),
+        })
+    }
+
+    /// SPF for `sender` (empty: the null sender, so the HELO identity, RFC 7208 §2.4).
+    pub async fn spf(&self, ip: IpAddr, helo: &str, sender: &str) -> SpfRecord {
+        let params = if sender.is_empty() {
+            SpfParameters::verify_ehlo(ip, helo, &self.hostname)
+        } else {
+            SpfParameters::verify_mail_from(ip, helo, &self.hostname, sender)
+        };
+        let out: SpfOutput = self.inner.verify_spf(params).await;
+        SpfRecord {
+            status: out.result().into(),
+            domain: out.domain().to_string(),
+        }
+    }
+
+    /// DKIM, ARC and DMARC over `message` (the content as received), and the
+    /// Authentication-Results field reporting them and `spf`.
+    pub async fn verify(
+        &self,
+        message: &[u8],
+        ip: IpAddr,
+        helo: &str,
+        sender: &str,
+        spf: Option<&SpfRecord>,
+        checks: AuthChecks,
+    ) -> AuthReport {
+        let mut report = AuthReport {
+            spf: spf.map_or(AuthStatus::None, |s| s.status),
+            ..AuthReport::default()
+        };
+        let Some(msg) = AuthenticatedMessage::parse(message) else {
+            // mail-auth found no header at all; nothing to authenticate.
+            report.header = format!(
+                "Authentication-Results: {}; none (no header section)\r\n",
+                self.hostname
+            );
+            return report;
+        };
+        let dkim = if checks.dkim {
+            self.inner.verify_dkim(&msg).await
+        } else {
+            Vec::new()
+        };
+        report.dkim = if dkim.iter().any(|o| o.result() == &DkimResult::Pass) {
+            AuthStatus::Pass
+        } else {
+            dkim.first()
+                .map_or(AuthStatus::None, |o| dkim_status(o.result()))
+        };
+        let mut results = AuthenticationResults::new(&self.hostname);
+        if !dkim.is_empty() {
+            results = results.with_dkim_results(&dkim, msg.from());
+        }
+        let spf_output = spf.map(|s| SpfOutput::new(s.domain.clone()).with_result(s.status.into()));
+        if let Some(out) = &spf_output {
+            results = if sender.is_empty() {
+                results.with_spf_ehlo_result(out, ip, helo)
+            } else {
+                results.with_spf_mailfrom_result(out, ip, sender, helo)
+            };
+        }
+        if checks.arc {
+            let arc = self.inner.verify_arc(&msg).await;
+            report.arc = dkim_status(arc.result());
+            if report.arc != AuthStatus::None {
+                results = results.with_arc_result(&arc, ip);
+            }
+        }
+        let mut dmarc_clause = String::new();
+        if checks.dmarc {
+            let none = SpfOutput::new(String::new());
+            let mail_from_domain = sender.rsplit_once('@').map_or(helo, |(_, d)| d);
+            let params = DmarcParameters::new(
+                &msg,
+                &dkim,
+                mail_from_domain,
+                spf_output.as_ref().unwrap_or(&none),
+            )
+            .with_domain_suffix_fn(organizational_domain);
+            let out = self.inner.verify_dmarc(params).await;
+            let (spf_r, dkim_r) = (out.spf_result(), out.dkim_result());
+            let is = |f: fn(&DmarcResult) -> bool| f(spf_r) || f(dkim_r);
+            // mail-auth leaves both results at "none" when a record exists but neither SPF nor
+            // DKIM passed; that is a DMARC failure (RFC 7489 §6.6.2).
+            report.dmarc = if is(|r| *r == DmarcResult::Pass) {
+                AuthStatus::Pass
+            } else if is(|r| matches!(r, DmarcResult::TempError(_))) {
+                AuthStatus::TempError
+            } else if is(|r| matches!(r, DmarcResult::PermError(_))) {
+                AuthStatus::PermError
+            } else if out.dmarc_record().is_some() {
+                AuthStatus::Fail
+            } else {
+                AuthStatus::None
+            };
+            report.from_domain = out.domain().to_string();
+            if let Some(record) = out.dmarc_record() {
+                report.dmarc_policy = sampled(out.policy(), record.pct);
+            }
+            if !report.from_domain.is_empty() {
+                dmarc_clause = format!(
+                    ";\r\n\tdmarc={} header.from={} policy.dmarc={}",
+                    report.dmarc,
+                    report.from_domain,
+                    out.policy()
+                );
+            }
+        }
+        let mut header = results.to_header();
+        if !dmarc_clause.is_empty() {
+            // mail-auth's own DMARC clause says "none" for a failure (see above); ours goes
+            // before the field's final CRLF.
+            let end = header.len() - 2;
+            header.insert_str(end, &dmarc_clause);
+        }
+        report.header = header;
+        report
+    }
+}
+
+/// RFC 7489 §6.6.4: `pct=` below 100 applies the policy to that share of failing mail; the
+/// rest is treated one step more leniently (reject as quarantine, quarantine as none).
+fn sampled(policy: DmarcRecordPolicy, pct: u8) -> DmarcPolicy {
+    let applies = pct >= 100 || rand::random::<u8>() % 100 < pct;
+    match (policy, applies) {
+        (DmarcRecordPolicy::Reject, true) => DmarcPolicy::Reject,
+        (DmarcRecordPolicy::Reject, false) | (DmarcRecordPolicy::Quarantine, true) => {
+            DmarcPolicy::Quarantine
+        }
+        _ => DmarcPolicy::None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn organizational_domains_follow_the_public_suffix_list() {
+        assert_eq!(organizational_domain("news.example.co.uk"), "example.co.uk");
+        assert_eq!(organizational_domain("a.b.example.org"), "example.org");
+        assert_eq!(organizational_domain("example.org"), "example.org");
+    }
+
+    #[test]
+    fn pct_sampling() {
+        assert_eq!(sampled(DmarcRecordPolicy::Reject, 100), DmarcPolicy::Reject);
+        assert_eq!(
+            sampled(DmarcRecordPolicy::Reject, 0),
+            DmarcPolicy::Quarantine
+        );
+        assert_eq!(sampled(DmarcRecordPolicy::Quarantine, 0), DmarcPolicy::None);
+        assert_eq!(sampled(DmarcRecordPolicy::None, 100), DmarcPolicy::None);
+    }
+
+    #[test]
+    fn status_names_are_rfc_8601s() {
+        assert_eq!(AuthStatus::SoftFail.to_string(), "softfail");
+        assert_eq!(
+            serde_json::to_string(&AuthStatus::TempError).unwrap(),
+            "\"temperror\""
+        );
+    }
+}
