@@ -46,11 +46,13 @@ if ! python3 -c 'import pytest' >/dev/null 2>&1; then
     || python3 -m pip install -q --break-system-packages pytest
 fi
 
-# dkimpy (with PyNaCl for Ed25519): the independent DKIM implementation of test_dkim.py.
-if ! python3 -c 'import dkim, nacl' >/dev/null 2>&1; then
-  log "installing dkimpy pynacl"
-  python3 -m pip install -q dkimpy pynacl 2>/dev/null \
-    || python3 -m pip install -q --break-system-packages dkimpy pynacl
+# dkimpy (with PyNaCl for Ed25519, authres for ARC): the independent DKIM/ARC implementation
+# of test_dkim.py and of tests/tools/dkimpy_tool.py (the signer tests/tests/authentication.rs
+# verifies against).
+if ! python3 -c 'import dkim, nacl, authres' >/dev/null 2>&1; then
+  log "installing dkimpy pynacl authres"
+  python3 -m pip install -q dkimpy pynacl authres 2>/dev/null \
+    || python3 -m pip install -q --break-system-packages dkimpy pynacl authres
 fi
 
 # --- build -----------------------------------------------------------------------------------

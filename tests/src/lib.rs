@@ -252,6 +252,10 @@ pub struct TernServer {
     stderr_path: PathBuf,
     env: Vec<(String, String)>,
     child: Option<Child>,
+    /// An empty loopback DNS server for tests that name none: sender authentication looks
+    /// names up for every stranger's message, and tests must never reach the system resolver
+    /// (off loopback).
+    _dns: Option<tern_dns::testing::TestDns>,
     pub smtp: SocketAddr,
     pub submission: SocketAddr,
     pub submissions: SocketAddr,
@@ -295,6 +299,23 @@ impl TernServer {
                 .expect("auth table")
                 .insert("users".into(), toml::Value::Array(users));
         }
+        let has_nameservers = config
+            .get("dns")
+            .and_then(|d| d.get("nameservers"))
+            .is_some();
+        let dns = (!has_nameservers)
+            .then(|| tern_dns::testing::TestDns::start(tern_dns::testing::TestZone::new()));
+        if let Some(dns) = &dns {
+            let d = config
+                .entry("dns")
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                .as_table_mut()
+                .expect("dns table");
+            d.insert(
+                "nameservers".into(),
+                toml::Value::Array(vec![dns.addr().to_string().into()]),
+            );
+        }
         let mut server = TernServer {
             dir,
             config_path,
@@ -302,6 +323,7 @@ impl TernServer {
             stderr_path,
             env: b.env,
             child: None,
+            _dns: dns,
             smtp: "127.0.0.1:0".parse().unwrap(),
             submission: "127.0.0.1:0".parse().unwrap(),
             submissions: "127.0.0.1:0".parse().unwrap(),

@@ -221,9 +221,40 @@ impl Authenticator {
             SpfParameters::verify_mail_from(ip, helo, &self.hostname, sender)
         };
         let out: SpfOutput = self.inner.verify_spf(params).await;
+        let mut status: AuthStatus = out.result().into();
+        if status == AuthStatus::None && self.lookup_failed(out.domain()).await {
+            // mail-auth 0.7 reads any "no records" error as "no SPF record", SERVFAIL
+            // included; RFC 7208 §4.4 makes a server failure or a timeout `temperror`.
+            status = AuthStatus::TempError;
+        }
         SpfRecord {
-            status: out.result().into(),
+            status,
             domain: out.domain().to_string(),
+        }
+    }
+
+    /// Whether a TXT query for `domain` fails for another reason than "no such record" (a
+    /// SERVFAIL, REFUSED or timeout). Asked only after an SPF `none`, from the resolver's cache
+    /// when the answer is still there.
+    async fn lookup_failed(&self, domain: &str) -> bool {
+        use mail_auth::hickory_resolver::proto::op::ResponseCode;
+        use mail_auth::hickory_resolver::proto::ProtoErrorKind;
+        use mail_auth::hickory_resolver::ResolveErrorKind;
+        if domain.is_empty() {
+            return false;
+        }
+        match self.inner.resolver().txt_lookup(format!("{domain}.")).await {
+            Ok(_) => false,
+            Err(e) => match e.kind() {
+                ResolveErrorKind::Proto(p) => match p.kind() {
+                    ProtoErrorKind::NoRecordsFound { response_code, .. } => !matches!(
+                        *response_code,
+                        ResponseCode::NoError | ResponseCode::NXDomain
+                    ),
+                    _ => true,
+                },
+                _ => true,
+            },
         }
     }
 

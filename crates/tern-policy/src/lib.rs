@@ -33,8 +33,8 @@ use tracing::{debug, info};
 
 pub use auth::{AuthChecks, AuthReport, AuthStatus, Authenticator, DmarcPolicy, SpfRecord};
 pub use bucket::{Buckets, Rate, TokenBucket};
-pub use rules::{Rules, RulesError, Score};
 pub use checks::{check_helo, HeloPolicy};
+pub use rules::{Rules, RulesError, Score};
 pub use suppression::{Suppressed, SuppressionError, SuppressionList};
 
 /// What a check decided.
@@ -218,10 +218,7 @@ impl SpfVerdict {
         Self {
             spf: SpfRecord {
                 status: AuthStatus::TempError,
-                domain: sender
-                    .rsplit_once('@')
-                    .map_or(helo, |(_, d)| d)
-                    .to_string(),
+                domain: sender.rsplit_once('@').map_or(helo, |(_, d)| d).to_string(),
             },
             verdict: Verdict::Accept,
         }
@@ -475,7 +472,11 @@ impl Handler<CheckSpf> for PolicyActor {
 
     fn handle(&mut self, req: CheckSpf, _ctx: &mut Self::Context) -> Self::Result {
         let action = self.settings.spf;
-        let Some(auth) = self.authenticator.clone().filter(|_| action != SpfAction::Off) else {
+        let Some(auth) = self
+            .authenticator
+            .clone()
+            .filter(|_| action != SpfAction::Off)
+        else {
             return Box::pin(async {
                 SpfVerdict {
                     spf: SpfRecord::default(),
@@ -572,7 +573,10 @@ fn judge(
                     format!("Error: message rejected by the DMARC policy of {domain}"),
                 ));
             }
-            (DmarcAction::Enforce | DmarcAction::Hold, DmarcPolicy::Reject | DmarcPolicy::Quarantine) => {
+            (
+                DmarcAction::Enforce | DmarcAction::Hold,
+                DmarcPolicy::Reject | DmarcPolicy::Quarantine,
+            ) => {
                 info!(sender = %req.sender, %domain, %policy, "DMARC fail: message held");
                 out.hold = Some(format!("DMARC policy {policy} of {domain}"));
             }

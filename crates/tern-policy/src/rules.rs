@@ -175,11 +175,7 @@ impl Rules {
                 },
                 (None, None, Some(body), None) => Test::Body(regex(body)?),
                 (None, None, None, Some(check)) => Test::Check(check),
-                _ => {
-                    return Err(bad(
-                        "needs exactly one of: header + pattern, body, check",
-                    ))
-                }
+                _ => return Err(bad("needs exactly one of: header + pattern, body, check")),
             };
             rules.push(Rule {
                 name: spec.name,
@@ -277,7 +273,10 @@ impl Rules {
 /// A raw field value on one line (RFC 5322 §2.2.3 unfolding), surrounding space trimmed.
 fn unfold(raw: &[u8]) -> String {
     let text = String::from_utf8_lossy(raw);
-    text.replace("\r\n", "").replace('\n', "").trim().to_string()
+    text.replace("\r\n", "")
+        .replace('\n', "")
+        .trim()
+        .to_string()
 }
 
 #[cfg(test)]
@@ -326,7 +325,13 @@ score = -1
         // The subject matched decoded (RFC 2047), the body decoded (quoted-printable).
         assert_eq!(
             s.hits.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
-            ["SUBJECT_LOTTERY", "BODY_WIRE", "SPF_FAIL", "NO_DATE", "GOOD_FROM"]
+            [
+                "SUBJECT_LOTTERY",
+                "BODY_WIRE",
+                "SPF_FAIL",
+                "NO_DATE",
+                "GOOD_FROM"
+            ]
         );
         assert_eq!(s.total, 6.5);
         assert_eq!(
@@ -340,7 +345,10 @@ score = -1
     #[test]
     fn bad_rules_are_named() {
         for (text, want) in [
-            ("[[rule]]\nname = \"A\"\nscore = 1\n", "rule A: needs exactly one"),
+            (
+                "[[rule]]\nname = \"A\"\nscore = 1\n",
+                "rule A: needs exactly one",
+            ),
             (
                 "[[rule]]\nname = \"B\"\nbody = \"(\"\nscore = 1\n",
                 "rule B: bad pattern",
@@ -349,7 +357,10 @@ score = -1
                 "[[rule]]\nname = \"C\"\ncheck = \"spf_maybe\"\nscore = 1\n",
                 "spf_maybe",
             ),
-            ("[[rule]]\nname = \"bad name\"\nbody = \"x\"\nscore = 1\n", "rule bad name: name"),
+            (
+                "[[rule]]\nname = \"bad name\"\nbody = \"x\"\nscore = 1\n",
+                "rule bad name: name",
+            ),
             ("[[rules]]\n", "unknown field"),
         ] {
             let e = Rules::parse(text).unwrap_err().to_string();

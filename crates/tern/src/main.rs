@@ -398,8 +398,7 @@ fn serve(config_file: Option<&Path>) -> Result<()> {
             info!("delivery.enabled = false: mail is accepted and kept in the queue");
         }
         let mut settings = settings;
-        let (policy, policy_client) =
-            start_policy(&full_config, policy_settings, resolver)?;
+        let (policy, policy_client) = start_policy(&full_config, policy_settings, resolver)?;
         settings.policy = policy_config.enabled.then_some(policy_client);
         if policy_config.suppression {
             queue.do_send(tern_queue::AttachSuppression(policy.clone().recipient()));
