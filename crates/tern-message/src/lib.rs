@@ -130,6 +130,11 @@ pub struct Envelope {
     /// enough. Absent in records written before it existed, hence the default.
     #[serde(default)]
     pub delay_warned: bool,
+    /// Why the message is on hold (quarantined by the validation stage, or put there by an
+    /// operator); `None` for a message free to go. The queue dispatches nothing of a held
+    /// message until an operator releases it. Absent in older records, hence the default.
+    #[serde(default)]
+    pub hold: Option<String>,
 }
 
 impl Envelope {
@@ -144,6 +149,7 @@ impl Envelope {
             envid: None,
             auth: None,
             delay_warned: false,
+            hold: None,
         }
     }
 
@@ -159,6 +165,7 @@ impl Envelope {
             envid: self.envid.clone(),
             auth: self.auth.clone(),
             delay_warned: self.delay_warned,
+            hold: self.hold.clone(),
         }
     }
 }

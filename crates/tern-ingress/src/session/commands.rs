@@ -721,6 +721,7 @@ impl Session {
                 envid: tx.mail.envid,
                 auth: tx.mail.auth.filter(|_| self.auth_user.is_some()),
                 delay_warned: false,
+                hold: None,
             },
             client: ClientInfo {
                 addr: self.client,

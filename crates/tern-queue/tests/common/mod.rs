@@ -40,6 +40,7 @@ pub fn envelope() -> Envelope {
         envid: Some("QQ314159".into()),
         auth: Some("<>".into()),
         delay_warned: false,
+        hold: None,
     }
 }
 
