@@ -306,7 +306,11 @@ fn held_messages_stay_out_of_the_schedule_until_released_even_across_recovery() 
             .unwrap()
             .unwrap();
         assert_eq!(shown.summary.hold, None);
-        assert!(shown.summary.recipients.iter().all(|r| r.state == "pending"));
+        assert!(shown
+            .summary
+            .recipients
+            .iter()
+            .all(|r| r.state == "pending"));
         assert!(storage
             .get(quarantined)
             .unwrap()

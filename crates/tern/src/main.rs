@@ -103,7 +103,7 @@ enum QueueCommand {
     List {
         #[arg(long)]
         domain: Option<String>,
-        /// pending, in-flight, deferred, delivered or failed.
+        /// pending, held, in-flight, deferred, delivered or failed.
         #[arg(long)]
         state: Option<String>,
     },
@@ -120,6 +120,11 @@ enum QueueCommand {
         #[arg(long)]
         bounce: bool,
     },
+    /// Put a message on hold: nothing of it is delivered (and it does not expire) until
+    /// `release`.
+    Hold { id: String },
+    /// Take a message off hold; its recipients are due at once.
+    Release { id: String },
     /// Hold delivery to DOMAIN (mail for it stays queued).
     Suspend { domain: String },
     /// Resume delivery to DOMAIN and retry its mail now.
@@ -299,6 +304,21 @@ fn queue_command(
             println!(
                 "{id} deleted{}",
                 if bounce { " (sender notified)" } else { "" }
+            );
+        }
+        QueueCommand::Hold { id } => {
+            let changed = client.hold(&id, true)?;
+            println!("{id} {}", if changed { "held" } else { "was already held" });
+        }
+        QueueCommand::Release { id } => {
+            let changed = client.hold(&id, false)?;
+            println!(
+                "{id} {}",
+                if changed {
+                    "released, due now"
+                } else {
+                    "was not held"
+                }
             );
         }
         QueueCommand::Suspend { domain } => {
