@@ -470,11 +470,17 @@ fn policy_settings(config: &Config) -> tern_policy::PolicySettings {
         rcpt_rate: p.rcpt_rate,
         dnsbl_timeout: p.dnsbl_timeout,
         suppression_action: p.suppression_action,
+        greylist: tern_policy::GreylistSettings {
+            enabled: p.greylisting,
+            delay: p.greylist_delay,
+            retry_window: p.greylist_retry_window,
+            expiry: p.greylist_expiry,
+        },
     }
 }
 
-/// Starts the validation actor (with the suppression list in `<data_dir>/suppression` when
-/// enabled) and returns its address and what sessions use to consult it.
+/// Starts the validation actor (with the suppression list in `<data_dir>/suppression` and the
+/// greylist in `<data_dir>/greylist` when enabled) and returns its address and what sessions use to consult it.
 fn start_policy(
     config: &config::Policy,
     settings: tern_policy::PolicySettings,
@@ -485,7 +491,14 @@ fn start_policy(
     tern_policy::PolicyClient,
 )> {
     let resolver = resolver.filter(|_| !settings.dnsbl_zones.is_empty());
+    let greylist = settings.greylist;
     let mut actor = tern_policy::PolicyActor::new(settings, resolver);
+    if greylist.enabled {
+        let dir = data_dir.join("greylist");
+        let list = tern_policy::Greylist::open(&dir, greylist)
+            .with_context(|| format!("cannot open the greylist in {}", dir.display()))?;
+        actor = actor.with_greylist(list);
+    }
     if config.suppression {
         let dir = data_dir.join("suppression");
         let list = tern_policy::SuppressionList::open(&dir)
