@@ -52,7 +52,9 @@ pub struct Entry {
 pub enum Decision {
     Pass,
     /// Refuse for now; the triplet may pass in this many seconds (at least 1).
-    Wait { seconds: u64 },
+    Wait {
+        seconds: u64,
+    },
 }
 
 fn ms(d: Duration) -> u64 {
@@ -241,7 +243,11 @@ mod tests {
         assert_eq!(d, Decision::Pass);
         assert_eq!(e.last_ms, t0 + 30 * DAY);
         let (d, _) = decide(Some(e), t0 + 64 * DAY, &s);
-        assert_eq!(d, Decision::Pass, "35 days since last seen, not since first");
+        assert_eq!(
+            d,
+            Decision::Pass,
+            "35 days since last seen, not since first"
+        );
     }
 
     #[test]
@@ -283,7 +289,10 @@ mod tests {
             a("192.0.2.1", "a@x.test", "b@y.test"),
             "IPv4-mapped addresses are IPv4"
         );
-        assert_eq!(network("2001:db8:1:2:3:4:5:6".parse().unwrap()), "2001:db8:1:2::/64");
+        assert_eq!(
+            network("2001:db8:1:2:3:4:5:6".parse().unwrap()),
+            "2001:db8:1:2::/64"
+        );
         assert_ne!(
             a("2001:db8:1:2::1", "a@x.test", "b@y.test"),
             a("2001:db8:1:3::1", "a@x.test", "b@y.test")
@@ -305,11 +314,13 @@ mod tests {
             Decision::Wait { .. }
         ));
         assert_eq!(
-            list.check(ip, "a@x.test", "b@y.test", t0 + 301 * S).unwrap(),
+            list.check(ip, "a@x.test", "b@y.test", t0 + 301 * S)
+                .unwrap(),
             Decision::Pass
         );
         assert!(matches!(
-            list.check(ip, "c@x.test", "b@y.test", t0 + 302 * S).unwrap(),
+            list.check(ip, "c@x.test", "b@y.test", t0 + 302 * S)
+                .unwrap(),
             Decision::Wait { .. }
         ));
         assert_eq!(list.len(), 2);

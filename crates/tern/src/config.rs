@@ -2235,7 +2235,10 @@ mod tests {
         );
         file_error(
             "[policy]\ngreylist_delay = \"1h\"\ngreylist_retry_window = \"30m\"\n",
-            &["policy.greylist_retry_window:", "longer than policy.greylist_delay (1h)"],
+            &[
+                "policy.greylist_retry_window:",
+                "longer than policy.greylist_delay (1h)",
+            ],
         );
         file_error(
             "[policy]\ngreylist_expiry = \"0s\"\n",
