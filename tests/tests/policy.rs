@@ -5,6 +5,8 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
 use tern_dns::testing::{TestDns, TestZone};
 use tern_tests::{SmtpClient, TernServer, TernServerBuilder};
 
@@ -188,10 +190,11 @@ fn two_from_headers_are_refused_from_anyone() {
 }
 
 #[test]
-fn greylisting_makes_a_strangers_new_triplet_wait_and_never_a_trusted_client() {
+fn greylisting_makes_a_strangers_new_triplet_wait_and_never_a_trusted_or_authenticated_client() {
     let server = strangers_welcome()
         .set("policy.greylisting", true)
         .set("policy.greylist_delay", "1s")
+        .user("alice", "secret")
         .start();
     let mut c = SmtpClient::connect_from(lo(2), server.smtp);
     c.read_reply().expect_code(220);
@@ -234,6 +237,16 @@ fn greylisting_makes_a_strangers_new_triplet_wait_and_never_a_trusted_client() {
     t.ehlo("localhost").expect_code(250);
     t.cmd("MAIL FROM:<dave@client.test>").expect_code(250);
     t.cmd("RCPT TO:<erin@example.net>").expect_code(250);
+    // Nor does an authenticated one, from a stranger's address.
+    let mut a = SmtpClient::connect_from(lo(4), server.submission);
+    a.read_reply().expect_code(220);
+    a.ehlo("laptop.client.test").expect_code(250);
+    a.starttls();
+    a.ehlo("laptop.client.test").expect_code(250);
+    let token = B64.encode(b"\0alice\0secret");
+    a.cmd(&format!("AUTH PLAIN {token}")).expect("235", "2.7.0");
+    a.cmd("MAIL FROM:<alice@client.test>").expect_code(250);
+    a.cmd("RCPT TO:<frank@example.net>").expect_code(250);
     assert!(
         server.data_dir().join("greylist").is_dir(),
         "triplets are kept in <data_dir>/greylist"
