@@ -465,6 +465,44 @@ fn a_held_message_stays_queued_across_flush_and_restart_until_released() {
 }
 
 #[test]
+fn a_message_held_in_flight_finishes_its_attempt_and_is_not_retried_until_released() {
+    // The first attempt is slow and ends with a 451; with a 1 s retry schedule a free message
+    // would be tried again at once.
+    let sink = Sink::start(SinkConfig {
+        data_replies: vec!["451 4.3.0 later".into(), "250 2.0.0 queued".into()],
+        data_delay: Duration::from_millis(1_500),
+        ..SinkConfig::default()
+    });
+    let server = to_sink(TernServer::builder(), &sink)
+        .set_list("queue.retry_schedule", &["1s"])
+        .start();
+    let id = submit(&server, "alice@client.test", &["bob@example.net"], "slow");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let list = queue_json(&server, &["list", "--state", "in-flight"]);
+        if find(&list, &id).is_some() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never in flight: {list}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = queue_ok(&server, &["hold", &id]);
+    assert_eq!(out.trim(), format!("{id} held"));
+    server.wait_event("deferred", "bob@example.net", WAIT);
+    std::thread::sleep(Duration::from_millis(2_500));
+    assert_eq!(sink.transactions().len(), 1, "retried while held");
+    let list = queue_json(&server, &["list", "--state", "held"]);
+    let m = find(&list, &id).unwrap_or_else(|| panic!("{id} not held: {list}"));
+    assert_eq!(m["recipients"][0]["attempts"], 1, "{m}");
+    assert_eq!(m["recipients"][0]["last_reply"], "451 4.3.0 later", "{m}");
+
+    queue_ok(&server, &["release", &id]);
+    let delivered = server.wait_event("delivered", "bob@example.net", WAIT);
+    assert_eq!(delivered["attempt"], 2);
+    server.wait_queued(0, WAIT);
+}
+
+#[test]
 fn delete_removes_a_message_and_unknown_ids_fail() {
     let server = TernServer::start();
     let keep = submit(&server, "alice@client.test", &["bob@example.net"], "keep");
