@@ -5,6 +5,8 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
 use tern_dns::testing::{TestDns, TestZone};
 use tern_tests::{SmtpClient, TernServer, TernServerBuilder};
 
@@ -185,4 +187,68 @@ fn two_from_headers_are_refused_from_anyone() {
         &["b@example.net"],
         "Subject: s\r\n\r\nx\r\n",
     ));
+}
+
+#[test]
+fn greylisting_makes_a_strangers_new_triplet_wait_and_never_a_trusted_or_authenticated_client() {
+    let server = strangers_welcome()
+        .set("policy.greylisting", true)
+        .set("policy.greylist_delay", "1s")
+        .user("alice", "secret")
+        .start();
+    let mut c = SmtpClient::connect_from(lo(2), server.smtp);
+    c.read_reply().expect_code(220);
+    c.ehlo("mail.client.test").expect_code(250);
+    c.cmd("MAIL FROM:<alice@client.test>").expect_code(250);
+    let first = c.cmd("RCPT TO:<bob@example.net>");
+    first.expect("451", "4.7.1");
+    assert!(
+        first.text().contains("Greylisted, try again in 1 seconds"),
+        "{first}"
+    );
+    // Too early: still refused, and the message cannot go on without a recipient.
+    c.cmd("RCPT TO:<bob@example.net>").expect("451", "4.7.1");
+    c.cmd("DATA").expect("503", "5.5.1");
+    c.cmd("RSET").expect_code(250);
+
+    std::thread::sleep(Duration::from_millis(1_200));
+    // The retry after the delay passes, from another address of the same /24 too (big senders
+    // retry from another host of their pool), and the whole message goes through.
+    let mut retry = SmtpClient::connect_from(lo(3), server.smtp);
+    retry.read_reply().expect_code(220);
+    retry.ehlo("mail2.client.test").expect_code(250);
+    tern_tests::queued_id(&retry.send_mail(
+        "ALICE@client.test",
+        &["Bob@Example.NET"],
+        "From: <alice@client.test>\r\nSubject: greylisted\r\n\r\nx\r\n",
+    ));
+    // Remembered: later mail of the triplet is not delayed again.
+    c.cmd("MAIL FROM:<alice@client.test>").expect_code(250);
+    c.cmd("RCPT TO:<bob@example.net>").expect_code(250);
+    c.cmd("RSET").expect_code(250);
+    // Another sender is a new triplet.
+    c.cmd("MAIL FROM:<carol@client.test>").expect_code(250);
+    c.cmd("RCPT TO:<bob@example.net>").expect("451", "4.7.1");
+    c.cmd("RSET").expect_code(250);
+
+    // A trusted client never waits.
+    let mut t = SmtpClient::connect_from(lo(1), server.smtp);
+    t.read_reply().expect_code(220);
+    t.ehlo("localhost").expect_code(250);
+    t.cmd("MAIL FROM:<dave@client.test>").expect_code(250);
+    t.cmd("RCPT TO:<erin@example.net>").expect_code(250);
+    // Nor does an authenticated one, from a stranger's address.
+    let mut a = SmtpClient::connect_from(lo(4), server.submission);
+    a.read_reply().expect_code(220);
+    a.ehlo("laptop.client.test").expect_code(250);
+    a.starttls();
+    a.ehlo("laptop.client.test").expect_code(250);
+    let token = B64.encode(b"\0alice\0secret");
+    a.cmd(&format!("AUTH PLAIN {token}")).expect("235", "2.7.0");
+    a.cmd("MAIL FROM:<alice@client.test>").expect_code(250);
+    a.cmd("RCPT TO:<frank@example.net>").expect_code(250);
+    assert!(
+        server.data_dir().join("greylist").is_dir(),
+        "triplets are kept in <data_dir>/greylist"
+    );
 }

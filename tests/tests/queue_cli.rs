@@ -362,6 +362,146 @@ fn suspend_holds_a_domain_across_restarts_and_resume_delivers() {
     assert!(!saved.contains("held.test"), "{saved}");
 }
 
+/// Whether the sink got a message for `rcpt`.
+fn sink_has(sink: &Sink, rcpt: &str) -> bool {
+    sink.messages()
+        .iter()
+        .any(|m| m.rcpts.iter().any(|r| r == rcpt))
+}
+
+#[test]
+fn a_held_message_stays_queued_across_flush_and_restart_until_released() {
+    let sink = Sink::start(SinkConfig::default());
+    let mut server = to_sink(TernServer::builder(), &sink).start();
+    // Suspension keeps the messages pending (due at once) until they are on hold.
+    queue_ok(&server, &["suspend", "example.net"]);
+    let held = submit(&server, "alice@client.test", &["bob@example.net"], "held");
+    let doomed = submit(
+        &server,
+        "alice@client.test",
+        &["dave@example.net"],
+        "doomed",
+    );
+    for id in [&held, &doomed] {
+        let out = queue_ok(&server, &["hold", id]);
+        assert_eq!(out.trim(), format!("{id} held"));
+    }
+    let out = queue_ok(&server, &["hold", &held]);
+    assert_eq!(out.trim(), format!("{held} was already held"));
+    // Resuming the domain flushes its mail, which would deliver both at once if they were
+    // not held; so would an explicit flush.
+    queue_ok(&server, &["resume", "example.net"]);
+    let out = queue_ok(&server, &["flush"]);
+    assert_eq!(out.trim(), "0 message(s) scheduled for immediate delivery");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(sink.messages().is_empty(), "held mail was delivered");
+
+    let list = queue_json(&server, &["list", "--state", "held"]);
+    assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
+    let m = find(&list, &held).unwrap_or_else(|| panic!("{held} not listed: {list}"));
+    assert_eq!(m["hold"], "operator", "{m}");
+    assert_eq!(m["recipients"][0]["state"], "held", "{m}");
+    let pending = queue_json(&server, &["list", "--state", "pending"]);
+    assert!(find(&pending, &held).is_none(), "{pending}");
+    let text = queue_ok(&server, &["show", &held]);
+    assert!(text.contains("on hold: operator"), "{text}");
+    let line = text
+        .lines()
+        .find(|l| l.contains("bob@example.net"))
+        .unwrap_or_else(|| panic!("no line for bob: {text}"));
+    assert!(line.trim_start().starts_with("held"), "{line}");
+    let stats = queue_json(&server, &["stats"]);
+    assert_eq!(stats["held"], 2, "{stats}");
+    assert_eq!(stats["by_state"]["held"], 2, "{stats}");
+    assert!(
+        queue_ok(&server, &["stats"]).contains("held: 2"),
+        "text stats count held messages"
+    );
+    let events = server.delivery_log_when(
+        "the held lines",
+        |l| l.iter().filter(|e| e["event"] == "held").count() == 2,
+        WAIT,
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e["event"] == "held" && e["queue_id"] == held.as_str()),
+        "{events:?}"
+    );
+
+    // A restart recovers the pending recipients due at once, except held ones.
+    server.stop();
+    server.restart();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(sink.messages().is_empty(), "held mail left after restart");
+    let list = queue_json(&server, &["list", "--state", "held"]);
+    assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
+    assert_eq!(find(&list, &held).unwrap()["hold"], "operator");
+
+    // Deleting works on held mail.
+    let out = queue_ok(&server, &["delete", &doomed]);
+    assert_eq!(out.trim(), format!("{doomed} deleted"));
+
+    let out = queue_ok(&server, &["release", &held]);
+    assert_eq!(out.trim(), format!("{held} released, due now"));
+    let got = sink.wait_for_messages(1, WAIT);
+    assert_eq!(got[0].rcpts, ["bob@example.net"]);
+    assert_eq!(
+        server.wait_event("delivered", "bob@example.net", WAIT)["queue_id"],
+        held.as_str()
+    );
+    server.wait_queued(0, WAIT);
+    assert!(
+        !sink_has(&sink, "dave@example.net"),
+        "deleted mail delivered"
+    );
+    let err = queue_err(&server, &["release", &held]);
+    assert!(
+        err.contains(&format!("no message {held}")) && err.contains("HTTP 404"),
+        "{err}"
+    );
+    let stats = queue_json(&server, &["stats"]);
+    assert_eq!(stats["held"], 0, "{stats}");
+}
+
+#[test]
+fn a_message_held_in_flight_finishes_its_attempt_and_is_not_retried_until_released() {
+    // The first attempt is slow and ends with a 451; with a 1 s retry schedule a free message
+    // would be tried again at once.
+    let sink = Sink::start(SinkConfig {
+        data_replies: vec!["451 4.3.0 later".into(), "250 2.0.0 queued".into()],
+        data_delay: Duration::from_millis(1_500),
+        ..SinkConfig::default()
+    });
+    let server = to_sink(TernServer::builder(), &sink)
+        .set_list("queue.retry_schedule", &["1s"])
+        .start();
+    let id = submit(&server, "alice@client.test", &["bob@example.net"], "slow");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let list = queue_json(&server, &["list", "--state", "in-flight"]);
+        if find(&list, &id).is_some() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never in flight: {list}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = queue_ok(&server, &["hold", &id]);
+    assert_eq!(out.trim(), format!("{id} held"));
+    server.wait_event("deferred", "bob@example.net", WAIT);
+    std::thread::sleep(Duration::from_millis(2_500));
+    assert_eq!(sink.transactions().len(), 1, "retried while held");
+    let list = queue_json(&server, &["list", "--state", "held"]);
+    let m = find(&list, &id).unwrap_or_else(|| panic!("{id} not held: {list}"));
+    assert_eq!(m["recipients"][0]["attempts"], 1, "{m}");
+    assert_eq!(m["recipients"][0]["last_reply"], "451 4.3.0 later", "{m}");
+
+    queue_ok(&server, &["release", &id]);
+    let delivered = server.wait_event("delivered", "bob@example.net", WAIT);
+    assert_eq!(delivered["attempt"], 2);
+    server.wait_queued(0, WAIT);
+}
+
 #[test]
 fn delete_removes_a_message_and_unknown_ids_fail() {
     let server = TernServer::start();
@@ -457,7 +597,7 @@ fn delete_with_bounce_sends_a_dsn_to_the_sender() {
 #[test]
 fn malformed_id_is_a_clear_error() {
     let server = TernServer::start();
-    for cmd in ["show", "delete"] {
+    for cmd in ["show", "delete", "hold", "release"] {
         let err = queue_err(&server, &[cmd, "not-a-queue-id"]);
         assert!(err.contains("not-a-queue-id"), "{err}");
         assert!(err.contains("HTTP 400"), "{err}");
@@ -485,13 +625,15 @@ fn unknown_state_filter_is_a_clear_error() {
 fn every_command_fails_clearly_without_a_server() {
     let addr = format!("127.0.0.1:{}", free_port());
     let id = "01ARZ3NDEKTSV4RRFFQ69G5FAV";
-    let commands: [&[&str]; 9] = [
+    let commands: [&[&str]; 11] = [
         &["list"],
         &["list", "--domain", "example.net"],
         &["show", id],
         &["flush"],
         &["delete", id],
         &["delete", id, "--bounce"],
+        &["hold", id],
+        &["release", id],
         &["suspend", "example.net"],
         &["resume", "example.net"],
         &["stats"],

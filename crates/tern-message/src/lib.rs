@@ -130,8 +130,9 @@ pub struct Envelope {
     /// enough. Absent in records written before it existed, hence the default.
     #[serde(default)]
     pub delay_warned: bool,
-    /// Kept in the hold state, for this reason (the validation stage's quarantine, or an
-    /// operator): not delivered until released.
+    /// Why the message is on hold (quarantined by the validation stage, or put there by an
+    /// operator); `None` for a message free to go. The queue dispatches nothing of a held
+    /// message until an operator releases it. Absent in older records, hence the default.
     #[serde(default)]
     pub hold: Option<String>,
 }

@@ -3,12 +3,13 @@
 //! another node; sessions bound every request with a timeout and fall back to the documented
 //! default verdict of that step (see [`PolicyClient`]).
 //!
-//! This first part covers the connection and envelope checks:
+//! The checks, by step:
 //! * connect: per-address connection rate (token bucket) → `421 4.7.0`; DNS blocklists →
 //!   `554 5.7.1` naming the list;
 //! * HELO: syntax, optionally a fully qualified name, and strangers claiming our own name;
-//! * MAIL: per-sender and per-authenticated-user message rates → `450 4.7.1`.
-//!
+//! * MAIL: per-sender and per-authenticated-user message rates → `450 4.7.1`;
+//! * RCPT: the suppression list (submitters), the recipient rate, and greylisting (strangers,
+//!   off by default) → `451 4.7.1`;
 //! * MAIL, for strangers: SPF ([`CheckSpf`]), recorded, and `550 5.7.23` on `fail` when
 //!   `policy.spf = "reject"`;
 //! * end of DATA, for strangers: DKIM, ARC and DMARC verification and the content rules
@@ -18,6 +19,7 @@
 pub mod auth;
 mod bucket;
 mod checks;
+pub mod greylist;
 pub mod headers;
 pub mod rules;
 pub mod suppression;
@@ -29,12 +31,13 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use serde::{Deserialize, Serialize};
 use tern_dns::MxResolver;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 pub use auth::{AuthChecks, AuthReport, AuthStatus, Authenticator, DmarcPolicy, SpfRecord};
 pub use bucket::{Buckets, Rate, TokenBucket};
 pub use checks::{check_helo, HeloPolicy};
 pub use rules::{Rules, RulesError, Score};
+pub use greylist::{Greylist, GreylistError, GreylistSettings};
 pub use suppression::{Suppressed, SuppressionError, SuppressionList};
 
 /// What a check decided.
@@ -112,6 +115,8 @@ pub struct PolicySettings {
     pub arc_verify: bool,
     /// What a DMARC failure does (strangers).
     pub dmarc: DmarcAction,
+    /// Greylisting of strangers at RCPT.
+    pub greylist: GreylistSettings,
 }
 
 /// What SPF does at MAIL FROM.
@@ -184,14 +189,18 @@ pub struct CheckMail {
     pub auth_user: Option<String>,
 }
 
-/// RCPT check: recipients per sender (the suppression list is read in the session, see
-/// [`LocalChecks::suppressed`]).
+/// RCPT check: recipients per sender, then greylisting (the suppression list is read in the
+/// session, see [`LocalChecks::suppressed`]).
 #[derive(Message, Clone, Debug, Serialize, Deserialize)]
 #[rtype(result = "Verdict")]
 pub struct CheckRcpt {
     pub recipient: String,
     /// The transaction's reverse-path (empty for `<>`).
     pub sender: String,
+    /// The client's address when the session wants the triplet greylisted: a stranger (not
+    /// in `relay.networks`, not authenticated); `None` skips greylisting.
+    #[serde(default)]
+    pub greylist_client: Option<IpAddr>,
 }
 
 /// MAIL FROM from a stranger: SPF.
@@ -367,6 +376,7 @@ pub struct PolicyActor {
     suppression: Option<SuppressionList>,
     authenticator: Option<Arc<Authenticator>>,
     content: Option<Arc<ContentSettings>>,
+    greylist: Option<Greylist>,
 }
 
 impl PolicyActor {
@@ -416,6 +426,12 @@ impl PolicyActor {
         }
     }
 
+    /// With greylisting (see [`Greylist::open`]).
+    pub fn with_greylist(mut self, list: Greylist) -> Self {
+        self.greylist = Some(list);
+        self
+    }
+
     /// `resolver` is needed only with DNS blocklists.
     pub fn new(settings: PolicySettings, resolver: Option<Arc<MxResolver>>) -> Self {
         let settings = Arc::new(settings);
@@ -428,6 +444,7 @@ impl PolicyActor {
             suppression: None,
             authenticator: None,
             content: None,
+            greylist: None,
             settings,
         }
     }
@@ -440,10 +457,24 @@ impl PolicyActor {
         self.user_buckets.sweep(now);
         self.rcpt_buckets.sweep(now);
     }
+
+    fn sweep_greylist(&mut self) {
+        let Some(list) = &self.greylist else {
+            return;
+        };
+        match list.sweep(tern_message::now_ms()) {
+            Ok(n) => debug!(removed = n, "greylist swept"),
+            Err(e) => warn!(error = %e, "greylist sweep failed"),
+        }
+    }
 }
 
 /// How often idle rate buckets are dropped.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+
+/// How often expired greylist triplets are removed: a walk over the whole database, and an
+/// expired entry left a while longer costs nothing (it is judged expired when read).
+const GREYLIST_SWEEP_INTERVAL: Duration = Duration::from_secs(3600);
 
 impl Actor for PolicyActor {
     type Context = Context<Self>;
@@ -451,6 +482,7 @@ impl Actor for PolicyActor {
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(4096);
         ctx.run_interval(SWEEP_INTERVAL, |act, _| act.sweep());
+        ctx.run_interval(GREYLIST_SWEEP_INTERVAL, |act, _| act.sweep_greylist());
     }
 }
 
@@ -659,6 +691,21 @@ impl Handler<CheckRcpt> for PolicyActor {
                 "Error: recipient rate limit exceeded for this sender, try again later",
             ));
         }
+        if let (Some(ip), Some(list)) = (req.greylist_client, &self.greylist) {
+            match list.check(ip, &req.sender, &req.recipient, tern_message::now_ms()) {
+                Ok(greylist::Decision::Pass) => {}
+                Ok(greylist::Decision::Wait { seconds }) => {
+                    info!(%ip, sender = %req.sender, recipient = %req.recipient, seconds, "greylisted");
+                    return Verdict::Refuse(PolicyReply::new(
+                        451,
+                        (4, 7, 1),
+                        format!("Greylisted, try again in {seconds} seconds"),
+                    ));
+                }
+                // Like a blocklist outage: a broken greylist database must not stop mail.
+                Err(e) => warn!(error = %e, "greylist unavailable; recipient accepted"),
+            }
+        }
         Verdict::Accept
     }
 }
@@ -746,9 +793,11 @@ pub struct PolicyClient {
     /// SPF at MAIL FROM and the end-of-DATA checks, for strangers.
     pub spf: Option<Recipient<CheckSpf>>,
     pub content: Option<Recipient<CheckContent>>,
-    /// What RCPT checks: the suppression list (submitters only) and/or the recipient rate (all).
+    /// What RCPT checks: the suppression list (submitters only), the recipient rate (all),
+    /// greylisting (strangers only).
     pub rcpt_suppression: bool,
     pub rcpt_rate: bool,
+    pub rcpt_greylist: bool,
     /// Connection rate and HELO rules, run in the session.
     pub local: Option<Arc<LocalChecks>>,
     /// The most a session waits for a verdict before using the step's default.
@@ -784,8 +833,9 @@ impl PolicyClient {
         } = steps;
         let settings = local.settings.clone();
         let mail = settings.sender_rate.is_some() || settings.user_rate.is_some();
-        // The suppression list is read in the session; only the recipient rate needs the actor.
-        let rcpt = settings.rcpt_rate.is_some();
+        // The suppression list is read in the session; the recipient rate and greylisting need
+        // the actor.
+        let rcpt = settings.rcpt_rate.is_some() || settings.greylist.enabled;
         Self {
             // Only the blocklists need the actor at connect.
             connect: (!settings.dnsbl_zones.is_empty()).then(|| addr.clone().recipient()),
@@ -795,6 +845,7 @@ impl PolicyClient {
             content: content.then(|| addr.clone().recipient()),
             rcpt_suppression: suppression,
             rcpt_rate: settings.rcpt_rate.is_some(),
+            rcpt_greylist: settings.greylist.enabled,
             local: Some(local),
             timeout,
         }
@@ -815,9 +866,15 @@ impl PolicyClient {
         }
     }
 
-    /// Whether RCPT needs a round trip to the actor (the recipient rate).
-    pub fn checks_rcpt(&self) -> bool {
-        self.rcpt.is_some() && self.rcpt_rate
+    /// Whether RCPT needs a round trip to the actor: the recipient rate, or greylisting for a
+    /// `stranger`.
+    pub fn checks_rcpt(&self, stranger: bool) -> bool {
+        self.rcpt.is_some() && (self.rcpt_rate || self.greylists(stranger))
+    }
+
+    /// Whether this client's recipients are greylisted.
+    pub fn greylists(&self, stranger: bool) -> bool {
+        stranger && self.rcpt_greylist
     }
 
     /// A submitter's recipient against the suppression list, in the session.

@@ -166,6 +166,7 @@ async fn client_timeout_gives_the_default_verdict() {
         content: None,
         rcpt_suppression: false,
         rcpt_rate: false,
+        rcpt_greylist: false,
         local: None,
         timeout: Duration::from_millis(100),
     };
@@ -181,4 +182,38 @@ async fn client_timeout_gives_the_default_verdict() {
         )
         .await;
     assert_eq!(refused(&v).code, 451);
+}
+
+#[actix_rt::test]
+async fn greylisting_refuses_a_strangers_new_triplet_and_skips_everyone_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = PolicySettings {
+        greylist: GreylistSettings {
+            enabled: true,
+            ..GreylistSettings::default()
+        },
+        ..PolicySettings::default()
+    };
+    let list = Greylist::open(dir.path(), settings.greylist).unwrap();
+    let actor = PolicyActor::new(settings, None)
+        .with_greylist(list.clone())
+        .start();
+    let rcpt = |client: Option<&str>| CheckRcpt {
+        recipient: "Bob@Example.NET".into(),
+        sender: "alice@client.test".into(),
+        greylist_client: client.map(|c| c.parse().unwrap()),
+    };
+    for attempt in ["first", "immediate retry"] {
+        let v = actor.send(rcpt(Some("192.0.2.7"))).await.unwrap();
+        let r = refused(&v);
+        assert_eq!((r.code, r.enhanced), (451, (4, 7, 1)), "{attempt}");
+        assert!(r.text.starts_with("Greylisted, try again in "), "{r:?}");
+        assert!(r.text.ends_with(" seconds"), "{r:?}");
+    }
+    // The same network, another address: the same triplet.
+    let v = actor.send(rcpt(Some("192.0.2.8"))).await.unwrap();
+    assert!(refused(&v).text.contains("try again in"));
+    assert_eq!(list.len(), 1);
+    // A session that does not ask (trusted or authenticated client) is never greylisted.
+    assert_eq!(actor.send(rcpt(None)).await.unwrap(), Verdict::Accept);
 }

@@ -293,7 +293,15 @@ impl QueueActor {
             ip: Some(msg.client.addr.ip().to_string()),
             ..Event::default()
         });
-        if self.can_dispatch() {
+        if let Some(reason) = msg.envelope.hold.as_deref() {
+            self.events.log(&Event {
+                ts_ms: now_ms(),
+                event: "held",
+                queue_id: id.to_string(),
+                reason: Some(reason),
+                ..Event::default()
+            });
+        } else if self.can_dispatch() {
             self.dispatch(id, Some(msg), now_ms());
         } else {
             self.index.due.schedule(id, now_ms());

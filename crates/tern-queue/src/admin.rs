@@ -1,6 +1,6 @@
 //! Operator requests to the queue (`tern queue …` over the HTTP admin API): list, show, flush,
-//! delete, suspend/resume a domain, and counts by domain and state. Like Postfix's `mailq`,
-//! `postqueue -f`, `postsuper -d` and KumoMTA's `kcli`.
+//! delete, hold/release a message, suspend/resume a domain, and counts by domain and state.
+//! Like Postfix's `mailq`, `postqueue -f`, `postsuper -d/-h/-H` and KumoMTA's `kcli`.
 //!
 //! Listing reads the spool's metadata (not the bodies), so it costs a scan; the in-memory state
 //! of messages in flight takes precedence over what is stored.
@@ -14,6 +14,8 @@ use tracing::{info, warn};
 
 use crate::actor::{DeliveryCounters, QueueActor};
 use crate::delivery::{domain_of, save_suspended, Original};
+use crate::events::Event;
+use crate::schedule;
 use crate::storage::SpooledMeta;
 
 /// One recipient as `tern queue list/show` prints it.
@@ -21,7 +23,7 @@ use crate::storage::SpooledMeta;
 pub struct RecipientSummary {
     pub address: String,
     pub domain: String,
-    /// `pending`, `in-flight`, `deferred`, `delivered`, `failed`.
+    /// `pending`, `held`, `in-flight`, `deferred`, `delivered`, `failed`.
     pub state: String,
     pub attempts: u32,
     #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -36,6 +38,9 @@ pub struct MessageSummary {
     pub sender: String,
     pub arrived_ms: u64,
     pub size: u64,
+    /// Why the message is on hold, when it is.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub hold: Option<String>,
     pub recipients: Vec<RecipientSummary>,
 }
 
@@ -78,6 +83,25 @@ pub struct DeleteMessage {
     pub bounce: bool,
 }
 
+/// `tern queue hold ID` (`hold: true`, reason "operator") / `tern queue release ID`.
+#[derive(Message, Clone, Debug, Serialize, Deserialize)]
+#[rtype(result = "HoldOutcome")]
+pub struct HoldMessage {
+    pub id: QueueId,
+    pub hold: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HoldOutcome {
+    /// Held, or released (and due now).
+    Changed,
+    /// Already in the state asked for (a held message keeps its first reason).
+    Unchanged,
+    NotFound,
+    /// The new state could not be written; nothing changed.
+    Failed,
+}
+
 /// `tern queue suspend DOMAIN` (`suspend: true`) / `resume DOMAIN`. Answers the suspended list.
 #[derive(Message, Clone, Debug, Serialize, Deserialize)]
 #[rtype(result = "Result<Vec<String>, String>")]
@@ -101,15 +125,28 @@ pub struct QueueSummary {
     pub by_domain: BTreeMap<String, BTreeMap<String, u64>>,
     pub suspended: Vec<String>,
     pub in_flight: u64,
+    /// Messages on hold.
+    #[serde(default)]
+    pub held: u64,
     /// Outcomes since start-up.
     pub since_start: DeliveryCounters,
 }
 
 /// The recipient state names `list --state` accepts, in the order of a message's life.
-pub const STATE_NAMES: [&str; 5] = ["pending", "in-flight", "deferred", "delivered", "failed"];
+pub const STATE_NAMES: [&str; 6] = [
+    "pending",
+    "held",
+    "in-flight",
+    "deferred",
+    "delivered",
+    "failed",
+];
 
-fn state_name(state: &RecipientState) -> &'static str {
+/// A recipient's state as operators see it: the waiting recipients of a held message are
+/// `held`, whatever their retry state, since nothing will happen to them until a release.
+fn state_name(state: &RecipientState, held: bool) -> &'static str {
     match state {
+        RecipientState::Pending | RecipientState::Deferred { .. } if held => "held",
         RecipientState::Pending => "pending",
         RecipientState::InFlight { .. } => "in-flight",
         RecipientState::Deferred { .. } => "deferred",
@@ -136,6 +173,7 @@ impl QueueActor {
     }
 
     fn summarize(&self, meta: &SpooledMeta) -> MessageSummary {
+        let held = meta.envelope.hold.is_some();
         let recipients = meta
             .envelope
             .recipients
@@ -155,9 +193,9 @@ impl QueueActor {
                 RecipientSummary {
                     address: r.address.clone(),
                     domain: domain_of(&r.address, &self.config.hostname),
-                    state: state_name(&r.state).to_string(),
+                    state: state_name(&r.state, held).to_string(),
                     attempts,
-                    next_attempt_ms: next,
+                    next_attempt_ms: next.filter(|_| !held),
                     last_reply: last,
                 }
             })
@@ -167,6 +205,7 @@ impl QueueActor {
             sender: meta.envelope.sender.clone(),
             arrived_ms: meta.arrived_ms,
             size: meta.body_len,
+            hold: meta.envelope.hold.clone(),
             recipients,
         }
     }
@@ -245,7 +284,8 @@ impl Handler<Flush> for QueueActor {
         let hostname = self.config.hostname.clone();
         let mut changed: Vec<(QueueId, Envelope)> = Vec::new();
         for meta in self.current() {
-            if self.in_flight.contains_key(&meta.id) {
+            // A held message waits for `release`, not for a flush.
+            if self.in_flight.contains_key(&meta.id) || meta.envelope.hold.is_some() {
                 continue;
             }
             let mut envelope = meta.envelope;
@@ -358,8 +398,10 @@ impl Handler<Summarize> for QueueActor {
         };
         let hostname = self.config.hostname.clone();
         for meta in self.current() {
+            let held = meta.envelope.hold.is_some();
+            summary.held += u64::from(held);
             for r in &meta.envelope.recipients {
-                let state = state_name(&r.state).to_string();
+                let state = state_name(&r.state, held).to_string();
                 *summary.by_state.entry(state.clone()).or_default() += 1;
                 *summary
                     .by_domain
@@ -370,5 +412,81 @@ impl Handler<Summarize> for QueueActor {
             }
         }
         MessageResult(summary)
+    }
+}
+
+impl Handler<HoldMessage> for QueueActor {
+    type Result = MessageResult<HoldMessage>;
+
+    fn handle(&mut self, req: HoldMessage, ctx: &mut Self::Context) -> Self::Result {
+        let now = now_ms();
+        let id = req.id;
+        if let Some(flight) = self.in_flight.get_mut(&id) {
+            // The round under way finishes (the remote servers may be taking it right now);
+            // the state written at its end carries the change, and a held one is not
+            // rescheduled.
+            let envelope = &mut flight.envelope;
+            let changed = if req.hold {
+                envelope.hold.is_none() && {
+                    envelope.hold = Some("operator".into());
+                    true
+                }
+            } else {
+                schedule::release(envelope, now)
+            };
+            if changed {
+                self.log_hold(id, req.hold, now);
+            }
+            return MessageResult(if changed {
+                HoldOutcome::Changed
+            } else {
+                HoldOutcome::Unchanged
+            });
+        }
+        let mut envelope = match self.storage.get(id) {
+            Ok(Some(msg)) => msg.envelope,
+            Ok(None) => return MessageResult(HoldOutcome::NotFound),
+            Err(e) => {
+                warn!(queue_id = %id, error = %e, "cannot read message to hold or release");
+                return MessageResult(HoldOutcome::Failed);
+            }
+        };
+        let changed = if req.hold {
+            envelope.hold.is_none() && {
+                envelope.hold = Some("operator".into());
+                true
+            }
+        } else {
+            schedule::release(&mut envelope, now)
+        };
+        if !changed {
+            return MessageResult(HoldOutcome::Unchanged);
+        }
+        if let Err(e) = self.storage.update_envelope(id, &envelope) {
+            warn!(queue_id = %id, error = %e, "cannot write the hold state");
+            return MessageResult(HoldOutcome::Failed);
+        }
+        // Made durable by the next state sync (within 20 ms), like any delivery state.
+        self.state_changed = true;
+        match schedule::next_due_ms(&envelope, now) {
+            Some(at) => self.index.due.schedule(id, at),
+            None => self.index.due.remove(id),
+        }
+        self.log_hold(id, req.hold, now);
+        self.pump(ctx);
+        MessageResult(HoldOutcome::Changed)
+    }
+}
+
+impl QueueActor {
+    fn log_hold(&mut self, id: QueueId, hold: bool, now: u64) {
+        info!(queue_id = %id, hold, "message hold changed by the operator");
+        self.events.log(&Event {
+            ts_ms: now,
+            event: if hold { "held" } else { "released" },
+            queue_id: id.to_string(),
+            reason: hold.then_some("operator"),
+            ..Event::default()
+        });
     }
 }

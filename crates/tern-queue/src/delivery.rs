@@ -146,6 +146,12 @@ impl QueueActor {
                 }
             },
         };
+        if msg.envelope.hold.is_some() {
+            // Held after it was scheduled (or a stale entry): it waits for `release`, not for
+            // a time, so it leaves the due index altogether.
+            self.index.due.remove(id);
+            return;
+        }
         let Some(delivery) = self.delivery.clone() else {
             self.index.due.schedule(id, now);
             return;

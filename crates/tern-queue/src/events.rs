@@ -1,5 +1,5 @@
 //! The delivery log: one JSON object per line for every event in a message's life (received,
-//! delivered, deferred, failed, expired, bounce-sent, deleted), in `<data_dir>/delivery.log`
+//! delivered, deferred, failed, expired, bounce-sent, deleted, held, released), in `<data_dir>/delivery.log`
 //! and as a `tracing` event. It is the feed for webhooks and metrics later, so every line is
 //! self-contained: queue id, recipient, destination, reply, attempt, latency.
 //!
@@ -20,7 +20,8 @@ use tracing::{info, warn};
 pub struct Event<'a> {
     /// Milliseconds since the Unix epoch.
     pub ts_ms: u64,
-    /// `received`, `delivered`, `deferred`, `failed`, `expired`, `bounce-sent`, `deleted`.
+    /// `received`, `delivered`, `deferred`, `failed`, `expired`, `bounce-sent`, `deleted`,
+    /// `held`, `released`.
     pub event: &'a str,
     pub queue_id: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -56,6 +57,9 @@ pub struct Event<'a> {
     /// For `bounce-sent`: failed, delayed, relayed, … (several when mixed).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub action: Option<&'a str>,
+    /// For `held`: why the message was put on hold.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'a str>,
 }
 
 /// Appends events to the log file (when one is configured) and to tracing.

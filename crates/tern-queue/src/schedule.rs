@@ -8,7 +8,11 @@
 //!   that boundary; a temporary failure after it turns the recipient into a failure ("expired");
 //! * a permanent failure is final at once;
 //! * a recipient found in flight after a crash is due again at once (at-least-once delivery:
-//!   the remote server may already have it, so a duplicate is possible, a loss is not).
+//!   the remote server may already have it, so a duplicate is possible, a loss is not);
+//! * a held message (`Envelope::hold`) is never due, so it is never attempted and therefore
+//!   never expires while held (Postfix's rule for its hold queue). Once released it is due at
+//!   once and the lifetime counts from arrival again: a message held past `max_lifetime` gets
+//!   one attempt, and a temporary failure of that attempt expires it.
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
@@ -170,7 +174,11 @@ pub fn is_complete(envelope: &Envelope) -> bool {
 
 /// When the message next needs a delivery attempt: the earliest due recipient. Pending and
 /// in-flight recipients (in flight only survives a crash, see the module docs) are due at once.
+/// A held message is never due: it waits for an operator, not for a time.
 pub fn next_due_ms(envelope: &Envelope, now_ms: u64) -> Option<u64> {
+    if envelope.hold.is_some() {
+        return None;
+    }
     envelope
         .recipients
         .iter()
@@ -182,6 +190,23 @@ pub fn next_due_ms(envelope: &Envelope, now_ms: u64) -> Option<u64> {
             RecipientState::Delivered { .. } | RecipientState::Failed { .. } => None,
         })
         .min()
+}
+
+/// Takes a message off hold: its waiting recipients are due at `now_ms` (a deferred one does
+/// not wait out the rest of an interval it spent on hold). False if it was not held.
+pub fn release(envelope: &mut Envelope, now_ms: u64) -> bool {
+    if envelope.hold.take().is_none() {
+        return false;
+    }
+    for r in &mut envelope.recipients {
+        if let RecipientState::Deferred {
+            next_attempt_ms, ..
+        } = &mut r.state
+        {
+            *next_attempt_ms = (*next_attempt_ms).min(now_ms);
+        }
+    }
+    true
 }
 
 /// Messages ordered by when they are next due, so finding due work is O(log n), not a scan.
@@ -398,6 +423,53 @@ mod tests {
         assert_eq!(next_due_ms(&env, 100), Some(300));
         env.recipients[0].state = RecipientState::InFlight { attempts: 1 };
         assert_eq!(next_due_ms(&env, 100), Some(100));
+    }
+
+    #[test]
+    fn a_held_message_is_never_due_and_does_not_expire_until_released() {
+        let p = RetryPolicy::default();
+        let arrived = 0;
+        let mut env = Envelope::new(
+            "s@example.org",
+            vec![Recipient::new("a@x.test"), Recipient::new("b@x.test")],
+        );
+        env.recipients[1].state = RecipientState::Deferred {
+            next_attempt_ms: 10 * DAY,
+            attempts: 3,
+            last_reply: "451 busy".into(),
+        };
+        env.hold = Some("operator".into());
+        assert_eq!(next_due_ms(&env, 6 * DAY), None, "held past the lifetime");
+        assert!(!release(&mut Envelope::new("", vec![]), 0), "not held");
+
+        let now = 6 * DAY;
+        assert!(release(&mut env, now));
+        assert_eq!(env.hold, None);
+        assert_eq!(next_due_ms(&env, now), Some(now), "due at once");
+        assert!(matches!(
+            env.recipients[1].state,
+            RecipientState::Deferred { next_attempt_ms, attempts: 3, .. } if next_attempt_ms == now
+        ));
+        // After release the lifetime counts from arrival: one attempt, which may still deliver,
+        // and a temporary failure expires the recipient.
+        start_attempt(&mut env.recipients[0]);
+        assert_eq!(
+            record_attempt(
+                &mut env.recipients[0],
+                AttemptResult::Delivered {
+                    reply: "250 ok".into()
+                },
+                arrived,
+                now,
+                &p
+            ),
+            Transition::Delivered
+        );
+        start_attempt(&mut env.recipients[1]);
+        assert_eq!(
+            record_attempt(&mut env.recipients[1], temp("451 again"), arrived, now, &p),
+            Transition::Expired
+        );
     }
 
     #[test]

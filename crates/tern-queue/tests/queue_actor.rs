@@ -220,3 +220,113 @@ fn recovery_schedules_messages_with_work_left_including_in_flight_ones() {
         "an acknowledged enqueue is due at once"
     );
 }
+
+#[test]
+fn held_messages_stay_out_of_the_schedule_until_released_even_across_recovery() {
+    use tern_queue::admin::{
+        DeleteMessage, Flush, HoldMessage, HoldOutcome, ListMessages, ShowMessage, Summarize,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let storage = Arc::new(SledStorage::open(dir.path(), opts()).unwrap());
+    System::new().block_on(async move {
+        let queue = spawn_queue(storage.clone(), QueueConfig::default()).unwrap();
+        // Quarantined by the validation stage at end of DATA: held from the start.
+        let mut quarantined = message(10);
+        quarantined.envelope.hold = Some("content score 7.5 >= quarantine_score 5".into());
+        let quarantined = queue.send(Enqueue(quarantined)).await.unwrap().unwrap();
+        let normal = queue.send(Enqueue(message(10))).await.unwrap().unwrap();
+        let stats = queue.send(GetStats).await.unwrap();
+        assert_eq!(stats.scheduled, 1, "only the free message is due");
+
+        let hold = |id, hold| HoldMessage { id, hold };
+        assert_eq!(
+            queue.send(hold(normal, true)).await.unwrap(),
+            HoldOutcome::Changed
+        );
+        assert_eq!(
+            queue.send(hold(normal, true)).await.unwrap(),
+            HoldOutcome::Unchanged
+        );
+        assert_eq!(
+            queue.send(hold(QueueId::new(), true)).await.unwrap(),
+            HoldOutcome::NotFound
+        );
+        assert_eq!(queue.send(GetStats).await.unwrap().scheduled, 0);
+        assert_eq!(
+            queue.send(Flush::default()).await.unwrap(),
+            0,
+            "a flush does not touch held mail"
+        );
+        assert_eq!(queue.send(GetStats).await.unwrap().scheduled, 0);
+
+        let held = queue
+            .send(ListMessages {
+                state: Some("held".into()),
+                ..ListMessages::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(held.len(), 2);
+        assert!(held
+            .iter()
+            .all(|m| m.recipients.iter().all(|r| r.state == "held")));
+        let summary = queue.send(Summarize).await.unwrap();
+        assert_eq!(summary.held, 2);
+        assert_eq!(summary.by_state.get("held"), Some(&4));
+        let shown = queue.send(ShowMessage(normal)).await.unwrap().unwrap();
+        assert_eq!(shown.summary.hold.as_deref(), Some("operator"));
+
+        // A new actor on the same spool recovers what the first one wrote.
+        let recovered = spawn_queue(storage.clone(), QueueConfig::default()).unwrap();
+        let stats = recovered.send(GetStats).await.unwrap();
+        assert_eq!((stats.recovered, stats.scheduled), (2, 0));
+        assert_eq!(recovered.send(Summarize).await.unwrap().held, 2);
+        let shown = recovered
+            .send(ShowMessage(quarantined))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            shown.summary.hold.as_deref(),
+            Some("content score 7.5 >= quarantine_score 5")
+        );
+
+        assert_eq!(
+            recovered.send(hold(quarantined, false)).await.unwrap(),
+            HoldOutcome::Changed
+        );
+        assert_eq!(
+            recovered.send(hold(quarantined, false)).await.unwrap(),
+            HoldOutcome::Unchanged
+        );
+        assert_eq!(recovered.send(GetStats).await.unwrap().scheduled, 1);
+        let shown = recovered
+            .send(ShowMessage(quarantined))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(shown.summary.hold, None);
+        assert!(shown
+            .summary
+            .recipients
+            .iter()
+            .all(|r| r.state == "pending"));
+        assert!(storage
+            .get(quarantined)
+            .unwrap()
+            .unwrap()
+            .envelope
+            .hold
+            .is_none());
+
+        // Deleting works on held mail too.
+        assert!(recovered
+            .send(DeleteMessage {
+                id: normal,
+                bounce: false
+            })
+            .await
+            .unwrap());
+        assert!(storage.get(normal).unwrap().is_none());
+    });
+}

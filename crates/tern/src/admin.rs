@@ -13,7 +13,8 @@ use actix_web::{web, HttpResponse};
 use serde::Deserialize;
 use tern_message::QueueId;
 use tern_queue::admin::{
-    DeleteMessage, Flush, ListMessages, ShowMessage, Summarize, SuspendDomain, STATE_NAMES,
+    DeleteMessage, Flush, HoldMessage, HoldOutcome, ListMessages, ShowMessage, Summarize,
+    SuspendDomain, STATE_NAMES,
 };
 use tern_queue::{GetStats, QueueActor};
 
@@ -32,6 +33,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                     .route("/messages", web::get().to(list))
                     .route("/messages/{id}", web::get().to(show))
                     .route("/messages/{id}", web::delete().to(delete))
+                    .route("/messages/{id}/hold", web::post().to(hold))
+                    .route("/messages/{id}/release", web::post().to(release))
                     .route("/flush", web::post().to(flush))
                     .route("/suspend/{domain}", web::post().to(suspend))
                     .route("/resume/{domain}", web::post().to(resume))
@@ -169,6 +172,39 @@ async fn delete(queue: Queue, id: web::Path<String>, q: web::Query<DeleteQuery>)
     }
 }
 
+async fn hold(queue: Queue, id: web::Path<String>) -> HttpResponse {
+    set_hold(queue, &id, true).await
+}
+
+async fn release(queue: Queue, id: web::Path<String>) -> HttpResponse {
+    set_hold(queue, &id, false).await
+}
+
+async fn set_hold(queue: Queue, id: &str, hold: bool) -> HttpResponse {
+    let id = match parse_id(id) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    match queue.send(HoldMessage { id, hold }).await {
+        Ok(outcome @ (HoldOutcome::Changed | HoldOutcome::Unchanged)) => {
+            HttpResponse::Ok().json(serde_json::json!({
+                "id": id.to_string(),
+                "held": hold,
+                "changed": outcome == HoldOutcome::Changed,
+            }))
+        }
+        Ok(HoldOutcome::NotFound) => error(
+            actix_web::http::StatusCode::NOT_FOUND,
+            format!("no message {id}"),
+        ),
+        Ok(HoldOutcome::Failed) => error(
+            actix_web::http::StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot write the new state of {id} (see the server log)"),
+        ),
+        Err(e) => unavailable(e),
+    }
+}
+
 #[derive(Deserialize)]
 struct FlushQuery {
     domain: Option<String>,
@@ -282,14 +318,25 @@ mod tests {
     #[actix_rt::test]
     async fn the_api_answers_loopback_peers_only() {
         let app = test::init_service(App::new().configure(routes)).await;
-        for path in ["/api/queue/stats", "/api/suppression"] {
-            let remote = test::TestRequest::get()
+        let id = tern_message::QueueId::new();
+        let hold = format!("/api/queue/messages/{id}/hold");
+        let release = format!("/api/queue/messages/{id}/release");
+        for (method, path) in [
+            ("GET", "/api/queue/stats"),
+            ("GET", "/api/suppression"),
+            ("POST", hold.as_str()),
+            ("POST", release.as_str()),
+        ] {
+            let method: actix_web::http::Method = method.parse().unwrap();
+            let remote = test::TestRequest::default()
+                .method(method.clone())
                 .uri(path)
                 .peer_addr("192.0.2.7:40000".parse().unwrap())
                 .to_request();
             let resp = test::call_service(&app, remote).await;
             assert_eq!(resp.status(), 403, "{path} from 192.0.2.7");
-            let local = test::TestRequest::get()
+            let local = test::TestRequest::default()
+                .method(method)
                 .uri(path)
                 .peer_addr("127.0.0.1:40000".parse().unwrap())
                 .to_request();

@@ -534,6 +534,26 @@ pub struct Policy {
     pub reject_score: f64,
     /// A score at or above this (and below reject_score) holds it.
     pub quarantine_score: f64,
+    /// Greylist strangers at RCPT (triplets in `<data_dir>/greylist`).
+    pub greylisting: bool,
+    /// How long a new triplet must wait before a retry is accepted.
+    #[serde(
+        serialize_with = "humantime_serde::serialize",
+        deserialize_with = "de_parsed::<_, Duration>"
+    )]
+    pub greylist_delay: Duration,
+    /// A retry later than this after the first attempt starts over.
+    #[serde(
+        serialize_with = "humantime_serde::serialize",
+        deserialize_with = "de_parsed::<_, Duration>"
+    )]
+    pub greylist_retry_window: Duration,
+    /// How long a passed triplet is remembered since it was last seen.
+    #[serde(
+        serialize_with = "humantime_serde::serialize",
+        deserialize_with = "de_parsed::<_, Duration>"
+    )]
+    pub greylist_expiry: Duration,
 }
 
 pub use tern_policy::{DmarcAction, SpfAction, SuppressionAction};
@@ -600,6 +620,10 @@ impl Default for Policy {
             rules_file: PathBuf::new(),
             reject_score: 10.0,
             quarantine_score: 6.0,
+            greylisting: false,
+            greylist_delay: Duration::from_secs(5 * 60),
+            greylist_retry_window: Duration::from_secs(2 * 24 * 3600),
+            greylist_expiry: Duration::from_secs(35 * 24 * 3600),
         }
     }
 }
@@ -1030,6 +1054,24 @@ impl Config {
         }
         if p.dnsbl_timeout.is_zero() {
             return fail("policy.dnsbl_timeout", "must be greater than 0".into());
+        }
+        if p.greylist_delay.is_zero() {
+            return fail(
+                "policy.greylist_delay",
+                "must be greater than 0 (set greylisting = false to turn it off)".into(),
+            );
+        }
+        if p.greylist_retry_window <= p.greylist_delay {
+            return fail(
+                "policy.greylist_retry_window",
+                format!(
+                    "must be longer than policy.greylist_delay ({}), or no retry could ever pass",
+                    humantime_serde::re::humantime::format_duration(p.greylist_delay)
+                ),
+            );
+        }
+        if p.greylist_expiry.is_zero() {
+            return fail("policy.greylist_expiry", "must be greater than 0".into());
         }
         for (key, rate) in [
             ("policy.connect_rate", p.connect_rate),
@@ -2264,6 +2306,25 @@ mod tests {
              [[auth.users]]\nname = \"a\"\npassword_hash = \"{HASH}\"\n"
         );
         file_error(&dup, &["auth.users[1].name:", "duplicate"]);
+        file_error(
+            "[policy]\ngreylist_delay = \"0s\"\n",
+            &["policy.greylist_delay:", "greater than 0"],
+        );
+        file_error(
+            "[policy]\ngreylist_delay = \"1h\"\ngreylist_retry_window = \"30m\"\n",
+            &[
+                "policy.greylist_retry_window:",
+                "longer than policy.greylist_delay (1h)",
+            ],
+        );
+        file_error(
+            "[policy]\ngreylist_expiry = \"0s\"\n",
+            &["policy.greylist_expiry:"],
+        );
+        file_error(
+            "[policy]\ngreylist_delay = \"soon\"\n",
+            &["policy.greylist_delay"],
+        );
     }
 
     #[test]

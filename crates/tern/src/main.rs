@@ -103,7 +103,7 @@ enum QueueCommand {
     List {
         #[arg(long)]
         domain: Option<String>,
-        /// pending, in-flight, deferred, delivered or failed.
+        /// pending, held, in-flight, deferred, delivered or failed.
         #[arg(long)]
         state: Option<String>,
     },
@@ -120,6 +120,11 @@ enum QueueCommand {
         #[arg(long)]
         bounce: bool,
     },
+    /// Put a message on hold: nothing of it is delivered (and it does not expire) until
+    /// `release`.
+    Hold { id: String },
+    /// Take a message off hold; its recipients are due at once.
+    Release { id: String },
     /// Hold delivery to DOMAIN (mail for it stays queued).
     Suspend { domain: String },
     /// Resume delivery to DOMAIN and retry its mail now.
@@ -301,6 +306,21 @@ fn queue_command(
                 if bounce { " (sender notified)" } else { "" }
             );
         }
+        QueueCommand::Hold { id } => {
+            let changed = client.hold(&id, true)?;
+            println!("{id} {}", if changed { "held" } else { "was already held" });
+        }
+        QueueCommand::Release { id } => {
+            let changed = client.hold(&id, false)?;
+            println!(
+                "{id} {}",
+                if changed {
+                    "released, due now"
+                } else {
+                    "was not held"
+                }
+            );
+        }
         QueueCommand::Suspend { domain } => {
             let list = client.suspend(&domain, true)?;
             println!("{}", queue_cli::format_suspended(&list));
@@ -453,11 +473,17 @@ fn policy_settings(config: &Config) -> tern_policy::PolicySettings {
         dkim_verify: p.dkim_verify,
         arc_verify: p.arc_verify,
         dmarc: p.dmarc,
+        greylist: tern_policy::GreylistSettings {
+            enabled: p.greylisting,
+            delay: p.greylist_delay,
+            retry_window: p.greylist_retry_window,
+            expiry: p.greylist_expiry,
+        },
     }
 }
 
-/// Starts the validation actor (with the suppression list in `<data_dir>/suppression` when
-/// enabled) and returns its address and what sessions use to consult it.
+/// Starts the validation actor (with the suppression list in `<data_dir>/suppression` and the
+/// greylist in `<data_dir>/greylist` when enabled) and returns its address and what sessions use to consult it.
 fn start_policy(
     full: &Config,
     settings: tern_policy::PolicySettings,
@@ -474,6 +500,7 @@ fn start_policy(
             || settings.dkim_verify
             || settings.arc_verify
             || settings.dmarc != tern_policy::DmarcAction::Off);
+    let greylist = settings.greylist;
     let mut actor = tern_policy::PolicyActor::new(settings, resolver);
     if authenticate {
         let dns = &full.dns;
@@ -496,6 +523,12 @@ fn start_policy(
             reject_score: config.reject_score,
             quarantine_score: config.quarantine_score,
         });
+    }
+    if greylist.enabled {
+        let dir = data_dir.join("greylist");
+        let list = tern_policy::Greylist::open(&dir, greylist)
+            .with_context(|| format!("cannot open the greylist in {}", dir.display()))?;
+        actor = actor.with_greylist(list);
     }
     if config.suppression {
         let dir = data_dir.join("suppression");

@@ -97,6 +97,16 @@ impl AdminClient {
         Ok(())
     }
 
+    /// Puts a message on hold (`hold`) or releases it; answers whether that changed anything.
+    pub fn hold(&self, id: &str, hold: bool) -> Result<bool> {
+        if id.contains('/') {
+            bail!("not a queue id: {id:?}");
+        }
+        let verb = if hold { "hold" } else { "release" };
+        let v = self.call("POST", &format!("/api/queue/messages/{id}/{verb}"), &[])?;
+        Ok(v["changed"].as_bool().unwrap_or(false))
+    }
+
     pub fn flush(&self, domain: Option<&str>) -> Result<u64> {
         let q: Vec<(&str, &str)> = domain.map(|d| ("domain", d)).into_iter().collect();
         let v = self.call("POST", "/api/queue/flush", &q)?;
@@ -179,6 +189,9 @@ pub fn format_message(m: &MessageSummary) -> String {
         when(m.arrived_ms),
         m.sender
     );
+    if let Some(reason) = &m.hold {
+        let _ = writeln!(out, "    on hold: {reason}");
+    }
     for r in &m.recipients {
         let _ = write!(out, "    {:<10} {}", r.state, r.address);
         if r.attempts > 0 {
@@ -208,8 +221,8 @@ pub fn format_stats(s: &QueueSummary) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "messages: {}  bytes: {}  in flight: {}",
-        s.messages, s.bytes, s.in_flight
+        "messages: {}  bytes: {}  in flight: {}  held: {}",
+        s.messages, s.bytes, s.in_flight, s.held
     );
     let states: Vec<String> = s.by_state.iter().map(|(k, v)| format!("{k}={v}")).collect();
     let _ = writeln!(out, "recipients: {}", states.join(" "));

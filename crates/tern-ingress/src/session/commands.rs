@@ -453,7 +453,8 @@ impl Session {
             }
         };
         // The suppression list guards what submitters send out (mail from strangers to the
-        // domains we serve is not theirs to suppress); the recipient rate applies to all.
+        // domains we serve is not theirs to suppress); the recipient rate applies to all;
+        // greylisting to strangers only.
         let submitter = self.trusted();
         if let Some(policy) = self.shared.settings.policy.clone() {
             if address != "postmaster" {
@@ -464,7 +465,7 @@ impl Session {
                 } else {
                     Verdict::Accept
                 };
-                if verdict == Verdict::Accept && policy.checks_rcpt() {
+                if verdict == Verdict::Accept && policy.checks_rcpt(!submitter) {
                     let check = CheckRcpt {
                         recipient: address.clone(),
                         sender: self
@@ -472,6 +473,11 @@ impl Session {
                             .as_ref()
                             .map(|t| t.sender.clone())
                             .unwrap_or_default(),
+                        // Greylisting is for strangers: our own networks and users never
+                        // wait.
+                        greylist_client: policy
+                            .greylists(!submitter)
+                            .then(|| canonical_ip(self.client.ip())),
                     };
                     let unavailable = Verdict::Refuse(PolicyReply::unavailable());
                     verdict = policy.ask(&policy.rcpt, check, unavailable).await;
