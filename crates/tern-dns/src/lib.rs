@@ -348,6 +348,34 @@ impl MxResolver {
         }
     }
 
+    /// The AAAA records of `name` (forward confirmation of an IPv6 client's PTR name): empty
+    /// when there is none, an error when the lookup failed.
+    pub async fn lookup_ipv6(&self, name: &str) -> Result<Vec<Ipv6Addr>, DnsError> {
+        let mut name =
+            Name::from_utf8(name.trim()).map_err(|_| DnsError::InvalidDomain(name.to_string()))?;
+        name.set_fqdn(true);
+        match self.resolver.ipv6_lookup(name).await {
+            Ok(lookup) => Ok(lookup.iter().map(|a| a.0).collect()),
+            Err(e) => match classify(&e) {
+                Answer::NoData | Answer::NxDomain => Ok(Vec::new()),
+                Answer::Failed(msg) => Err(DnsError::Temporary(msg)),
+            },
+        }
+    }
+
+    /// The PTR names of `ip` (`in-addr.arpa`/`ip6.arpa`, RFC 1035 §3.5, RFC 3596 §2.5), without
+    /// the trailing dot: empty when there is none (NXDOMAIN or NODATA), an error when the lookup
+    /// failed, so a caller can tell "no reverse DNS" from "DNS is down".
+    pub async fn lookup_ptr(&self, ip: IpAddr) -> Result<Vec<String>, DnsError> {
+        match self.resolver.reverse_lookup(ip).await {
+            Ok(lookup) => Ok(lookup.iter().map(|ptr| host_string(&ptr.0)).collect()),
+            Err(e) => match classify(&e) {
+                Answer::NoData | Answer::NxDomain => Ok(Vec::new()),
+                Answer::Failed(msg) => Err(DnsError::Temporary(msg)),
+            },
+        }
+    }
+
     /// Looks up the addresses of already ordered MX hosts.
     async fn addresses(
         &self,

@@ -42,6 +42,7 @@ async fn dnsbl_listed_unlisted_and_failing_zones() {
     let v = addr
         .send(CheckConnect {
             ip: "127.0.0.2".parse().unwrap(),
+            reverse_dns: true,
         })
         .await
         .unwrap();
@@ -51,6 +52,7 @@ async fn dnsbl_listed_unlisted_and_failing_zones() {
     let v = addr
         .send(CheckConnect {
             ip: "127.0.0.3".parse().unwrap(),
+            reverse_dns: true,
         })
         .await
         .unwrap();
@@ -78,6 +80,7 @@ async fn dnsbl_timeout_counts_as_not_listed() {
     let v = addr
         .send(CheckConnect {
             ip: "127.0.0.2".parse().unwrap(),
+            reverse_dns: true,
         })
         .await
         .unwrap();

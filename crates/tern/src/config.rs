@@ -515,9 +515,34 @@ pub struct Policy {
     /// `reject` (550 5.1.1) or `drop` (250, recipient left out, logged).
     #[serde(deserialize_with = "de_parsed::<_, SuppressionAction>")]
     pub suppression_action: SuppressionAction,
+    /// Reverse DNS required of clients at connect: `off`, `exists` (a PTR record) or
+    /// `confirmed` (a PTR name whose A/AAAA is the client's address).
+    #[serde(deserialize_with = "de_parsed::<_, ReverseDns>")]
+    pub reverse_dns: ReverseDns,
+    /// The most the reverse-DNS lookups of one connection may take (then 450 4.7.25).
+    #[serde(
+        serialize_with = "humantime_serde::serialize",
+        deserialize_with = "de_parsed::<_, Duration>"
+    )]
+    pub reverse_dns_timeout: Duration,
+    /// The known recipients of `relay.domains` (one `user@domain` or `@domain` a line); empty:
+    /// every address of those domains is accepted.
+    pub recipients_file: PathBuf,
 }
 
-pub use tern_policy::SuppressionAction;
+pub use tern_policy::{ReverseDns, SuppressionAction};
+
+impl FromConfigStr for ReverseDns {
+    const WHAT: &'static str = "reverse DNS requirement";
+    fn parse(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "off" => Ok(Self::Off),
+            "exists" => Ok(Self::Exists),
+            "confirmed" => Ok(Self::Confirmed),
+            _ => Err("expected \"off\", \"exists\" or \"confirmed\"".into()),
+        }
+    }
+}
 
 impl FromConfigStr for SuppressionAction {
     const WHAT: &'static str = "suppression action";
@@ -548,6 +573,9 @@ impl Default for Policy {
             rcpt_rate: None,
             suppression: true,
             suppression_action: SuppressionAction::Reject,
+            reverse_dns: ReverseDns::Off,
+            reverse_dns_timeout: Duration::from_secs(5),
+            recipients_file: PathBuf::new(),
         }
     }
 }
@@ -978,6 +1006,18 @@ impl Config {
         }
         if p.dnsbl_timeout.is_zero() {
             return fail("policy.dnsbl_timeout", "must be greater than 0".into());
+        }
+        if p.reverse_dns_timeout.is_zero() {
+            return fail(
+                "policy.reverse_dns_timeout",
+                "must be greater than 0".into(),
+            );
+        }
+        if !p.recipients_file.as_os_str().is_empty() {
+            // Read here so `tern config check` and a start both report a bad file, by line.
+            if let Err(e) = tern_policy::recipients::RecipientMap::load(&p.recipients_file) {
+                return fail("policy.recipients_file", e.to_string());
+            }
         }
         for (key, rate) in [
             ("policy.connect_rate", p.connect_rate),

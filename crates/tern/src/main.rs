@@ -370,8 +370,8 @@ fn serve(config_file: Option<&Path>) -> Result<()> {
     };
     let policy_config = config.policy.clone();
     let policy_settings = policy_settings(&config);
-    // One resolver (and one answer cache) for MX lookups and blocklist queries.
-    let resolver = if delivery.is_some() || !policy_settings.dnsbl_zones.is_empty() {
+    // One resolver (and one answer cache) for MX lookups, blocklist and reverse-DNS queries.
+    let resolver = if delivery.is_some() || policy_needs_dns(&policy_settings) {
         let nameservers =
             (!config.dns.nameservers.is_empty()).then(|| config.dns.nameservers.clone());
         let resolver = tern_dns::MxResolver::with_timeout(
@@ -450,7 +450,14 @@ fn policy_settings(config: &Config) -> tern_policy::PolicySettings {
         rcpt_rate: p.rcpt_rate,
         dnsbl_timeout: p.dnsbl_timeout,
         suppression_action: p.suppression_action,
+        reverse_dns: p.reverse_dns,
+        reverse_dns_timeout: p.reverse_dns_timeout,
     }
+}
+
+/// Whether the policy stage makes DNS queries (blocklists, reverse DNS).
+fn policy_needs_dns(settings: &tern_policy::PolicySettings) -> bool {
+    !settings.dnsbl_zones.is_empty() || settings.reverse_dns != tern_policy::ReverseDns::Off
 }
 
 /// Starts the validation actor (with the suppression list in `<data_dir>/suppression` when
@@ -464,8 +471,15 @@ fn start_policy(
     actix::Addr<tern_policy::PolicyActor>,
     tern_policy::PolicyClient,
 )> {
-    let resolver = resolver.filter(|_| !settings.dnsbl_zones.is_empty());
+    let resolver = resolver.filter(|_| policy_needs_dns(&settings));
     let mut actor = tern_policy::PolicyActor::new(settings, resolver);
+    if !config.recipients_file.as_os_str().is_empty() {
+        let path = &config.recipients_file;
+        let map =
+            tern_policy::recipients::RecipientMap::load(path).context("policy.recipients_file")?;
+        info!(file = %path.display(), entries = map.len(), "recipients file loaded");
+        actor = actor.with_recipients(map);
+    }
     if config.suppression {
         let dir = data_dir.join("suppression");
         let list = tern_policy::SuppressionList::open(&dir)
@@ -576,13 +590,10 @@ fn ingress_settings(config: &Config, tls: Arc<rustls::ServerConfig>) -> Settings
         hostname: config.server.hostname.clone(),
         listeners,
         tls: Some(tls),
-        relay_networks: config.relay.networks.clone(),
-        relay_domains: config
-            .relay
-            .domains
-            .iter()
-            .map(|d| d.trim_end_matches('.').to_ascii_lowercase())
-            .collect(),
+        relay: tern_policy::relay::RelayRules::new(
+            config.relay.networks.clone(),
+            &config.relay.domains,
+        ),
         max_connections: smtp.max_connections,
         max_connections_per_ip: smtp.max_connections_per_ip,
         message_size: limits.message_size as usize,
