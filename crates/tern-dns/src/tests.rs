@@ -478,9 +478,20 @@ async fn ptr_lookups_tell_none_from_failure() {
             .ptr(IpAddr::V4(v4("192.0.2.7")), "mail.example.test")
             .ptr(v6, "mail6.example.test")
             .aaaa("mail6.example.test", "2001:db8::25".parse().unwrap())
-            .servfail_ptr(IpAddr::V4(v4("192.0.2.9"))),
+            .servfail_ptr(IpAddr::V4(v4("192.0.2.9")))
+            .ptr(IpAddr::V4(v4("127.0.0.2")), "loop.example.test"),
     );
     let r = resolver(&dns, true);
+    // Loopback reverse names are asked of the server, not answered "localhost" by hickory.
+    assert_eq!(
+        r.lookup_ptr(IpAddr::V4(v4("127.0.0.2"))).await.unwrap(),
+        ["loop.example.test"]
+    );
+    assert!(r
+        .lookup_ptr(IpAddr::V4(v4("127.0.0.3")))
+        .await
+        .unwrap()
+        .is_empty());
     assert_eq!(
         r.lookup_ptr(IpAddr::V4(v4("192.0.2.7"))).await.unwrap(),
         ["mail.example.test"]
