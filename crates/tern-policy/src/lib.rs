@@ -5,9 +5,11 @@
 //!
 //! This first part covers the connection and envelope checks:
 //! * connect: per-address connection rate (token bucket) → `421 4.7.0`; DNS blocklists →
-//!   `554 5.7.1` naming the list;
+//!   `554 5.7.1` naming the list; reverse DNS ([`rdns`]) → `550 5.7.25` / `450 4.7.25`;
 //! * HELO: syntax, optionally a fully qualified name, and strangers claiming our own name;
-//! * MAIL: per-sender and per-authenticated-user message rates → `450 4.7.1`.
+//! * MAIL: per-sender and per-authenticated-user message rates → `450 4.7.1`;
+//! * RCPT: relay control ([`relay`], a pure rule the session calls even with the stage off)
+//!   and unknown users of the domains we serve ([`recipients`]) → `550 5.1.1`.
 //!
 //! Content checks, SPF/DKIM/DMARC, suppression and greylisting come with the rest of issue #4.
 

@@ -1960,6 +1960,40 @@ mod tests {
     }
 
     #[test]
+    fn reverse_dns_and_recipients_file() {
+        let c = load_file("[policy]\nreverse_dns = \"confirmed\"\n", &[]).unwrap();
+        assert_eq!(c.policy.reverse_dns, ReverseDns::Confirmed);
+        assert_eq!(Config::default().policy.reverse_dns, ReverseDns::Off);
+        file_error(
+            "[policy]\nreverse_dns = \"yes\"\n",
+            &[
+                "policy.reverse_dns:",
+                "\"off\", \"exists\" or \"confirmed\"",
+            ],
+        );
+        file_error(
+            "[policy]\nreverse_dns_timeout = \"0s\"\n",
+            &["policy.reverse_dns_timeout:", "greater than 0"],
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let list = dir.path().join("rcpts");
+        std::fs::write(&list, "a@example.org\nnobody\n").unwrap();
+        file_error(
+            &format!(
+                "[policy]\nrecipients_file = {:?}\n",
+                list.display().to_string()
+            ),
+            &["policy.recipients_file:", "rcpts: line 2:"],
+        );
+        std::fs::write(&list, "a@example.org\n@example.net\n").unwrap();
+        let text = format!(
+            "[policy]\nrecipients_file = {:?}\n",
+            list.display().to_string()
+        );
+        assert_eq!(load_file(&text, &[]).unwrap().policy.recipients_file, list);
+    }
+
+    #[test]
     fn bad_duration_names_key_and_value() {
         file_error(
             "[limits]\ncommand_timeout = \"5 parsecs\"\n",
