@@ -1,14 +1,15 @@
 //! The validation stage end to end: `tern serve` with `[policy]` checks, clients connecting
 //! from other loopback addresses (127.0.0.2, …) so they are strangers (`relay.networks` is
-//! narrowed to 127.0.0.1), and a real DNS server on loopback for the blocklist.
+//! narrowed to 127.0.0.1), and a real DNS server on loopback for the blocklist and reverse DNS.
 
+use std::fs;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use tern_dns::testing::{TestDns, TestZone};
-use tern_tests::{SmtpClient, TernServer, TernServerBuilder};
+use tern_tests::{config_check, queued_id, tern_cmd, SmtpClient, TernServer, TernServerBuilder};
 
 fn lo(n: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, 0, 0, n))
@@ -92,6 +93,12 @@ fn a_dead_blocklist_does_not_stop_mail() {
     let mut c = SmtpClient::connect_from(lo(2), server.smtp);
     c.set_timeout(Duration::from_secs(5));
     c.read_reply().expect_code(220);
+    let log = server.stderr();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("WARN") && l.contains("not listed") && l.contains("bl.test")),
+        "no warning about the dead blocklist:\n{log}"
+    );
 }
 
 #[test]
@@ -250,5 +257,203 @@ fn greylisting_makes_a_strangers_new_triplet_wait_and_never_a_trusted_or_authent
     assert!(
         server.data_dir().join("greylist").is_dir(),
         "triplets are kept in <data_dir>/greylist"
+    );
+}
+
+#[test]
+fn sender_and_recipient_rates_trip_and_recover() {
+    let server = strangers_welcome()
+        .set("policy.sender_rate", "2/s")
+        .set("policy.rcpt_rate", "2/s")
+        .start();
+    let mut c = SmtpClient::connect_from(lo(2), server.smtp);
+    c.read_reply().expect_code(220);
+    c.ehlo("mail.client.test").expect_code(250);
+    c.cmd("MAIL FROM:<burst@client.test>").expect_code(250);
+    c.cmd("RCPT TO:<a@example.net>").expect_code(250);
+    c.cmd("RCPT TO:<b@example.net>").expect_code(250);
+    c.cmd("RCPT TO:<c@example.net>").expect("450", "4.7.1");
+    c.cmd("RSET").expect_code(250);
+    c.cmd("MAIL FROM:<burst@client.test>").expect_code(250);
+    c.cmd("RSET").expect_code(250);
+    c.cmd("MAIL FROM:<burst@client.test>")
+        .expect("450", "4.7.1");
+    // Both buckets refill completely within a second.
+    std::thread::sleep(Duration::from_millis(1200));
+    c.cmd("MAIL FROM:<burst@client.test>").expect_code(250);
+    c.cmd("RCPT TO:<c@example.net>").expect_code(250);
+}
+
+/// Reverse DNS for the loopback clients: 127.0.0.2 is `mail.client.test` and that name points
+/// back; 127.0.0.4 is `liar.client.test`, which points elsewhere; 127.0.0.5's reverse zone
+/// fails (SERVFAIL); 127.0.0.3 has no PTR record.
+fn reverse_zone() -> TestDns {
+    TestDns::start(
+        TestZone::new()
+            .ptr(lo(2), "mail.client.test")
+            .a("mail.client.test", Ipv4Addr::new(127, 0, 0, 2))
+            .ptr(lo(4), "liar.client.test")
+            .a("liar.client.test", Ipv4Addr::new(127, 0, 0, 99))
+            .servfail_ptr(lo(5)),
+    )
+}
+
+fn reverse_dns_server(dns: &TestDns, mode: &str) -> TernServer {
+    strangers_welcome()
+        .set_list("dns.nameservers", &[&dns.addr().to_string()])
+        .set("dns.timeout", "1s")
+        .set("policy.reverse_dns", mode)
+        .start()
+}
+
+#[track_caller]
+fn refused_at_connect(server: &TernServer, n: u8, code: &str, enhanced: &str) {
+    let mut c = SmtpClient::connect_from(lo(n), server.smtp);
+    let reply = c.read_reply();
+    reply.expect(code, enhanced);
+    assert!(reply.text().contains(&format!("[127.0.0.{n}]")), "{reply}");
+    c.expect_closed(Duration::from_secs(2));
+}
+
+#[test]
+fn reverse_dns_confirmed_greets_only_clients_whose_name_points_back() {
+    let dns = reverse_zone();
+    let server = reverse_dns_server(&dns, "confirmed");
+    SmtpClient::connect_from(lo(2), server.smtp)
+        .read_reply()
+        .expect_code(220);
+    // No PTR; a PTR name whose A record is another address.
+    refused_at_connect(&server, 3, "550", "5.7.25");
+    refused_at_connect(&server, 4, "550", "5.7.25");
+    // DNS failed: try again later.
+    refused_at_connect(&server, 5, "450", "4.7.25");
+    // Trusted clients are not looked up (127.0.0.1 has no PTR here).
+    SmtpClient::connect_from(lo(1), server.smtp)
+        .read_reply()
+        .expect_code(220);
+    // Submission clients are judged by their credentials, not their reverse DNS.
+    let mut sub = SmtpClient::connect_from(lo(3), server.submission);
+    sub.read_reply().expect_code(220);
+    // The verified name is logged.
+    let log = server.stderr();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("reverse DNS verified") && l.contains("mail.client.test")),
+        "{log}"
+    );
+}
+
+#[test]
+fn reverse_dns_exists_needs_only_a_ptr_record() {
+    let dns = reverse_zone();
+    let server = reverse_dns_server(&dns, "exists");
+    for n in [2, 4] {
+        SmtpClient::connect_from(lo(n), server.smtp)
+            .read_reply()
+            .expect_code(220);
+    }
+    refused_at_connect(&server, 3, "550", "5.7.25");
+    refused_at_connect(&server, 5, "450", "4.7.25");
+}
+
+#[test]
+fn recipients_file_refuses_unknown_users_of_our_domains() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("recipients");
+    fs::write(
+        &file,
+        "# known users\nalice@example.net\nBob@Example.NET  # capitals\n@catchall.test\n",
+    )
+    .unwrap();
+    let mut server = strangers_welcome()
+        .relay_domains(&["example.net", "catchall.test", "unlisted.test"])
+        .set("policy.recipients_file", file.display().to_string())
+        .start();
+    let mut c = SmtpClient::connect_from(lo(2), server.smtp);
+    c.read_reply().expect_code(220);
+    c.ehlo("mail.client.test").expect_code(250);
+    c.cmd("MAIL FROM:<a@client.test>").expect_code(250);
+    c.cmd("RCPT TO:<alice@example.net>").expect_code(250);
+    c.cmd("RCPT TO:<BOB@example.NET>").expect_code(250);
+    let unknown = c.cmd("RCPT TO:<carol@example.net>");
+    unknown.expect("550", "5.1.1");
+    assert!(
+        unknown
+            .text()
+            .contains("<carol@example.net>: Recipient address rejected: User unknown"),
+        "{unknown}"
+    );
+    // `@domain`: every user.
+    c.cmd("RCPT TO:<anyone@catchall.test>").expect_code(250);
+    // A domain we serve that the file never mentions accepts nobody…
+    c.cmd("RCPT TO:<x@unlisted.test>").expect("550", "5.1.1");
+    // …except the postmaster, everywhere (RFC 5321 §4.5.1).
+    c.cmd("RCPT TO:<postmaster@unlisted.test>").expect_code(250);
+    c.cmd("RCPT TO:<Postmaster>").expect_code(250);
+    // Other domains are still a relay question.
+    c.cmd("RCPT TO:<x@elsewhere.test>").expect("554", "5.7.1");
+    c.cmd("DATA").expect_code(354);
+    c.send("Subject: s\r\n\r\nx\r\n.\r\n");
+    let id = queued_id(&c.read_reply());
+    // Trusted clients meet the same list for our domains, and relay elsewhere as before.
+    let mut t = SmtpClient::connect_from(lo(1), server.smtp);
+    t.read_reply().expect_code(220);
+    t.ehlo("app.test").expect_code(250);
+    t.cmd("MAIL FROM:<app@client.test>").expect_code(250);
+    t.cmd("RCPT TO:<carol@example.net>").expect("550", "5.1.1");
+    t.cmd("RCPT TO:<x@elsewhere.test>").expect_code(250);
+    drop((c, t));
+    server.stop();
+    let spooled = server.spool_list();
+    let entry = spooled.iter().find(|e| e.id == id).expect("queued");
+    let mut rcpts = entry.recipients.clone();
+    rcpts.sort();
+    assert_eq!(
+        rcpts,
+        [
+            "BOB@example.NET",
+            "alice@example.net",
+            "anyone@catchall.test",
+            "postmaster",
+            "postmaster@unlisted.test"
+        ]
+    );
+}
+
+#[test]
+fn a_bad_recipients_file_stops_config_check_and_serve_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipients = dir.path().join("users.txt");
+    fs::write(&recipients, "alice@example.net\nbob\n").unwrap();
+    let config = dir.path().join("tern.toml");
+    fs::write(
+        &config,
+        format!(
+            "[policy]\nrecipients_file = {:?}\n",
+            recipients.display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = config_check(&config, &[]);
+    assert!(!out.status.success(), "a bad line must fail the check");
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in ["policy.recipients_file", "users.txt", "line 2"] {
+        assert!(err.contains(needle), "{needle:?} missing from: {err}");
+    }
+    let serve = tern_cmd(&["serve", "--config", &config.display().to_string()]);
+    assert!(!serve.status.success());
+    assert!(
+        String::from_utf8_lossy(&serve.stderr).contains("policy.recipients_file"),
+        "{}",
+        String::from_utf8_lossy(&serve.stderr)
+    );
+    // A file that cannot be read is reported the same way.
+    fs::remove_file(&recipients).unwrap();
+    let out = config_check(&config, &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("policy.recipients_file") && err.contains("cannot read"),
+        "{err}"
     );
 }

@@ -35,7 +35,10 @@ use hickory_resolver::config::{
 };
 use hickory_resolver::error::{ResolveError, ResolveErrorKind};
 use hickory_resolver::lookup_ip::LookupIp;
-use hickory_resolver::proto::op::ResponseCode;
+use hickory_resolver::name_server::{NameServerPool, TokioConnectionProvider};
+use hickory_resolver::proto::op::{Query, ResponseCode};
+use hickory_resolver::proto::rr::{RData, RecordType};
+use hickory_resolver::proto::xfer::{DnsHandle, DnsRequestOptions, FirstAnswer};
 use hickory_resolver::{Name, TokioAsyncResolver};
 use rand::seq::SliceRandom;
 
@@ -149,6 +152,11 @@ impl DnsError {
 /// Must be used from within a Tokio runtime.
 pub struct MxResolver {
     resolver: TokioAsyncResolver,
+    /// The same name servers without hickory's cache and special-use rules, for PTR queries:
+    /// hickory answers every `127.in-addr.arpa` and `::1` PTR query itself with `localhost`
+    /// (RFC 6761 §6.3), so the reverse DNS of a loopback client could never be looked up, nor
+    /// tested. Postfix asks the name servers too; a recursive resolver there caches.
+    direct: NameServerPool<TokioConnectionProvider>,
     allow_private: bool,
 }
 
@@ -231,8 +239,14 @@ impl MxResolver {
         // Both families: the queue decides which to try; the default
         // strategy only asks AAAA when A is empty.
         opts.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
+        let direct = NameServerPool::from_config(
+            NameServerConfigGroup::from(config.name_servers().to_vec()),
+            opts.clone(),
+            TokioConnectionProvider::default(),
+        );
         Ok(MxResolver {
             resolver: TokioAsyncResolver::tokio(config, opts),
+            direct,
             allow_private,
         })
     }
@@ -341,6 +355,47 @@ impl MxResolver {
         name.set_fqdn(true);
         match self.resolver.ipv4_lookup(name).await {
             Ok(lookup) => Ok(lookup.iter().map(|a| a.0).collect()),
+            Err(e) => match classify(&e) {
+                Answer::NoData | Answer::NxDomain => Ok(Vec::new()),
+                Answer::Failed(msg) => Err(DnsError::Temporary(msg)),
+            },
+        }
+    }
+
+    /// The AAAA records of `name` (forward confirmation of an IPv6 client's PTR name): empty
+    /// when there is none, an error when the lookup failed.
+    pub async fn lookup_ipv6(&self, name: &str) -> Result<Vec<Ipv6Addr>, DnsError> {
+        let mut name =
+            Name::from_utf8(name.trim()).map_err(|_| DnsError::InvalidDomain(name.to_string()))?;
+        name.set_fqdn(true);
+        match self.resolver.ipv6_lookup(name).await {
+            Ok(lookup) => Ok(lookup.iter().map(|a| a.0).collect()),
+            Err(e) => match classify(&e) {
+                Answer::NoData | Answer::NxDomain => Ok(Vec::new()),
+                Answer::Failed(msg) => Err(DnsError::Temporary(msg)),
+            },
+        }
+    }
+
+    /// The PTR names of `ip` (`in-addr.arpa`/`ip6.arpa`, RFC 1035 §3.5, RFC 3596 §2.5), without
+    /// the trailing dot: empty when there is none (NXDOMAIN or NODATA), an error when the lookup
+    /// failed, so a caller can tell "no reverse DNS" from "DNS is down".
+    pub async fn lookup_ptr(&self, ip: IpAddr) -> Result<Vec<String>, DnsError> {
+        let query = Query::query(Name::from(ip), RecordType::PTR);
+        let answer = self
+            .direct
+            .lookup(query, DnsRequestOptions::default())
+            .first_answer()
+            .await;
+        match answer {
+            Ok(response) => Ok(response
+                .answers()
+                .iter()
+                .filter_map(|record| match record.data() {
+                    Some(RData::PTR(ptr)) => Some(host_string(&ptr.0)),
+                    _ => None,
+                })
+                .collect()),
             Err(e) => match classify(&e) {
                 Answer::NoData | Answer::NxDomain => Ok(Vec::new()),
                 Answer::Failed(msg) => Err(DnsError::Temporary(msg)),

@@ -21,7 +21,7 @@
 //! `#[tokio::test]` and actix tests alike, and stops when dropped.
 
 use std::collections::HashSet;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, UdpSocket};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use hickory_server::authority::{Catalog, MessageResponseBuilder, ZoneType};
 use hickory_server::proto::op::{Header, ResponseCode};
-use hickory_server::proto::rr::rdata::{A, AAAA, MX, SOA, TXT};
+use hickory_server::proto::rr::rdata::{A, AAAA, MX, PTR, SOA, TXT};
 use hickory_server::proto::rr::{LowerName, Name, RData, Record};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::store::in_memory::InMemoryAuthority;
@@ -111,6 +111,29 @@ impl TestZone {
         self.servfail.insert(LowerName::from(name(owner)));
         self
     }
+
+    /// A PTR record for `ip` (its `in-addr.arpa` or `ip6.arpa` name) pointing at `host`.
+    pub fn ptr(mut self, ip: IpAddr, host: &str) -> Self {
+        self.records.push(Record::from_rdata(
+            reverse_name(ip),
+            TEST_TTL,
+            RData::PTR(PTR(name(host))),
+        ));
+        self
+    }
+
+    /// Every reverse lookup of `ip` gets SERVFAIL.
+    pub fn servfail_ptr(mut self, ip: IpAddr) -> Self {
+        self.servfail.insert(LowerName::from(reverse_name(ip)));
+        self
+    }
+}
+
+/// `7.2.0.192.in-addr.arpa.` for 192.0.2.7; nibbles under `ip6.arpa.` for IPv6.
+fn reverse_name(ip: IpAddr) -> Name {
+    let mut n = Name::from(ip);
+    n.set_fqdn(true);
+    n
 }
 
 /// Catalog plus the SERVFAIL list.

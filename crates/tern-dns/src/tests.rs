@@ -469,3 +469,46 @@ async fn blocklist_style_a_lookups() {
     assert!(r.lookup_ipv4("1.0.0.127.bl.test").await.unwrap().is_empty());
     assert!(r.lookup_ipv4("3.0.0.127.bl.test").await.is_err());
 }
+
+#[tokio::test]
+async fn ptr_lookups_tell_none_from_failure() {
+    let v6: IpAddr = "2001:db8::25".parse().unwrap();
+    let dns = TestDns::start(
+        TestZone::new()
+            .ptr(IpAddr::V4(v4("192.0.2.7")), "mail.example.test")
+            .ptr(v6, "mail6.example.test")
+            .aaaa("mail6.example.test", "2001:db8::25".parse().unwrap())
+            .servfail_ptr(IpAddr::V4(v4("192.0.2.9")))
+            .ptr(IpAddr::V4(v4("127.0.0.2")), "loop.example.test"),
+    );
+    let r = resolver(&dns, true);
+    // Loopback reverse names are asked of the server, not answered "localhost" by hickory.
+    assert_eq!(
+        r.lookup_ptr(IpAddr::V4(v4("127.0.0.2"))).await.unwrap(),
+        ["loop.example.test"]
+    );
+    assert!(r
+        .lookup_ptr(IpAddr::V4(v4("127.0.0.3")))
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        r.lookup_ptr(IpAddr::V4(v4("192.0.2.7"))).await.unwrap(),
+        ["mail.example.test"]
+    );
+    assert_eq!(r.lookup_ptr(v6).await.unwrap(), ["mail6.example.test"]);
+    assert!(r
+        .lookup_ptr(IpAddr::V4(v4("192.0.2.8")))
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(matches!(
+        r.lookup_ptr(IpAddr::V4(v4("192.0.2.9"))).await,
+        Err(DnsError::Temporary(_))
+    ));
+    assert_eq!(
+        r.lookup_ipv6("mail6.example.test").await.unwrap(),
+        ["2001:db8::25".parse::<Ipv6Addr>().unwrap()]
+    );
+    assert!(r.lookup_ipv6("mail.example.test").await.unwrap().is_empty());
+}

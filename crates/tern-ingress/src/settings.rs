@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ipnet::IpNet;
+pub use tern_policy::relay::{canonical_ip, RelayRules};
 pub use tern_smtp::data::BareLineEndings;
 
 /// What a listener is for; it decides which extensions a session offers.
@@ -65,9 +65,9 @@ pub struct Settings {
     /// Always present in practice: `tern serve` generates a self-signed certificate when none is
     /// configured, so STARTTLS works out of the box.
     pub tls: Option<Arc<rustls::ServerConfig>>,
-    pub relay_networks: Vec<IpNet>,
-    /// Lower-cased domains we accept mail for from anyone (we are their MX).
-    pub relay_domains: Vec<String>,
+    /// Who may send where (`relay.networks`, `relay.domains`); checked in the session whether or
+    /// not the policy stage is enabled.
+    pub relay: RelayRules,
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
     pub message_size: usize,
@@ -95,26 +95,6 @@ pub struct Settings {
 impl Settings {
     /// May this client relay to any domain (before authentication)?
     pub fn is_trusted_network(&self, ip: IpAddr) -> bool {
-        let ip = canonical_ip(ip);
-        self.relay_networks.iter().any(|net| net.contains(&ip))
-    }
-
-    pub fn is_relay_domain(&self, domain: &str) -> bool {
-        let domain = domain.trim_end_matches('.');
-        self.relay_domains
-            .iter()
-            .any(|d| d.eq_ignore_ascii_case(domain))
-    }
-}
-
-/// An IPv4 client seen through an IPv6 socket arrives as `::ffff:a.b.c.d`; networks are written
-/// in IPv4, so compare the IPv4 form.
-pub fn canonical_ip(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map(IpAddr::V4)
-            .unwrap_or(IpAddr::V6(v6)),
-        v4 => v4,
+        self.relay.is_trusted_network(ip)
     }
 }

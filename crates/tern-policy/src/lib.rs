@@ -5,9 +5,11 @@
 //!
 //! The checks, by step:
 //! * connect: per-address connection rate (token bucket) → `421 4.7.0`; DNS blocklists →
-//!   `554 5.7.1` naming the list;
+//!   `554 5.7.1` naming the list; reverse DNS ([`rdns`]) → `550 5.7.25` / `450 4.7.25`;
 //! * HELO: syntax, optionally a fully qualified name, and strangers claiming our own name;
 //! * MAIL: per-sender and per-authenticated-user message rates → `450 4.7.1`;
+//! * RCPT: relay control ([`relay`], a pure rule the session calls even with the stage off)
+//!   and unknown users of the domains we serve ([`recipients`]) → `550 5.1.1`;
 //! * RCPT: the suppression list (submitters), the recipient rate, and greylisting (strangers,
 //!   off by default) → `451 4.7.1`;
 //! * MAIL, for strangers: SPF ([`CheckSpf`]), recorded, and `550 5.7.23` on `fail` when
@@ -21,6 +23,9 @@ mod bucket;
 mod checks;
 pub mod greylist;
 pub mod headers;
+pub mod rdns;
+pub mod recipients;
+pub mod relay;
 pub mod rules;
 pub mod suppression;
 
@@ -36,8 +41,9 @@ use tracing::{debug, info, warn};
 pub use auth::{AuthChecks, AuthReport, AuthStatus, Authenticator, DmarcPolicy, SpfRecord};
 pub use bucket::{Buckets, Rate, TokenBucket};
 pub use checks::{check_helo, HeloPolicy};
-pub use rules::{Rules, RulesError, Score};
 pub use greylist::{Greylist, GreylistError, GreylistSettings};
+pub use rdns::ReverseDns;
+pub use rules::{Rules, RulesError, Score};
 pub use suppression::{Suppressed, SuppressionError, SuppressionList};
 
 /// What a check decided.
@@ -117,6 +123,10 @@ pub struct PolicySettings {
     pub dmarc: DmarcAction,
     /// Greylisting of strangers at RCPT.
     pub greylist: GreylistSettings,
+    /// The reverse-DNS requirement at connect, and how long its lookups may take together
+    /// (must be above zero when it is on; the configuration checks).
+    pub reverse_dns: ReverseDns,
+    pub reverse_dns_timeout: Duration,
 }
 
 /// What SPF does at MAIL FROM.
@@ -171,12 +181,17 @@ pub enum SuppressionAction {
     Drop,
 }
 
-/// Connect-stage check: the DNS blocklists (the connection rate runs in the session, see
-/// [`LocalChecks`]).
+/// Connect-stage check: the DNS blocklists and the reverse-DNS requirement (the connection
+/// rate runs in the session, see [`LocalChecks`]).
 #[derive(Message, Clone, Debug, Serialize, Deserialize)]
 #[rtype(result = "Verdict")]
 pub struct CheckConnect {
     pub ip: IpAddr,
+    /// Whether `policy.reverse_dns` applies: connections to the port-25 listener only, since
+    /// submission clients (people on home and mobile lines, often without reverse DNS) are
+    /// judged by their credentials.
+    #[serde(default)]
+    pub reverse_dns: bool,
 }
 
 /// MAIL FROM check.
@@ -297,6 +312,8 @@ pub struct LocalChecks {
     connect_buckets: std::sync::Mutex<Buckets<IpAddr>>,
     /// The suppression list, read directly (a sled lookup) at RCPT.
     suppression: std::sync::OnceLock<SuppressionList>,
+    /// The known recipients of the domains we serve (`policy.recipients_file`); unset: all.
+    recipients: std::sync::OnceLock<recipients::RecipientMap>,
 }
 
 impl LocalChecks {
@@ -304,7 +321,19 @@ impl LocalChecks {
         Self {
             connect_buckets: std::sync::Mutex::new(Buckets::new(settings.connect_rate)),
             suppression: std::sync::OnceLock::new(),
+            recipients: std::sync::OnceLock::new(),
             settings,
+        }
+    }
+
+    /// A recipient in one of the domains we serve against `policy.recipients_file`.
+    pub fn known_recipient(&self, recipient: &str) -> Verdict {
+        match self.recipients.get() {
+            Some(map) if !map.accepts(recipient) => {
+                info!(%recipient, "unknown recipient");
+                Verdict::Refuse(recipients::unknown_user(recipient))
+            }
+            _ => Verdict::Accept,
         }
     }
 
@@ -432,7 +461,13 @@ impl PolicyActor {
         self
     }
 
-    /// `resolver` is needed only with DNS blocklists.
+    /// With recipient validation for the domains we serve (see [`recipients::RecipientMap`]).
+    pub fn with_recipients(self, map: recipients::RecipientMap) -> Self {
+        let _ = self.local.recipients.set(map);
+        self
+    }
+
+    /// `resolver` is needed only with DNS blocklists or the reverse-DNS requirement.
     pub fn new(settings: PolicySettings, resolver: Option<Arc<MxResolver>>) -> Self {
         let settings = Arc::new(settings);
         Self {
@@ -490,12 +525,33 @@ impl Handler<CheckConnect> for PolicyActor {
     type Result = ResponseFuture<Verdict>;
 
     fn handle(&mut self, req: CheckConnect, _ctx: &mut Self::Context) -> Self::Result {
-        let zones = self.settings.dnsbl_zones.clone();
-        let (Some(resolver), false) = (self.resolver.clone(), zones.is_empty()) else {
+        let Some(resolver) = self.resolver.clone() else {
             return Box::pin(async { Verdict::Accept });
         };
-        let timeout = self.settings.dnsbl_timeout;
-        Box::pin(checks::dnsbl(resolver, req.ip, zones, timeout))
+        let zones = self.settings.dnsbl_zones.clone();
+        let dnsbl_timeout = self.settings.dnsbl_timeout;
+        let rdns = if req.reverse_dns {
+            self.settings.reverse_dns
+        } else {
+            ReverseDns::Off
+        };
+        let rdns_timeout = self.settings.reverse_dns_timeout;
+        Box::pin(async move {
+            // Both at once: the client waits for the slower, not for the sum.
+            let blocklists = async {
+                if zones.is_empty() {
+                    Verdict::Accept
+                } else {
+                    checks::dnsbl(resolver.clone(), req.ip, zones, dnsbl_timeout).await
+                }
+            };
+            let reverse = rdns::check(resolver.clone(), rdns, req.ip, rdns_timeout);
+            match tokio::join!(blocklists, reverse) {
+                // A listing is the stronger statement about the client.
+                (Verdict::Accept, reverse) => reverse,
+                (listed, _) => listed,
+            }
+        })
     }
 }
 
@@ -837,8 +893,9 @@ impl PolicyClient {
         // the actor.
         let rcpt = settings.rcpt_rate.is_some() || settings.greylist.enabled;
         Self {
-            // Only the blocklists need the actor at connect.
-            connect: (!settings.dnsbl_zones.is_empty()).then(|| addr.clone().recipient()),
+            // Only the blocklists and reverse DNS need the actor at connect.
+            connect: (!settings.dnsbl_zones.is_empty() || settings.reverse_dns != ReverseDns::Off)
+                .then(|| addr.clone().recipient()),
             mail: mail.then(|| addr.clone().recipient()),
             rcpt: rcpt.then(|| addr.clone().recipient()),
             spf: spf.then(|| addr.clone().recipient()),
@@ -883,6 +940,14 @@ impl PolicyClient {
             Some(l) if self.rcpt_suppression => l.suppressed(recipient),
             _ => Verdict::Accept,
         }
+    }
+
+    /// A recipient in one of the domains we serve (`relay.domains`) against the recipients
+    /// file, in the session; from anyone, trusted or not.
+    pub fn known_recipient_local(&self, recipient: &str) -> Verdict {
+        self.local
+            .as_ref()
+            .map_or(Verdict::Accept, |l| l.known_recipient(recipient))
     }
 
     /// Asks `to` with the time limit; `on_timeout` when the stage does not answer in time (or

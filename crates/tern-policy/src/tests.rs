@@ -42,6 +42,7 @@ async fn dnsbl_listed_unlisted_and_failing_zones() {
     let v = addr
         .send(CheckConnect {
             ip: "127.0.0.2".parse().unwrap(),
+            reverse_dns: true,
         })
         .await
         .unwrap();
@@ -51,6 +52,7 @@ async fn dnsbl_listed_unlisted_and_failing_zones() {
     let v = addr
         .send(CheckConnect {
             ip: "127.0.0.3".parse().unwrap(),
+            reverse_dns: true,
         })
         .await
         .unwrap();
@@ -78,6 +80,7 @@ async fn dnsbl_timeout_counts_as_not_listed() {
     let v = addr
         .send(CheckConnect {
             ip: "127.0.0.2".parse().unwrap(),
+            reverse_dns: true,
         })
         .await
         .unwrap();
@@ -182,6 +185,69 @@ async fn client_timeout_gives_the_default_verdict() {
         )
         .await;
     assert_eq!(refused(&v).code, 451);
+}
+
+#[actix_rt::test]
+async fn reverse_dns_at_connect_and_only_where_asked() {
+    let dns = TestDns::start(
+        TestZone::new()
+            .ptr("192.0.2.7".parse().unwrap(), "mail.example.test")
+            .a("mail.example.test", Ipv4Addr::new(192, 0, 2, 7))
+            .ptr("192.0.2.8".parse().unwrap(), "other.example.test")
+            .a("other.example.test", Ipv4Addr::new(192, 0, 2, 99)),
+    );
+    let settings = PolicySettings {
+        reverse_dns: ReverseDns::Confirmed,
+        reverse_dns_timeout: Duration::from_secs(2),
+        ..PolicySettings::default()
+    };
+    let addr = PolicyActor::new(settings, Some(resolver(&dns))).start();
+    let connect = |ip: &str, reverse_dns: bool| CheckConnect {
+        ip: ip.parse().unwrap(),
+        reverse_dns,
+    };
+    assert_eq!(
+        addr.send(connect("192.0.2.7", true)).await.unwrap(),
+        Verdict::Accept
+    );
+    for ip in ["192.0.2.8", "192.0.2.9"] {
+        let v = addr.send(connect(ip, true)).await.unwrap();
+        assert_eq!((refused(&v).code, refused(&v).enhanced), (550, (5, 7, 25)));
+    }
+    // Not asked for (a submission listener): nothing is looked up.
+    assert_eq!(
+        addr.send(connect("192.0.2.9", false)).await.unwrap(),
+        Verdict::Accept
+    );
+}
+
+#[actix_rt::test]
+async fn reverse_dns_timeout_is_a_temporary_refusal() {
+    // Nothing answers on this port: the lookups outlast reverse_dns_timeout.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let resolver = MxResolver::with_timeout(
+        Some(vec![silent.local_addr().unwrap()]),
+        true,
+        Duration::from_secs(5),
+        1,
+    )
+    .unwrap();
+    let settings = PolicySettings {
+        reverse_dns: ReverseDns::Exists,
+        reverse_dns_timeout: Duration::from_millis(300),
+        ..PolicySettings::default()
+    };
+    let addr = PolicyActor::new(settings, Some(Arc::new(resolver))).start();
+    let started = std::time::Instant::now();
+    let v = addr
+        .send(CheckConnect {
+            ip: "192.0.2.7".parse().unwrap(),
+            reverse_dns: true,
+        })
+        .await
+        .unwrap();
+    assert_eq!((refused(&v).code, refused(&v).enhanced), (450, (4, 7, 25)));
+    assert!(started.elapsed() < Duration::from_secs(2));
 }
 
 #[actix_rt::test]

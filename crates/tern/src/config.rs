@@ -554,9 +554,22 @@ pub struct Policy {
         deserialize_with = "de_parsed::<_, Duration>"
     )]
     pub greylist_expiry: Duration,
+    /// Reverse DNS required of clients at connect: `off`, `exists` (a PTR record) or
+    /// `confirmed` (a PTR name whose A/AAAA is the client's address).
+    #[serde(deserialize_with = "de_parsed::<_, ReverseDns>")]
+    pub reverse_dns: ReverseDns,
+    /// The most the reverse-DNS lookups of one connection may take (then 450 4.7.25).
+    #[serde(
+        serialize_with = "humantime_serde::serialize",
+        deserialize_with = "de_parsed::<_, Duration>"
+    )]
+    pub reverse_dns_timeout: Duration,
+    /// The known recipients of `relay.domains` (one `user@domain` or `@domain` a line); empty:
+    /// every address of those domains is accepted.
+    pub recipients_file: PathBuf,
 }
 
-pub use tern_policy::{DmarcAction, SpfAction, SuppressionAction};
+pub use tern_policy::{DmarcAction, ReverseDns, SpfAction, SuppressionAction};
 
 impl FromConfigStr for SpfAction {
     const WHAT: &'static str = "SPF action";
@@ -579,6 +592,18 @@ impl FromConfigStr for DmarcAction {
             "hold" => Ok(Self::Hold),
             "enforce" => Ok(Self::Enforce),
             _ => Err("expected \"off\", \"record\", \"hold\" or \"enforce\"".into()),
+        }
+    }
+}
+
+impl FromConfigStr for ReverseDns {
+    const WHAT: &'static str = "reverse DNS requirement";
+    fn parse(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "off" => Ok(Self::Off),
+            "exists" => Ok(Self::Exists),
+            "confirmed" => Ok(Self::Confirmed),
+            _ => Err("expected \"off\", \"exists\" or \"confirmed\"".into()),
         }
     }
 }
@@ -624,6 +649,9 @@ impl Default for Policy {
             greylist_delay: Duration::from_secs(5 * 60),
             greylist_retry_window: Duration::from_secs(2 * 24 * 3600),
             greylist_expiry: Duration::from_secs(35 * 24 * 3600),
+            reverse_dns: ReverseDns::Off,
+            reverse_dns_timeout: Duration::from_secs(5),
+            recipients_file: PathBuf::new(),
         }
     }
 }
@@ -1072,6 +1100,18 @@ impl Config {
         }
         if p.greylist_expiry.is_zero() {
             return fail("policy.greylist_expiry", "must be greater than 0".into());
+        }
+        if p.reverse_dns_timeout.is_zero() {
+            return fail(
+                "policy.reverse_dns_timeout",
+                "must be greater than 0".into(),
+            );
+        }
+        if !p.recipients_file.as_os_str().is_empty() {
+            // Read here so `tern config check` and a start both report a bad file, by line.
+            if let Err(e) = tern_policy::recipients::RecipientMap::load(&p.recipients_file) {
+                return fail("policy.recipients_file", e.to_string());
+            }
         }
         for (key, rate) in [
             ("policy.connect_rate", p.connect_rate),
@@ -2036,6 +2076,40 @@ mod tests {
             &["smtp.max_connections:", "\"lots\"", "integer", "(line 2)"],
         );
         file_error("[limits]\nerrors = -1\n", &["limits.errors:", "-1"]);
+    }
+
+    #[test]
+    fn reverse_dns_and_recipients_file() {
+        let c = load_file("[policy]\nreverse_dns = \"confirmed\"\n", &[]).unwrap();
+        assert_eq!(c.policy.reverse_dns, ReverseDns::Confirmed);
+        assert_eq!(Config::default().policy.reverse_dns, ReverseDns::Off);
+        file_error(
+            "[policy]\nreverse_dns = \"yes\"\n",
+            &[
+                "policy.reverse_dns:",
+                "\"off\", \"exists\" or \"confirmed\"",
+            ],
+        );
+        file_error(
+            "[policy]\nreverse_dns_timeout = \"0s\"\n",
+            &["policy.reverse_dns_timeout:", "greater than 0"],
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let list = dir.path().join("rcpts");
+        std::fs::write(&list, "a@example.org\nnobody\n").unwrap();
+        file_error(
+            &format!(
+                "[policy]\nrecipients_file = {:?}\n",
+                list.display().to_string()
+            ),
+            &["policy.recipients_file:", "rcpts: line 2:"],
+        );
+        std::fs::write(&list, "a@example.org\n@example.net\n").unwrap();
+        let text = format!(
+            "[policy]\nrecipients_file = {:?}\n",
+            list.display().to_string()
+        );
+        assert_eq!(load_file(&text, &[]).unwrap().policy.recipients_file, list);
     }
 
     #[test]

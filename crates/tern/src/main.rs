@@ -390,8 +390,8 @@ fn serve(config_file: Option<&Path>) -> Result<()> {
     let policy_config = config.policy.clone();
     let full_config = config.clone();
     let policy_settings = policy_settings(&config);
-    // One resolver (and one answer cache) for MX lookups and blocklist queries.
-    let resolver = if delivery.is_some() || !policy_settings.dnsbl_zones.is_empty() {
+    // One resolver (and one answer cache) for MX lookups, blocklist and reverse-DNS queries.
+    let resolver = if delivery.is_some() || policy_needs_dns(&policy_settings) {
         let nameservers =
             (!config.dns.nameservers.is_empty()).then(|| config.dns.nameservers.clone());
         let resolver = tern_dns::MxResolver::with_timeout(
@@ -479,11 +479,19 @@ fn policy_settings(config: &Config) -> tern_policy::PolicySettings {
             retry_window: p.greylist_retry_window,
             expiry: p.greylist_expiry,
         },
+        reverse_dns: p.reverse_dns,
+        reverse_dns_timeout: p.reverse_dns_timeout,
     }
 }
 
+/// Whether the policy stage makes DNS queries (blocklists, reverse DNS).
+fn policy_needs_dns(settings: &tern_policy::PolicySettings) -> bool {
+    !settings.dnsbl_zones.is_empty() || settings.reverse_dns != tern_policy::ReverseDns::Off
+}
+
 /// Starts the validation actor (with the suppression list in `<data_dir>/suppression` and the
-/// greylist in `<data_dir>/greylist` when enabled) and returns its address and what sessions use to consult it.
+/// greylist in `<data_dir>/greylist` when enabled) and returns its address and what sessions
+/// use to consult it.
 fn start_policy(
     full: &Config,
     settings: tern_policy::PolicySettings,
@@ -494,7 +502,7 @@ fn start_policy(
 )> {
     let config = &full.policy;
     let data_dir = full.server.data_dir.as_path();
-    let resolver = resolver.filter(|_| !settings.dnsbl_zones.is_empty());
+    let resolver = resolver.filter(|_| policy_needs_dns(&settings));
     let authenticate = config.enabled
         && (settings.spf != tern_policy::SpfAction::Off
             || settings.dkim_verify
@@ -529,6 +537,13 @@ fn start_policy(
         let list = tern_policy::Greylist::open(&dir, greylist)
             .with_context(|| format!("cannot open the greylist in {}", dir.display()))?;
         actor = actor.with_greylist(list);
+    }
+    if !config.recipients_file.as_os_str().is_empty() {
+        let path = &config.recipients_file;
+        let map =
+            tern_policy::recipients::RecipientMap::load(path).context("policy.recipients_file")?;
+        info!(file = %path.display(), entries = map.len(), "recipients file loaded");
+        actor = actor.with_recipients(map);
     }
     if config.suppression {
         let dir = data_dir.join("suppression");
@@ -640,13 +655,10 @@ fn ingress_settings(config: &Config, tls: Arc<rustls::ServerConfig>) -> Settings
         hostname: config.server.hostname.clone(),
         listeners,
         tls: Some(tls),
-        relay_networks: config.relay.networks.clone(),
-        relay_domains: config
-            .relay
-            .domains
-            .iter()
-            .map(|d| d.trim_end_matches('.').to_ascii_lowercase())
-            .collect(),
+        relay: tern_policy::relay::RelayRules::new(
+            config.relay.networks.clone(),
+            &config.relay.domains,
+        ),
         max_connections: smtp.max_connections,
         max_connections_per_ip: smtp.max_connections_per_ip,
         message_size: limits.message_size as usize,

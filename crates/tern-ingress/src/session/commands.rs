@@ -449,7 +449,19 @@ impl Session {
                     self.reply(554, code(5, 7, 1), "Error: relay access denied");
                     return Flow::Continue;
                 }
-                address.to_string()
+                let address_text = address.to_string();
+                // Unknown users of the domains we serve are refused now, from anyone, rather
+                // than bounced later (to a sender who is often forged).
+                if let (Some(policy), true) = (
+                    &self.shared.settings.policy,
+                    self.settings().relay.is_local_domain(&address.domain),
+                ) {
+                    if let Verdict::Refuse(r) = policy.known_recipient_local(&address_text) {
+                        self.send_policy(r);
+                        return Flow::Continue;
+                    }
+                }
+                address_text
             }
         };
         // The suppression list guards what submitters send out (mail from strangers to the
@@ -512,13 +524,11 @@ impl Session {
         Flow::Continue
     }
 
-    /// No open relay: anyone may send to the domains we serve; only trusted networks and
-    /// authenticated users may send anywhere else. (`postmaster` is always accepted.)
+    /// No open relay (`tern_policy::relay`); `postmaster` never gets this far.
     fn may_relay_to(&self, domain: &str) -> bool {
-        let settings = self.settings();
-        settings.is_relay_domain(domain)
-            || self.auth_user.is_some()
-            || settings.is_trusted_network(self.client.ip())
+        self.settings()
+            .relay
+            .may_relay_to(self.client.ip(), self.auth_user.is_some(), domain)
     }
 
     fn check_ready_for_content(&mut self) -> bool {

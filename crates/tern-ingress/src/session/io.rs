@@ -74,7 +74,10 @@ async fn serve(connection: Connection) {
             // stage that does not answer in time: go on; MAIL and RCPT still ask.
             let mut verdict = policy.connect_local(ip);
             if verdict == Verdict::Accept {
-                let check = tern_policy::CheckConnect { ip };
+                let check = tern_policy::CheckConnect {
+                    ip,
+                    reverse_dns: listener.kind == crate::settings::ListenerKind::Smtp,
+                };
                 verdict = policy.ask(&policy.connect, check, Verdict::Accept).await;
             }
             if let Verdict::Refuse(r) = verdict {
