@@ -413,3 +413,67 @@ score = 0.5
         "{err}"
     );
 }
+
+/// Runs `tern queue ARGS` against `server`; stdout, asserting success.
+fn queue(server: &TernServer, args: &[&str]) -> String {
+    let http = server.http.to_string();
+    let mut all = vec!["queue", "--http", &http];
+    all.extend_from_slice(args);
+    let out = tern_tests::tern_cmd(&all);
+    assert!(
+        out.status.success(),
+        "tern queue {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn a_quarantined_message_waits_in_the_hold_state_until_released() {
+    use std::time::Duration;
+    use tern_tests::sink::{Sink, SinkConfig};
+    let wait = Duration::from_secs(20);
+    let sink = Sink::start(SinkConfig::default());
+    let dns = TestDns::start(zone());
+    let server = server(&dns, |b| {
+        b.set("delivery.enabled", true)
+            .set("delivery.idle_timeout", "1s")
+            .route("*", Some(&sink.addr().to_string()), "none")
+    });
+    let mut c = stranger(&server);
+    // p=quarantine and SPF fails: held. A clean message goes straight through.
+    let held = queued_id(&send(
+        &mut c,
+        "a@quarantine.test",
+        &message("a@quarantine.test", "quarantined"),
+    ));
+    let clean = queued_id(&send(
+        &mut c,
+        "a@spf-pass.test",
+        &message("a@spf-pass.test", "clean"),
+    ));
+    assert_eq!(
+        server.wait_event("delivered", RCPT, wait)["queue_id"],
+        clean.as_str()
+    );
+    let list: serde_json::Value =
+        serde_json::from_str(&queue(&server, &["list", "--state", "held", "--json"])).unwrap();
+    let listed = list.as_array().unwrap();
+    assert_eq!(listed.len(), 1, "{list}");
+    assert_eq!(listed[0]["id"], held.as_str());
+    assert_eq!(
+        listed[0]["hold"],
+        "DMARC policy quarantine of quarantine.test"
+    );
+    assert_eq!(sink.messages().len(), 1, "only the clean message left");
+
+    queue(&server, &["release", &held]);
+    let got = sink.wait_for_messages(2, wait);
+    let released = String::from_utf8_lossy(&got[1].data).into_owned();
+    assert!(released.contains("Subject: quarantined"), "{released}");
+    assert!(
+        released.contains("dmarc=fail header.from=quarantine.test"),
+        "the annotation travels with the message: {released}"
+    );
+    server.wait_queued(0, wait);
+}
