@@ -427,7 +427,18 @@ impl PolicyActor {
             local: self.local.clone(),
             spf: self.authenticator.is_some() && self.settings.spf != SpfAction::Off,
             content: self.checks_content(),
+            messages: self.message_checks(),
         }
+    }
+
+    fn message_checks(&self) -> Arc<MessageChecks> {
+        Arc::new(MessageChecks {
+            authenticator: self.authenticator.clone(),
+            content: self.content.clone(),
+            checks: self.auth_checks(),
+            spf_action: self.settings.spf,
+            dmarc_action: self.settings.dmarc,
+        })
     }
 
     /// With SPF/DKIM/ARC/DMARC (as `settings` enables them), through `authenticator`.
@@ -555,41 +566,78 @@ impl Handler<CheckConnect> for PolicyActor {
     }
 }
 
+/// The per-message checks (SPF at MAIL FROM; authentication and content rules at the end of
+/// DATA). They keep no state between messages, so besides serving the actor's handlers they run
+/// in the session itself (see [`PolicyClient::spf`]): two cross-thread round trips per message
+/// cost more than the checks (docs/benchmarks.md, "Validation stage").
+#[derive(Debug)]
+pub struct MessageChecks {
+    authenticator: Option<Arc<Authenticator>>,
+    content: Option<Arc<ContentSettings>>,
+    checks: AuthChecks,
+    spf_action: SpfAction,
+    dmarc_action: DmarcAction,
+}
+
+impl MessageChecks {
+    /// SPF for a stranger's MAIL FROM.
+    pub async fn spf(&self, req: CheckSpf) -> SpfVerdict {
+        let action = self.spf_action;
+        let Some(auth) = self
+            .authenticator
+            .as_ref()
+            .filter(|_| action != SpfAction::Off)
+        else {
+            return SpfVerdict {
+                spf: SpfRecord::default(),
+                verdict: Verdict::Accept,
+            };
+        };
+        let spf = auth.spf(req.ip, &req.helo, &req.sender).await;
+        debug!(ip = %req.ip, sender = %req.sender, spf = %spf.status, domain = %spf.domain, "SPF");
+        let verdict = if action == SpfAction::Reject && spf.status == AuthStatus::Fail {
+            info!(ip = %req.ip, sender = %req.sender, "SPF fail: MAIL FROM refused");
+            Verdict::Refuse(PolicyReply::new(
+                550,
+                (5, 7, 23),
+                format!(
+                    "Error: SPF check failed: {} does not designate {} as permitted sender",
+                    spf.domain, req.ip
+                ),
+            ))
+        } else {
+            Verdict::Accept
+        };
+        SpfVerdict { spf, verdict }
+    }
+
+    /// DKIM, ARC, DMARC and the content rules for a stranger's message.
+    pub async fn content(&self, req: CheckContent) -> ContentVerdict {
+        let checks = self.checks;
+        let report = match self.authenticator.as_ref().filter(|_| checks.any()) {
+            Some(a) => Some(
+                a.verify(
+                    &req.message,
+                    req.ip,
+                    &req.helo,
+                    &req.sender,
+                    req.spf.as_ref(),
+                    checks,
+                )
+                .await,
+            ),
+            None => None,
+        };
+        judge(&req, report, self.content.as_deref(), self.dmarc_action)
+    }
+}
+
 impl Handler<CheckSpf> for PolicyActor {
     type Result = ResponseFuture<SpfVerdict>;
 
     fn handle(&mut self, req: CheckSpf, _ctx: &mut Self::Context) -> Self::Result {
-        let action = self.settings.spf;
-        let Some(auth) = self
-            .authenticator
-            .clone()
-            .filter(|_| action != SpfAction::Off)
-        else {
-            return Box::pin(async {
-                SpfVerdict {
-                    spf: SpfRecord::default(),
-                    verdict: Verdict::Accept,
-                }
-            });
-        };
-        Box::pin(async move {
-            let spf = auth.spf(req.ip, &req.helo, &req.sender).await;
-            debug!(ip = %req.ip, sender = %req.sender, spf = %spf.status, domain = %spf.domain, "SPF");
-            let verdict = if action == SpfAction::Reject && spf.status == AuthStatus::Fail {
-                info!(ip = %req.ip, sender = %req.sender, "SPF fail: MAIL FROM refused");
-                Verdict::Refuse(PolicyReply::new(
-                    550,
-                    (5, 7, 23),
-                    format!(
-                        "Error: SPF check failed: {} does not designate {} as permitted sender",
-                        spf.domain, req.ip
-                    ),
-                ))
-            } else {
-                Verdict::Accept
-            };
-            SpfVerdict { spf, verdict }
-        })
+        let checks = self.message_checks();
+        Box::pin(async move { checks.spf(req).await })
     }
 }
 
@@ -597,27 +645,8 @@ impl Handler<CheckContent> for PolicyActor {
     type Result = ResponseFuture<ContentVerdict>;
 
     fn handle(&mut self, req: CheckContent, _ctx: &mut Self::Context) -> Self::Result {
-        let auth = self.authenticator.clone();
-        let checks = self.auth_checks();
-        let content = self.content.clone();
-        let dmarc_action = self.settings.dmarc;
-        Box::pin(async move {
-            let report = match auth.filter(|_| checks.any()) {
-                Some(a) => Some(
-                    a.verify(
-                        &req.message,
-                        req.ip,
-                        &req.helo,
-                        &req.sender,
-                        req.spf.as_ref(),
-                        checks,
-                    )
-                    .await,
-                ),
-                None => None,
-            };
-            judge(&req, report, content.as_deref(), dmarc_action)
-        })
+        let checks = self.message_checks();
+        Box::pin(async move { checks.content(req).await })
     }
 }
 
@@ -837,6 +866,8 @@ pub struct Steps {
     pub local: Arc<LocalChecks>,
     pub spf: bool,
     pub content: bool,
+    /// The per-message checks, to run in the session.
+    pub messages: Arc<MessageChecks>,
 }
 
 /// What a session holds to consult the policy stage: the addresses, which checks are on (so a
@@ -849,6 +880,9 @@ pub struct PolicyClient {
     /// SPF at MAIL FROM and the end-of-DATA checks, for strangers.
     pub spf: Option<Recipient<CheckSpf>>,
     pub content: Option<Recipient<CheckContent>>,
+    /// When set, SPF and the end-of-DATA checks run in the session with this instead of a
+    /// round trip to `spf`/`content` (same code, same time limit).
+    pub messages: Option<Arc<MessageChecks>>,
     /// What RCPT checks: the suppression list (submitters only), the recipient rate (all),
     /// greylisting (strangers only).
     pub rcpt_suppression: bool,
@@ -886,6 +920,7 @@ impl PolicyClient {
             local,
             spf,
             content,
+            messages,
         } = steps;
         let settings = local.settings.clone();
         let mail = settings.sender_rate.is_some() || settings.user_rate.is_some();
@@ -900,6 +935,7 @@ impl PolicyClient {
             rcpt: rcpt.then(|| addr.clone().recipient()),
             spf: spf.then(|| addr.clone().recipient()),
             content: content.then(|| addr.clone().recipient()),
+            messages: (spf || content).then_some(messages),
             rcpt_suppression: suppression,
             rcpt_rate: settings.rcpt_rate.is_some(),
             rcpt_greylist: settings.greylist.enabled,
@@ -959,6 +995,58 @@ impl PolicyClient {
         match to {
             Some(to) => self.ask_for(to, msg, on_timeout).await,
             None => Verdict::Accept,
+        }
+    }
+
+    /// Whether MAIL FROM has an SPF check to make (strangers).
+    pub fn checks_spf(&self) -> bool {
+        self.spf.is_some()
+    }
+
+    /// Whether the end of DATA has checks to make (strangers).
+    pub fn checks_content(&self) -> bool {
+        self.content.is_some()
+    }
+
+    /// SPF for a stranger's MAIL FROM, in the session when it can, within the time limit;
+    /// `temperror` and go on when it does not answer in time.
+    pub async fn spf(&self, check: CheckSpf) -> SpfVerdict {
+        let unavailable = SpfVerdict::unavailable(&check.sender, &check.helo);
+        match (&self.messages, &self.spf) {
+            (Some(m), _) => self.within(m.spf(check), unavailable).await,
+            (None, Some(to)) => self.ask_for(to, check, unavailable).await,
+            (None, None) => SpfVerdict {
+                spf: SpfRecord::default(),
+                verdict: Verdict::Accept,
+            },
+        }
+    }
+
+    /// The end-of-DATA checks of a stranger's message, in the session when it can, within the
+    /// time limit; `451 4.4.3` when they do not finish in time.
+    pub async fn content(&self, check: CheckContent) -> ContentVerdict {
+        match (&self.messages, &self.content) {
+            (Some(m), _) => {
+                self.within(m.content(check), ContentVerdict::unavailable())
+                    .await
+            }
+            (None, Some(to)) => self.ask_for(to, check, ContentVerdict::unavailable()).await,
+            (None, None) => ContentVerdict {
+                verdict: Verdict::Accept,
+                hold: None,
+                headers: String::new(),
+                score: None,
+            },
+        }
+    }
+
+    async fn within<R>(&self, work: impl std::future::Future<Output = R>, on_timeout: R) -> R {
+        match tokio::time::timeout(self.timeout, work).await {
+            Ok(r) => r,
+            Err(_) => {
+                tracing::warn!(timeout = ?self.timeout, "policy check timed out; default verdict");
+                on_timeout
+            }
         }
     }
 

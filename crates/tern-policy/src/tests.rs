@@ -167,6 +167,7 @@ async fn client_timeout_gives_the_default_verdict() {
         rcpt: None,
         spf: None,
         content: None,
+        messages: None,
         rcpt_suppression: false,
         rcpt_rate: false,
         rcpt_greylist: false,

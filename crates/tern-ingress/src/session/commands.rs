@@ -21,10 +21,7 @@ use super::Shared;
 use crate::auth::{self, AuthStep, SaslError};
 use crate::received::Trace;
 use crate::settings::{canonical_ip, ListenerKind, Settings, VrfyPolicy};
-use tern_policy::{
-    CheckContent, CheckMail, CheckRcpt, CheckSpf, ContentVerdict, PolicyReply, SpfRecord,
-    SpfVerdict, Verdict,
-};
+use tern_policy::{CheckContent, CheckMail, CheckRcpt, CheckSpf, PolicyReply, SpfRecord, Verdict};
 
 pub(crate) enum Mode {
     Command,
@@ -381,15 +378,13 @@ impl Session {
         }
         let mut spf = None;
         if let (Some(policy), false) = (self.shared.settings.policy.clone(), self.trusted()) {
-            if let Some(to) = &policy.spf {
-                let helo = self.helo.clone().unwrap_or_default();
-                let unavailable = SpfVerdict::unavailable(&sender, &helo);
+            if policy.checks_spf() {
                 let check = CheckSpf {
                     ip: canonical_ip(self.client.ip()),
-                    helo,
+                    helo: self.helo.clone().unwrap_or_default(),
                     sender: sender.clone(),
                 };
-                let answer = policy.ask_for(to, check, unavailable).await;
+                let answer = policy.spf(check).await;
                 if let Verdict::Refuse(r) = answer.verdict {
                     self.send_policy(r);
                     return Flow::Continue;
@@ -729,7 +724,7 @@ impl Session {
         }
         let mut hold = None;
         if let (Some(policy), false) = (self.shared.settings.policy.clone(), self.trusted()) {
-            if let Some(to) = &policy.content {
+            if policy.checks_content() {
                 let check = CheckContent {
                     ip: canonical_ip(self.client.ip()),
                     helo: self.helo.clone().unwrap_or_default(),
@@ -737,9 +732,7 @@ impl Session {
                     spf: tx.spf.clone(),
                     message: Bytes::copy_from_slice(&tx.body[tx.trace_len..]),
                 };
-                let verdict = policy
-                    .ask_for(to, check, ContentVerdict::unavailable())
-                    .await;
+                let verdict = policy.content(check).await;
                 if let Verdict::Refuse(r) = verdict.verdict {
                     info!(id = %tx.id, reason = %r.text, "message refused: content checks");
                     self.send_policy(r);
