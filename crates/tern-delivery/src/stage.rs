@@ -12,9 +12,14 @@
 //! destination gets the same answer at once (Postfix's "dead destination"): trying each of
 //! them against the same dead hosts would only multiply the timeouts.
 //!
-//! Every job is answered with exactly one [`DeliveryReport`]: the queue keeps the job's
-//! recipients in flight until then.
+//! A job with more than `max_recipients_per_transaction` recipients is sent in several
+//! transactions, one after the other on the same connection (a new one if it breaks), each
+//! reported on its own so the queue logs the host that really answered.
+//!
+//! Every recipient of a job is answered exactly once, by one of the job's
+//! [`DeliveryReport`]s: the queue keeps a recipient in flight until then.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -37,6 +42,10 @@ pub struct DestinationLimits {
     pub max_messages_per_connection: usize,
     /// Spread evenly: one message every `per / count`.
     pub max_message_rate: Option<Rate>,
+    /// A job with more recipients is sent in several transactions (Postfix's
+    /// `default_destination_recipient_limit`, 50): many servers take at most 100 per
+    /// transaction and answer the rest with 452.
+    pub max_recipients_per_transaction: usize,
 }
 
 impl Default for DestinationLimits {
@@ -45,6 +54,7 @@ impl Default for DestinationLimits {
             max_connections: 10,
             max_messages_per_connection: 100,
             max_message_rate: None,
+            max_recipients_per_transaction: 50,
         }
     }
 }
@@ -220,6 +230,9 @@ impl Handler<Idle> for Dispatcher {
         if self.destinations.get(&idle.key) == Some(&idle.addr) {
             self.destinations.remove(&idle.key);
             idle.addr.do_send(Stop);
+            // Operators (and the tests) see the map shrink back: a destination costs memory
+            // only while it has work or connections.
+            info!(dest = %idle.key, "idle destination retired");
         }
     }
 }
@@ -538,34 +551,84 @@ impl Worker {
         self.dest.do_send(WorkerExit);
     }
 
-    /// Delivers one job, reusing `conn` when it is open. Returns false when the worker should
-    /// stop (no host reachable).
+    /// Delivers one job, reusing `conn` when it is open, in transactions of at most
+    /// `max_recipients_per_transaction` recipients, each reported as soon as it ends. Returns
+    /// false when the worker should stop (no host reachable).
     async fn deliver(&self, job: &DeliveryJob, conn: &mut Option<Open>) -> bool {
-        let started = now_ms();
-        if let Some(open) = conn.as_mut() {
-            if let Err(e) = open.smtp.reset().await {
-                debug!(error = %e, "RSET failed; opening a new connection");
-                *conn = None;
-            }
-        }
-        if conn.is_none() {
-            match self.connect(&job.domain).await {
-                Ok(open) => *conn = Some(open),
-                Err(failure) => {
-                    let result = failure.result();
-                    info!(reply = result.reply(), "no connection");
-                    report(&self.shared, job, &result, None, started, now_ms());
-                    self.dest.do_send(Unreachable { result });
-                    return false;
+        let per = self.target.limits.max_recipients_per_transaction.max(1);
+        let n = job.rcpt_index.len();
+        let mut from = 0;
+        while from < n {
+            let to = n.min(from + per);
+            let started = now_ms();
+            if let Some(open) = conn.as_mut() {
+                if let Err(e) = open.smtp.reset().await {
+                    debug!(error = %e, "RSET failed; opening a new connection");
+                    *conn = None;
                 }
             }
+            if conn.is_none() {
+                match self.connect(&job.domain).await {
+                    Ok(open) => *conn = Some(open),
+                    Err(failure) => {
+                        let result = failure.result();
+                        info!(reply = result.reply(), "no connection");
+                        // Every recipient not yet tried shares the answer, so the job is
+                        // answered in full.
+                        let results = job.rcpt_index[from..]
+                            .iter()
+                            .map(|&i| (i, result.clone()))
+                            .collect();
+                        send_report(
+                            &self.shared,
+                            DeliveryReport {
+                                id: job.id,
+                                domain: job.domain.clone(),
+                                results,
+                                remote: None,
+                                started_ms: started,
+                                finished_ms: now_ms(),
+                            },
+                        );
+                        self.dest.do_send(Unreachable { result });
+                        return false;
+                    }
+                }
+            }
+            let open = conn.as_mut().expect("connection is open");
+            self.transaction(job, from..to, open, started).await;
+            if open.sent >= self.target.limits.max_messages_per_connection.max(1) {
+                if let Some(open) = conn.take() {
+                    open.smtp.quit().await;
+                }
+            }
+            from = to;
         }
-        let open = conn.as_mut().expect("connection is open");
+        true
+    }
+
+    /// One MAIL/RCPT/DATA for the job's recipients `range`, reported to the queue.
+    async fn transaction(
+        &self,
+        job: &DeliveryJob,
+        range: std::ops::Range<usize>,
+        open: &mut Open,
+        started: u64,
+    ) {
+        let indices = &job.rcpt_index[range.clone()];
+        // The common case (one transaction for the whole job) sends the job's own envelope.
+        let envelope = if range.len() == job.envelope.recipients.len() {
+            Cow::Borrowed(&job.envelope)
+        } else {
+            Cow::Owned(
+                job.envelope
+                    .with_recipients(job.envelope.recipients[range].to_vec()),
+            )
+        };
         let remote = open.remote();
-        let results: Vec<(usize, AttemptResult)> =
-            match open.smtp.send(&job.envelope, &job.body).await {
-                Ok(outcomes) => job
-                    .rcpt_index
+        let mut results: Vec<(usize, AttemptResult)> =
+            match open.smtp.send(&envelope, &job.body).await {
+                Ok(outcomes) => indices
                     .iter()
                     .zip(outcomes)
                     .map(|(&i, outcome)| (i, attempt_result(outcome)))
@@ -574,7 +637,7 @@ impl Worker {
                     // The outcome is unknown (RFC 5321 §6.1 allows the duplicate a retry may
                     // cause, never a loss).
                     let reply = format!("4.4.2 {}[{}]: {e}", remote.host, remote.addr.ip());
-                    job.rcpt_index
+                    indices
                         .iter()
                         .map(|&i| {
                             (
@@ -588,7 +651,23 @@ impl Worker {
                 }
             };
         open.sent += 1;
-        let broken = results.len() != job.rcpt_index.len();
+        if results.len() != indices.len() {
+            // The queue waits for every recipient of the job: never leave one unanswered.
+            warn!("client returned fewer outcomes than recipients");
+            let reply = format!(
+                "4.4.2 {}[{}]: no outcome for this recipient",
+                remote.host,
+                remote.addr.ip()
+            );
+            for &i in &indices[results.len()..] {
+                results.push((
+                    i,
+                    AttemptResult::Temporary {
+                        reply: reply.clone(),
+                    },
+                ));
+            }
+        }
         send_report(
             &self.shared,
             DeliveryReport {
@@ -600,15 +679,6 @@ impl Worker {
                 finished_ms: now_ms(),
             },
         );
-        if broken {
-            warn!("client returned fewer outcomes than recipients");
-        }
-        if open.sent >= self.target.limits.max_messages_per_connection.max(1) {
-            if let Some(open) = conn.take() {
-                open.smtp.quit().await;
-            }
-        }
-        true
     }
 
     async fn connect(&self, domain: &str) -> Result<Open, NoConnection> {
