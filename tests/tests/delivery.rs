@@ -1138,3 +1138,55 @@ fn an_idle_destination_is_retired_and_created_again_for_new_mail() {
     );
     retired(2);
 }
+
+#[test]
+fn domains_with_the_same_mx_hosts_share_one_connection() {
+    // a.test and b.test have the same two MX hosts (in a different preference order): one
+    // site, one destination. With one connection per destination, their mail goes over a
+    // single connection, one transaction per domain. c.test has MX hosts of its own and its
+    // own connection.
+    let site = sink_on("127.0.0.27", SinkConfig::default());
+    let port = site.addr().port();
+    let other = sink_at("127.0.0.28", port, SinkConfig::default());
+    let dns = TestDns::start(
+        TestZone::new()
+            .mx("a.test", 10, "mx1.site.test")
+            .mx("a.test", 20, "mx2.site.test")
+            .mx("b.test", 10, "mx2.site.test")
+            .mx("b.test", 20, "mx1.site.test")
+            .a("mx1.site.test", ip("127.0.0.27"))
+            .a("mx2.site.test", ip("127.0.0.27"))
+            .mx("c.test", 10, "mx.other.test")
+            .a("mx.other.test", ip("127.0.0.28")),
+    );
+    let server = TernServer::builder()
+        .deliver(dns.addr(), port)
+        .set("delivery.max_connections", 1)
+        .start();
+    submit(
+        &server,
+        "<s@client.test>",
+        &["<x@a.test>", "<y@b.test>", "<z@c.test>"],
+        &message("s@client.test", "x@a.test", &unique_token()),
+    );
+    let got = site.wait_for_messages(2, WAIT);
+    let mut rcpts: Vec<Vec<String>> = got.iter().map(|m| m.rcpts.clone()).collect();
+    rcpts.sort();
+    assert_eq!(
+        rcpts,
+        [["x@a.test"], ["y@b.test"]],
+        "one transaction per domain"
+    );
+    assert_eq!(other.wait_for_messages(1, WAIT)[0].rcpts, ["z@c.test"]);
+    server.wait_queued(0, WAIT);
+    assert_eq!(
+        site.connections(),
+        1,
+        "a.test and b.test share the connection"
+    );
+    assert_eq!(other.connections(), 1);
+    for rcpt in ["x@a.test", "y@b.test"] {
+        let e = server.wait_event("delivered", rcpt, WAIT);
+        assert!(e["mx"].as_str().unwrap().ends_with(".site.test"), "{e}");
+    }
+}
