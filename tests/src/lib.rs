@@ -213,6 +213,20 @@ impl TernServerBuilder {
         self
     }
 
+    /// Set `key` on the last `[[routes]]` entry added with [`TernServerBuilder::route`] (a
+    /// per-route limit such as `max_recipients_per_transaction`).
+    pub fn route_set(mut self, key: &str, value: impl Into<toml::Value>) -> Self {
+        let last = self
+            .config
+            .get_mut("routes")
+            .and_then(|r| r.as_array_mut())
+            .and_then(|r| r.last_mut())
+            .and_then(|r| r.as_table_mut())
+            .expect("route_set after route");
+        last.insert(key.to_string(), value.into());
+        self
+    }
+
     /// Turn delivery on, resolving through `nameserver` (a test DNS server), connecting to
     /// MX hosts on `port`, loopback addresses allowed, and a fast retry schedule.
     pub fn deliver(self, nameserver: SocketAddr, port: u16) -> Self {

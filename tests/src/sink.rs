@@ -177,9 +177,24 @@ impl fmt::Display for Transaction {
     }
 }
 
+/// One command line the sink read (SMTP commands only, not message content), for tests of
+/// what a client says and when: the idle QUIT, RSET between transactions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommandLine {
+    /// Which connection: 1 for the first the sink accepted.
+    pub connection: usize,
+    /// The verb, uppercased (`QUIT`, `RSET`, `MAIL`, ...).
+    pub verb: String,
+    /// When the sink read it.
+    pub at: Instant,
+}
+
 #[derive(Default)]
 struct State {
     connections: usize,
+    commands: Vec<CommandLine>,
+    /// Connection → when it ended (the client closed it, or the sink after QUIT).
+    closed: HashMap<usize, Instant>,
     mail_count: usize,
     data_count: usize,
     /// Lowercased recipient → RCPTs seen for it.
@@ -308,6 +323,16 @@ impl Sink {
         self.shared.state().transactions.clone()
     }
 
+    /// Every command line read so far, on all connections, in order.
+    pub fn commands(&self) -> Vec<CommandLine> {
+        self.shared.state().commands.clone()
+    }
+
+    /// When connection `connection` (1 for the first) ended; `None` while it is open.
+    pub fn closed_at(&self, connection: usize) -> Option<Instant> {
+        self.shared.state().closed.get(&connection).copied()
+    }
+
     /// TCP connections accepted so far.
     pub fn connections(&self) -> usize {
         self.shared.state().connections
@@ -376,9 +401,11 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                         // Errors (mostly the client going away) just end the connection.
                         let _ = serve(tcp, id, &sh);
                         // Closes the connection: this handle kept the socket open.
-                        if let Some(s) = sh.state().streams.remove(&id) {
+                        let mut st = sh.state();
+                        if let Some(s) = st.streams.remove(&id) {
                             let _ = s.shutdown(Shutdown::Both);
                         }
+                        st.closed.insert(id, Instant::now());
                     });
                 if spawned.is_err() {
                     // Out of threads: the connection is dropped, as an overloaded server would.
@@ -527,6 +554,11 @@ impl Session<'_> {
                 Some((v, a)) => (v.to_ascii_uppercase(), a.trim().to_string()),
                 None => (line.to_ascii_uppercase(), String::new()),
             };
+            self.shared.state().commands.push(CommandLine {
+                connection: self.connection,
+                verb: verb.clone(),
+                at: Instant::now(),
+            });
             if refusing && verb != "QUIT" {
                 self.reply("503 5.5.1 no service here")?;
                 continue;

@@ -853,3 +853,340 @@ fn max_messages_per_connection_opens_a_new_connection() {
         sink.connections()
     );
 }
+
+/// `n` recipients `r0@domain` … as RCPT arguments.
+fn many_rcpts(domain: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("<r{i}@{domain}>")).collect()
+}
+
+#[test]
+fn recipients_over_the_limit_go_in_transactions_of_50_on_one_connection() {
+    let sink = Sink::start(SinkConfig::default());
+    let mut server = to_sink(TernServer::builder(), &sink).start();
+    let rcpts = many_rcpts("example.net", 120);
+    let refs: Vec<&str> = rcpts.iter().map(String::as_str).collect();
+    let token = unique_token();
+    let id = submit(
+        &server,
+        "<a@client.test>",
+        &refs,
+        &message("a@client.test", "r0@example.net", &token),
+    );
+    let got = sink.wait_for_messages(3, WAIT);
+    server.wait_queued(0, WAIT);
+    let sizes: Vec<usize> = got.iter().map(|m| m.rcpts.len()).collect();
+    assert_eq!(sizes, [50, 50, 20]);
+    let delivered: Vec<String> = got.iter().flat_map(|m| m.rcpts.clone()).collect();
+    let expected: Vec<String> = (0..120).map(|i| format!("r{i}@example.net")).collect();
+    assert_eq!(delivered, expected, "each recipient exactly once, in order");
+    for m in &got {
+        assert_eq!(m.mail_from, "a@client.test");
+        assert!(m.text().contains(&format!("body {token}")), "{}", m.text());
+    }
+    // Three transactions, one connection, RSET between them.
+    assert_eq!(sink.transactions().len(), 3);
+    assert_eq!(sink.connections(), 1);
+    let verbs: Vec<String> = sink.commands().into_iter().map(|c| c.verb).collect();
+    assert_eq!(
+        verbs.iter().filter(|v| *v == "MAIL").count(),
+        3,
+        "{verbs:?}"
+    );
+    assert_eq!(
+        verbs.iter().filter(|v| *v == "RSET").count(),
+        2,
+        "{verbs:?}"
+    );
+    let log = server.delivery_log_when(
+        "120 delivered lines",
+        |l| l.iter().filter(|e| e["event"] == "delivered").count() >= 120,
+        WAIT,
+    );
+    assert!(log
+        .iter()
+        .filter(|e| e["event"] == "delivered")
+        .all(|e| e["queue_id"] == id.as_str()));
+    server.stop();
+    assert!(
+        server.spool_list().is_empty(),
+        "the message is removed once all 120 are delivered"
+    );
+}
+
+#[test]
+fn a_refused_transaction_defers_only_its_own_recipients() {
+    // The second of three transactions gets 451 to MAIL: its 50 recipients are deferred and
+    // retried; the other 70 are delivered at once and not sent again.
+    let sink = Sink::start(SinkConfig {
+        mail_replies: vec![
+            "250 2.1.0 ok".into(),
+            "451 4.3.0 try later".into(),
+            "250 2.1.0 ok".into(),
+        ],
+        ..SinkConfig::default()
+    });
+    let server = to_sink(TernServer::builder(), &sink).start();
+    let rcpts = many_rcpts("example.net", 120);
+    let refs: Vec<&str> = rcpts.iter().map(String::as_str).collect();
+    submit(
+        &server,
+        "<a@client.test>",
+        &refs,
+        &message("a@client.test", "r0@example.net", &unique_token()),
+    );
+    let got = sink.wait_for_messages(3, WAIT);
+    server.wait_queued(0, WAIT);
+    let sizes: Vec<usize> = got.iter().map(|m| m.rcpts.len()).collect();
+    assert_eq!(sizes, [50, 20, 50]);
+    assert_eq!(got[2].rcpts, got_range(50..100));
+    let log = server.delivery_log_when(
+        "120 delivered lines",
+        |l| l.iter().filter(|e| e["event"] == "delivered").count() >= 120,
+        WAIT,
+    );
+    let deferred: Vec<&serde_json::Value> =
+        log.iter().filter(|e| e["event"] == "deferred").collect();
+    assert_eq!(deferred.len(), 50, "{deferred:#?}");
+    assert!(deferred
+        .iter()
+        .all(|e| e["reply"].as_str().unwrap().contains("451 4.3.0")));
+    let retried: Vec<&serde_json::Value> = log
+        .iter()
+        .filter(|e| e["event"] == "delivered" && e["attempt"] == 2)
+        .collect();
+    assert_eq!(retried.len(), 50, "only the deferred 50 are tried again");
+}
+
+fn got_range(r: std::ops::Range<usize>) -> Vec<String> {
+    r.map(|i| format!("r{i}@example.net")).collect()
+}
+
+#[test]
+fn a_route_sets_its_own_max_recipients_per_transaction() {
+    let sink = Sink::start(SinkConfig::default());
+    let server = TernServer::builder()
+        .set("delivery.enabled", true)
+        .set("delivery.idle_timeout", "1s")
+        .route("*", Some(&sink.addr().to_string()), "none")
+        .route_set("max_recipients_per_transaction", 2)
+        .start();
+    let rcpts = many_rcpts("example.net", 5);
+    let refs: Vec<&str> = rcpts.iter().map(String::as_str).collect();
+    submit(
+        &server,
+        "<a@client.test>",
+        &refs,
+        &message("a@client.test", "r0@example.net", &unique_token()),
+    );
+    let got = sink.wait_for_messages(3, WAIT);
+    server.wait_queued(0, WAIT);
+    let sizes: Vec<usize> = got.iter().map(|m| m.rcpts.len()).collect();
+    assert_eq!(sizes, [2, 2, 1]);
+}
+
+#[test]
+fn at_most_five_addresses_are_tried_then_the_recipient_is_deferred() {
+    // Three MX hosts with seven addresses between them, each a server that refuses with a 421
+    // greeting (and counts the connection). Only the first five addresses in MX preference
+    // order are tried (Postfix's smtp_mx_address_limit): all of mx1's, two of mx2's, none of
+    // mx3's.
+    let busy = SinkConfig {
+        greeting: "421 4.3.2 busy".into(),
+        ..SinkConfig::default()
+    };
+    let first = sink_on("127.0.0.20", busy.clone());
+    let port = first.addr().port();
+    let mut sinks = vec![first];
+    for i in 21..=26 {
+        sinks.push(sink_at(&format!("127.0.0.{i}"), port, busy.clone()));
+    }
+    let dns = TestDns::start(
+        TestZone::new()
+            .mx("many.test", 10, "mx1.many.test")
+            .mx("many.test", 20, "mx2.many.test")
+            .mx("many.test", 30, "mx3.many.test")
+            .a("mx1.many.test", ip("127.0.0.20"))
+            .a("mx1.many.test", ip("127.0.0.21"))
+            .a("mx1.many.test", ip("127.0.0.22"))
+            .a("mx2.many.test", ip("127.0.0.23"))
+            .a("mx2.many.test", ip("127.0.0.24"))
+            .a("mx2.many.test", ip("127.0.0.25"))
+            .a("mx3.many.test", ip("127.0.0.26")),
+    );
+    let server = TernServer::builder()
+        .deliver(dns.addr(), port)
+        .set_list("queue.retry_schedule", &["1h"])
+        .start();
+    submit(
+        &server,
+        "<a@client.test>",
+        &["<x@many.test>"],
+        &message("a@client.test", "x@many.test", &unique_token()),
+    );
+    let e = server.wait_event("deferred", "x@many.test", WAIT);
+    let reply = e["reply"].as_str().unwrap();
+    assert!(
+        reply.contains("421 4.3.2 busy") && reply.contains("mx2.many.test"),
+        "{e}"
+    );
+    let counts: Vec<usize> = sinks.iter().map(Sink::connections).collect();
+    assert_eq!(
+        counts.iter().sum::<usize>(),
+        5,
+        "connections per address: {counts:?}"
+    );
+    assert_eq!(counts[..3], [1, 1, 1], "every mx1 address: {counts:?}");
+    assert_eq!(
+        counts[3..6].iter().sum::<usize>(),
+        2,
+        "two of mx2's: {counts:?}"
+    );
+    assert_eq!(counts[6], 0, "mx3 is past the cap: {counts:?}");
+}
+
+#[test]
+fn an_idle_connection_is_closed_with_quit_after_idle_timeout() {
+    let sink = Sink::start(SinkConfig::default());
+    let server = to_sink(TernServer::builder(), &sink)
+        .set("delivery.idle_timeout", "2s")
+        .start();
+    submit_n(&server, 1);
+    sink.wait_for_messages(1, WAIT);
+    let deadline = Instant::now() + WAIT;
+    while sink.closed_at(1).is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "connection still open: {:?}",
+            sink.commands()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let commands = sink.commands();
+    let data = commands
+        .iter()
+        .rfind(|c| c.verb == "DATA")
+        .expect("DATA was sent");
+    let last = commands.last().unwrap();
+    assert_eq!(
+        last.verb, "QUIT",
+        "the connection ends with QUIT: {commands:?}"
+    );
+    let idle = last.at - data.at;
+    // A lower bound only: the wait starts after the reply to the content, after DATA.
+    assert!(
+        idle >= Duration::from_millis(1950),
+        "QUIT {idle:?} after the last transaction, idle_timeout is 2s"
+    );
+    assert!(sink.closed_at(1).unwrap() >= last.at);
+    assert_eq!(sink.connections(), 1);
+}
+
+/// How many lines of the server's log say `text` about `dest`.
+fn log_lines(server: &TernServer, text: &str, dest: &str) -> usize {
+    server
+        .stderr()
+        .lines()
+        .filter(|l| l.contains(text) && l.contains(dest))
+        .count()
+}
+
+#[test]
+fn an_idle_destination_is_retired_and_created_again_for_new_mail() {
+    let sink = Sink::start(SinkConfig::default());
+    let dns = TestDns::start(
+        TestZone::new()
+            .mx("retire.test", 10, "mx.retire.test")
+            .a("mx.retire.test", ip("127.0.0.1")),
+    );
+    let server = TernServer::builder()
+        .deliver(dns.addr(), sink.addr().port())
+        .start();
+    let retired = |n: usize| {
+        let deadline = Instant::now() + WAIT;
+        while log_lines(&server, "idle destination retired", "retire.test") < n {
+            assert!(
+                Instant::now() < deadline,
+                "retire.test not retired {n} time(s): {}",
+                server.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    submit(
+        &server,
+        "<a@client.test>",
+        &["<one@retire.test>"],
+        &message("a@client.test", "one@retire.test", &unique_token()),
+    );
+    sink.wait_for_messages(1, WAIT);
+    retired(1);
+    // Retired only once its connection was closed (after idle_timeout, 1 s).
+    assert!(sink.closed_at(1).is_some());
+    submit(
+        &server,
+        "<a@client.test>",
+        &["<two@retire.test>"],
+        &message("a@client.test", "two@retire.test", &unique_token()),
+    );
+    let got = sink.wait_for_messages(2, WAIT);
+    assert_eq!(got[1].rcpts, ["two@retire.test"]);
+    server.wait_event("delivered", "two@retire.test", WAIT);
+    assert_eq!(
+        sink.connections(),
+        2,
+        "a new destination opens a new connection"
+    );
+    retired(2);
+}
+
+#[test]
+fn domains_with_the_same_mx_hosts_share_one_connection() {
+    // a.test and b.test have the same two MX hosts (in a different preference order): one
+    // site, one destination. With one connection per destination, their mail goes over a
+    // single connection, one transaction per domain. c.test has MX hosts of its own and its
+    // own connection.
+    let site = sink_on("127.0.0.27", SinkConfig::default());
+    let port = site.addr().port();
+    let other = sink_at("127.0.0.28", port, SinkConfig::default());
+    let dns = TestDns::start(
+        TestZone::new()
+            .mx("a.test", 10, "mx1.site.test")
+            .mx("a.test", 20, "mx2.site.test")
+            .mx("b.test", 10, "mx2.site.test")
+            .mx("b.test", 20, "mx1.site.test")
+            .a("mx1.site.test", ip("127.0.0.27"))
+            .a("mx2.site.test", ip("127.0.0.27"))
+            .mx("c.test", 10, "mx.other.test")
+            .a("mx.other.test", ip("127.0.0.28")),
+    );
+    let server = TernServer::builder()
+        .deliver(dns.addr(), port)
+        .set("delivery.max_connections", 1)
+        .start();
+    submit(
+        &server,
+        "<s@client.test>",
+        &["<x@a.test>", "<y@b.test>", "<z@c.test>"],
+        &message("s@client.test", "x@a.test", &unique_token()),
+    );
+    let got = site.wait_for_messages(2, WAIT);
+    let mut rcpts: Vec<Vec<String>> = got.iter().map(|m| m.rcpts.clone()).collect();
+    rcpts.sort();
+    assert_eq!(
+        rcpts,
+        [["x@a.test"], ["y@b.test"]],
+        "one transaction per domain"
+    );
+    assert_eq!(other.wait_for_messages(1, WAIT)[0].rcpts, ["z@c.test"]);
+    server.wait_queued(0, WAIT);
+    assert_eq!(
+        site.connections(),
+        1,
+        "a.test and b.test share the connection"
+    );
+    assert_eq!(other.connections(), 1);
+    for rcpt in ["x@a.test", "y@b.test"] {
+        let e = server.wait_event("delivered", rcpt, WAIT);
+        assert!(e["mx"].as_str().unwrap().ends_with(".site.test"), "{e}");
+    }
+}

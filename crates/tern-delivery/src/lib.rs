@@ -3,8 +3,9 @@
 //! * [`client::SmtpConnection`]: one connection to one remote server, reused for several
 //!   transactions (pipelining, STARTTLS, DSN parameters, BDAT, long-line folding).
 //! * [`stage`]: the delivery stage's actors: a dispatcher routing queue jobs to one actor per
-//!   destination (domain or smarthost), each with a bounded pool of connections, MX lookup and
-//!   fallback, and a report per job back to the queue.
+//!   destination (a site, i.e. a set of MX hosts, or a smarthost), each with a bounded pool of
+//!   connections, MX lookup and fallback, and reports back to the queue (one per
+//!   transaction).
 
 pub mod client;
 mod error;

@@ -1,8 +1,11 @@
 //! The delivery stage: a dispatcher actor that routes [`DeliveryJob`]s to one destination
 //! actor per destination, each with its own pool of outbound connections.
 //!
-//! A destination is a recipient domain (MX lookup), or a smarthost when a `[[routes]]` entry
-//! with `relay` matches (then every domain routed there shares its connections). A destination
+//! A destination is a smarthost when a `[[routes]]` entry with `relay` matches (every domain
+//! routed there shares its connections), otherwise a "site": the set of MX hosts of the
+//! recipient domain, so that domains served by the same hosts (every domain a large provider
+//! hosts) share one queue and one pool of connections, as in KumoMTA. Jobs stay per domain, so
+//! transactions do too. A domain whose lookup fails is a destination of its own. A destination
 //! actor keeps a queue of jobs and at most `max_connections` workers; a worker is a task that
 //! owns one [`SmtpConnection`], takes job after job from its actor (RSET between them, QUIT
 //! after `max_messages_per_connection` or after `idle_timeout` without work) and reports every
@@ -12,9 +15,14 @@
 //! destination gets the same answer at once (Postfix's "dead destination"): trying each of
 //! them against the same dead hosts would only multiply the timeouts.
 //!
-//! Every job is answered with exactly one [`DeliveryReport`]: the queue keeps the job's
-//! recipients in flight until then.
+//! A job with more than `max_recipients_per_transaction` recipients is sent in several
+//! transactions, one after the other on the same connection (a new one if it breaks), each
+//! reported on its own so the queue logs the host that really answered.
+//!
+//! Every recipient of a job is answered exactly once, by one of the job's
+//! [`DeliveryReport`]s: the queue keeps a recipient in flight until then.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -37,6 +45,10 @@ pub struct DestinationLimits {
     pub max_messages_per_connection: usize,
     /// Spread evenly: one message every `per / count`.
     pub max_message_rate: Option<Rate>,
+    /// A job with more recipients is sent in several transactions (Postfix's
+    /// `default_destination_recipient_limit`, 50): many servers take at most 100 per
+    /// transaction and answer the rest with 452.
+    pub max_recipients_per_transaction: usize,
 }
 
 impl Default for DestinationLimits {
@@ -45,6 +57,7 @@ impl Default for DestinationLimits {
             max_connections: 10,
             max_messages_per_connection: 100,
             max_message_rate: None,
+            max_recipients_per_transaction: 50,
         }
     }
 }
@@ -111,10 +124,11 @@ impl DeliverySettings {
         }
     }
 
-    fn route_for(&self, domain: &str) -> Option<&Route> {
+    /// The first route matching `domain`, by position (part of a site's key).
+    fn route_index(&self, domain: &str) -> Option<usize> {
         self.routes
             .iter()
-            .find(|r| domain_matches(&r.domain, domain))
+            .position(|r| domain_matches(&r.domain, domain))
     }
 }
 
@@ -129,6 +143,8 @@ struct Shared {
 struct Target {
     /// `None`: MX lookup of the job's domain.
     relay: Option<(String, u16)>,
+    /// Several domains with the same MX hosts share this destination (a site).
+    site: bool,
     tls: TlsPolicy,
     limits: DestinationLimits,
 }
@@ -169,17 +185,62 @@ impl Handler<DeliveryJob> for Dispatcher {
 
     fn handle(&mut self, job: DeliveryJob, ctx: &mut Self::Context) {
         let settings = &self.shared.settings;
-        let route = settings.route_for(&job.domain);
+        let route_index = settings.route_index(&job.domain);
+        let route = route_index.map(|i| &settings.routes[i]);
         let target = Target {
             relay: route.and_then(|r| r.relay.clone()),
+            site: false,
             tls: route.map_or(settings.tls, |r| r.tls),
             limits: route.map_or(settings.limits, |r| r.limits),
         };
         // Every domain sent to one smarthost shares its connections.
-        let key = match &target.relay {
-            Some((host, port)) => format!("[{host}]:{port}"),
-            None => job.domain.clone(),
-        };
+        if let Some((host, port)) = &target.relay {
+            let key = format!("[{host}]:{port}");
+            self.send_to(key, target, job, ctx);
+            return;
+        }
+        // Every domain with the same MX hosts (a "site") shares its connections too. The
+        // worker makes the same lookup next, usually from the resolver's cache; the job waits
+        // for it outside the dispatcher's mailbox, so other jobs are not held up.
+        let resolver = self.shared.resolver.clone();
+        let domain = job.domain.clone();
+        let lookup = async move { resolver.resolve(&domain).await };
+        ctx.spawn(lookup.into_actor(self).map(move |targets, act, ctx| {
+            let mut target = target;
+            let key = match targets {
+                Ok(targets) => {
+                    target.site = true;
+                    site_key(&targets, route_index)
+                }
+                // The worker meets the same error and reports it; a destination of its own
+                // keeps it from answering other domains' jobs (the dead-destination rule).
+                Err(_) => job.domain.clone(),
+            };
+            act.send_to(key, target, job, ctx);
+        }));
+    }
+}
+
+/// The destination key of domains whose MX hosts are `targets`: the host names, sorted, so
+/// that the order and the preferences do not matter (KumoMTA's "site"), and the route when
+/// one matched, so that domains with different routes (limits, TLS) never share.
+fn site_key(targets: &[MxTarget], route_index: Option<usize>) -> String {
+    let mut hosts: Vec<String> = targets
+        .iter()
+        .map(|t| t.host.trim_end_matches('.').to_ascii_lowercase())
+        .collect();
+    hosts.sort();
+    hosts.dedup();
+    let mut key = format!("mx:{}", hosts.join(","));
+    if let Some(i) = route_index {
+        key.push_str(&format!(" route:{i}"));
+    }
+    key
+}
+
+impl Dispatcher {
+    /// Hands `job` to the destination `key`, creating it if needed.
+    fn send_to(&mut self, key: String, target: Target, job: DeliveryJob, ctx: &mut Context<Self>) {
         let addr = match self.destinations.get(&key) {
             Some(addr) if addr.connected() => addr.clone(),
             _ => {
@@ -220,6 +281,9 @@ impl Handler<Idle> for Dispatcher {
         if self.destinations.get(&idle.key) == Some(&idle.addr) {
             self.destinations.remove(&idle.key);
             idle.addr.do_send(Stop);
+            // Operators (and the tests) see the map shrink back: a destination costs memory
+            // only while it has work or connections.
+            info!(dest = %idle.key, "idle destination retired");
         }
     }
 }
@@ -485,6 +549,8 @@ impl Open {
 struct NoConnection {
     permanent: bool,
     reply: String,
+    /// The job's own domain did not resolve (rather than its hosts not answering).
+    dns: bool,
 }
 
 impl NoConnection {
@@ -538,34 +604,89 @@ impl Worker {
         self.dest.do_send(WorkerExit);
     }
 
-    /// Delivers one job, reusing `conn` when it is open. Returns false when the worker should
-    /// stop (no host reachable).
+    /// Delivers one job, reusing `conn` when it is open, in transactions of at most
+    /// `max_recipients_per_transaction` recipients, each reported as soon as it ends. Returns
+    /// false when the worker should stop (no host reachable).
     async fn deliver(&self, job: &DeliveryJob, conn: &mut Option<Open>) -> bool {
-        let started = now_ms();
-        if let Some(open) = conn.as_mut() {
-            if let Err(e) = open.smtp.reset().await {
-                debug!(error = %e, "RSET failed; opening a new connection");
-                *conn = None;
-            }
-        }
-        if conn.is_none() {
-            match self.connect(&job.domain).await {
-                Ok(open) => *conn = Some(open),
-                Err(failure) => {
-                    let result = failure.result();
-                    info!(reply = result.reply(), "no connection");
-                    report(&self.shared, job, &result, None, started, now_ms());
-                    self.dest.do_send(Unreachable { result });
-                    return false;
+        let per = self.target.limits.max_recipients_per_transaction.max(1);
+        let n = job.rcpt_index.len();
+        let mut from = 0;
+        while from < n {
+            let to = n.min(from + per);
+            let started = now_ms();
+            if let Some(open) = conn.as_mut() {
+                if let Err(e) = open.smtp.reset().await {
+                    debug!(error = %e, "RSET failed; opening a new connection");
+                    *conn = None;
                 }
             }
+            if conn.is_none() {
+                match self.connect(&job.domain).await {
+                    Ok(open) => *conn = Some(open),
+                    Err(failure) => {
+                        // In a site, one domain's DNS failure says nothing about the other
+                        // domains' jobs: only unreachable hosts are everyone's answer.
+                        let everyone = !(failure.dns && self.target.site);
+                        let result = failure.result();
+                        info!(reply = result.reply(), "no connection");
+                        // Every recipient not yet tried shares the answer, so the job is
+                        // answered in full.
+                        let results = job.rcpt_index[from..]
+                            .iter()
+                            .map(|&i| (i, result.clone()))
+                            .collect();
+                        send_report(
+                            &self.shared,
+                            DeliveryReport {
+                                id: job.id,
+                                domain: job.domain.clone(),
+                                results,
+                                remote: None,
+                                started_ms: started,
+                                finished_ms: now_ms(),
+                            },
+                        );
+                        if everyone {
+                            self.dest.do_send(Unreachable { result });
+                        }
+                        return false;
+                    }
+                }
+            }
+            let open = conn.as_mut().expect("connection is open");
+            self.transaction(job, from..to, open, started).await;
+            if open.sent >= self.target.limits.max_messages_per_connection.max(1) {
+                if let Some(open) = conn.take() {
+                    open.smtp.quit().await;
+                }
+            }
+            from = to;
         }
-        let open = conn.as_mut().expect("connection is open");
+        true
+    }
+
+    /// One MAIL/RCPT/DATA for the job's recipients `range`, reported to the queue.
+    async fn transaction(
+        &self,
+        job: &DeliveryJob,
+        range: std::ops::Range<usize>,
+        open: &mut Open,
+        started: u64,
+    ) {
+        let indices = &job.rcpt_index[range.clone()];
+        // The common case (one transaction for the whole job) sends the job's own envelope.
+        let envelope = if range.len() == job.envelope.recipients.len() {
+            Cow::Borrowed(&job.envelope)
+        } else {
+            Cow::Owned(
+                job.envelope
+                    .with_recipients(job.envelope.recipients[range].to_vec()),
+            )
+        };
         let remote = open.remote();
-        let results: Vec<(usize, AttemptResult)> =
-            match open.smtp.send(&job.envelope, &job.body).await {
-                Ok(outcomes) => job
-                    .rcpt_index
+        let mut results: Vec<(usize, AttemptResult)> =
+            match open.smtp.send(&envelope, &job.body).await {
+                Ok(outcomes) => indices
                     .iter()
                     .zip(outcomes)
                     .map(|(&i, outcome)| (i, attempt_result(outcome)))
@@ -574,7 +695,7 @@ impl Worker {
                     // The outcome is unknown (RFC 5321 §6.1 allows the duplicate a retry may
                     // cause, never a loss).
                     let reply = format!("4.4.2 {}[{}]: {e}", remote.host, remote.addr.ip());
-                    job.rcpt_index
+                    indices
                         .iter()
                         .map(|&i| {
                             (
@@ -588,7 +709,23 @@ impl Worker {
                 }
             };
         open.sent += 1;
-        let broken = results.len() != job.rcpt_index.len();
+        if results.len() != indices.len() {
+            // The queue waits for every recipient of the job: never leave one unanswered.
+            warn!("client returned fewer outcomes than recipients");
+            let reply = format!(
+                "4.4.2 {}[{}]: no outcome for this recipient",
+                remote.host,
+                remote.addr.ip()
+            );
+            for &i in &indices[results.len()..] {
+                results.push((
+                    i,
+                    AttemptResult::Temporary {
+                        reply: reply.clone(),
+                    },
+                ));
+            }
+        }
         send_report(
             &self.shared,
             DeliveryReport {
@@ -600,15 +737,6 @@ impl Worker {
                 finished_ms: now_ms(),
             },
         );
-        if broken {
-            warn!("client returned fewer outcomes than recipients");
-        }
-        if open.sent >= self.target.limits.max_messages_per_connection.max(1) {
-            if let Some(open) = conn.take() {
-                open.smtp.quit().await;
-            }
-        }
-        true
     }
 
     async fn connect(&self, domain: &str) -> Result<Open, NoConnection> {
@@ -655,7 +783,11 @@ impl Worker {
             .pop()
             .map(|(_, r)| r)
             .unwrap_or_else(|| format!("4.4.4 no address to connect to for {domain}"));
-        Err(NoConnection { permanent, reply })
+        Err(NoConnection {
+            permanent,
+            reply,
+            dns: false,
+        })
     }
 }
 
@@ -665,6 +797,7 @@ fn dns_failure(e: &DnsError, domain: &str) -> NoConnection {
     NoConnection {
         permanent: e.is_permanent(),
         reply: format!("{} {domain}: {e}", e.enhanced_code()),
+        dns: true,
     }
 }
 
@@ -705,6 +838,28 @@ fn attempt_result(outcome: RecipientOutcome) -> AttemptResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn mx(host: &str, preference: u16) -> MxTarget {
+        MxTarget {
+            host: host.into(),
+            preference,
+            addrs: vec!["127.0.0.1".parse().unwrap()],
+        }
+    }
+
+    #[test]
+    fn site_key_ignores_order_preference_and_case() {
+        let a = [mx("mx1.site.test", 10), mx("mx2.site.test", 20)];
+        let b = [mx("MX2.site.test.", 5), mx("mx1.site.test", 50)];
+        assert_eq!(site_key(&a, None), "mx:mx1.site.test,mx2.site.test");
+        assert_eq!(site_key(&a, None), site_key(&b, None));
+        // Another route (other limits or TLS) is another destination.
+        assert_ne!(site_key(&a, None), site_key(&a, Some(0)));
+        assert_ne!(
+            site_key(&a, None),
+            site_key(&[mx("mx1.site.test", 10)], None)
+        );
+    }
 
     #[test]
     fn route_patterns() {

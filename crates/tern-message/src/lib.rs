@@ -261,13 +261,15 @@ pub struct RemoteHost {
     pub dsn: bool,
 }
 
-/// Delivery → queue: what became of each recipient of a [`DeliveryJob`].
+/// Delivery → queue: what became of recipients of a [`DeliveryJob`]. A job is answered by one
+/// report per SMTP transaction (more than one when its recipients are split), which together
+/// name each of its recipients exactly once.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, actix::Message)]
 #[rtype(result = "()")]
 pub struct DeliveryReport {
     pub id: QueueId,
     pub domain: String,
-    /// (index in the spooled envelope, result), one per recipient of the job.
+    /// (index in the spooled envelope, result), one per recipient this report answers.
     pub results: Vec<(usize, AttemptResult)>,
     /// The server that gave the results; `None` when no server was reached.
     pub remote: Option<RemoteHost>,

@@ -48,8 +48,9 @@ pub(crate) struct Flight {
     client: ClientInfo,
     pub(crate) envelope: Envelope,
     body: Bytes,
-    /// Jobs not reported yet.
-    outstanding: usize,
+    /// Recipients (indices) not reported yet. A job may be answered in several reports (one
+    /// per SMTP transaction), so the round ends with the last recipient, not the last report.
+    outstanding: BTreeSet<usize>,
     /// What happened to each recipient in this round, for the notification.
     transitions: Vec<(usize, Transition)>,
     /// Per recipient index: the remote host that answered, and whether it speaks DSN.
@@ -232,7 +233,10 @@ impl QueueActor {
                 client,
                 envelope,
                 body,
-                outstanding: jobs.len(),
+                outstanding: jobs
+                    .iter()
+                    .flat_map(|j| j.rcpt_index.iter().copied())
+                    .collect(),
                 transitions: Vec::new(),
                 remote: BTreeMap::new(),
                 delete: None,
@@ -274,7 +278,7 @@ impl QueueActor {
         }
     }
 
-    /// Applies one job's results; returns the id when its round is complete.
+    /// Applies a report's results; returns the id when its round is complete.
     fn apply_report(&mut self, report: DeliveryReport) -> Option<QueueId> {
         let Some(flight) = self.in_flight.get_mut(&report.id) else {
             warn!(queue_id = %report.id, "report for a message not in flight; ignored");
@@ -284,6 +288,12 @@ impl QueueActor {
         let latency = report.finished_ms.saturating_sub(report.started_ms);
         let ip = report.remote.as_ref().map(|r| r.addr.ip().to_string());
         for (i, result) in report.results {
+            if !flight.outstanding.remove(&i) {
+                // Only one answer per recipient and round counts.
+                warn!(queue_id = %report.id, index = i,
+                    "report for a recipient not in flight (or already reported); ignored");
+                continue;
+            }
             let Some(rcpt) = flight.envelope.recipients.get_mut(i) else {
                 warn!(queue_id = %report.id, index = i, "report for an unknown recipient");
                 continue;
@@ -343,8 +353,7 @@ impl QueueActor {
             }
             flight.transitions.push((i, transition));
         }
-        flight.outstanding = flight.outstanding.saturating_sub(1);
-        (flight.outstanding == 0).then_some(report.id)
+        flight.outstanding.is_empty().then_some(report.id)
     }
 
     /// A round is over: notify the sender if needed, then write the new state.

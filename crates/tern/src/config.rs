@@ -336,6 +336,9 @@ pub struct Route {
     /// Overrides `delivery.max_message_rate` for this route.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_message_rate: Option<Rate>,
+    /// Overrides `delivery.max_recipients_per_transaction` for this route.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_recipients_per_transaction: Option<usize>,
 }
 
 impl Route {
@@ -446,6 +449,10 @@ pub struct Delivery {
     /// Messages per destination per time unit; `None` is unlimited.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_message_rate: Option<Rate>,
+    /// Recipients per SMTP transaction (Postfix's
+    /// `default_destination_recipient_limit`); more go in further
+    /// transactions on the same connection.
+    pub max_recipients_per_transaction: usize,
     #[serde(
         serialize_with = "humantime_serde::serialize",
         deserialize_with = "de_parsed::<_, Duration>"
@@ -669,6 +676,7 @@ impl Default for Delivery {
             max_connections: 10,
             max_messages_per_connection: 100,
             max_message_rate: None,
+            max_recipients_per_transaction: 50,
             connect_timeout: Duration::from_secs(30),
             command_timeout: Duration::from_secs(5 * 60),
             data_timeout: Duration::from_secs(10 * 60),
@@ -1076,6 +1084,12 @@ impl Config {
         if let Err(message) = check_rate(d.max_message_rate) {
             return fail("delivery.max_message_rate", message);
         }
+        if d.max_recipients_per_transaction == 0 {
+            return fail(
+                "delivery.max_recipients_per_transaction",
+                "must be greater than 0".into(),
+            );
+        }
         let p = &self.policy;
         if p.timeout.is_zero() {
             return fail("policy.timeout", "must be greater than 0".into());
@@ -1194,6 +1208,12 @@ impl Config {
             }
             if let Err(message) = check_rate(route.max_message_rate) {
                 return fail(&key("max_message_rate"), message);
+            }
+            if route.max_recipients_per_transaction == Some(0) {
+                return fail(
+                    &key("max_recipients_per_transaction"),
+                    "must be greater than 0".into(),
+                );
             }
         }
 
@@ -2485,6 +2505,7 @@ mod tests {
             max_connections: None,
             max_messages_per_connection: None,
             max_message_rate: None,
+            max_recipients_per_transaction: None,
         }
     }
 
@@ -2801,6 +2822,10 @@ mod tests {
                 "[[routes]]\ndomain = \"*\"\nmax_message_rate = \"0/s\"\n",
                 "routes[0].max_message_rate:",
             ),
+            (
+                "[[routes]]\ndomain = \"*\"\nmax_recipients_per_transaction = 0\n",
+                "routes[0].max_recipients_per_transaction:",
+            ),
             ("[[routes]]\nrelay = \"a:25\"\n", "routes[0]"),
             ("[dns]\ntimeout = \"0s\"\n", "dns.timeout:"),
             (
@@ -2821,6 +2846,10 @@ mod tests {
             (
                 "[delivery]\nmax_message_rate = \"0/h\"\n",
                 "delivery.max_message_rate:",
+            ),
+            (
+                "[delivery]\nmax_recipients_per_transaction = 0\n",
+                "delivery.max_recipients_per_transaction:",
             ),
             (
                 "[delivery]\nconnect_timeout = \"0s\"\n",
@@ -2983,6 +3012,7 @@ mod tests {
                     count: 6000,
                     per: Duration::from_secs(60),
                 }),
+                max_recipients_per_transaction: Some(20),
             },
             Route {
                 domain: "*.example.org".into(),
@@ -3002,6 +3032,7 @@ mod tests {
                 max_connections: None,
                 max_messages_per_connection: Some(10),
                 max_message_rate: None,
+                max_recipients_per_transaction: None,
             },
         ];
         c.dns.nameservers = vec!["[::1]:5353".parse().unwrap()];

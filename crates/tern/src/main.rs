@@ -598,6 +598,7 @@ fn delivery_settings(config: &Config) -> Result<DeliverySettings> {
         max_connections: d.max_connections,
         max_messages_per_connection: d.max_messages_per_connection,
         max_message_rate: d.max_message_rate,
+        max_recipients_per_transaction: d.max_recipients_per_transaction,
     };
     let mut settings = DeliverySettings::new(client);
     settings.port = d.port;
@@ -619,6 +620,9 @@ fn delivery_settings(config: &Config) -> Result<DeliverySettings> {
                     .max_messages_per_connection
                     .unwrap_or(limits.max_messages_per_connection),
                 max_message_rate: r.max_message_rate.or(limits.max_message_rate),
+                max_recipients_per_transaction: r
+                    .max_recipients_per_transaction
+                    .unwrap_or(limits.max_recipients_per_transaction),
             },
         })
         .collect();
