@@ -7,9 +7,12 @@
 //! between stages as the plain serde types below ([`AuthStatus`], [`SpfRecord`]), never as
 //! mail-auth's borrowed outputs, so the stage can run on another node.
 
+use std::borrow::Borrow;
 use std::fmt;
+use std::hash::Hash;
 use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use mail_auth::common::headers::HeaderWriter;
 use mail_auth::dmarc::verify::DmarcParameters;
@@ -21,7 +24,7 @@ use mail_auth::hickory_resolver::proto::xfer::Protocol;
 use mail_auth::spf::verify::SpfParameters;
 use mail_auth::{
     AuthenticatedMessage, AuthenticationResults, DkimResult, DmarcResult, MessageAuthenticator,
-    SpfOutput, SpfResult,
+    Parameters, ResolverCache, SpfOutput, SpfResult, Txt,
 };
 use serde::{Deserialize, Serialize};
 
@@ -159,11 +162,59 @@ impl AuthChecks {
     }
 }
 
+/// Parsed TXT records (SPF, DKIM keys, DMARC) until their TTL ends. hickory caches the raw
+/// answers already; this keeps mail-auth from parsing the same SPF and DMARC records again for
+/// every message of a busy sender.
+#[derive(Default)]
+struct TxtCache {
+    entries: std::sync::Mutex<std::collections::HashMap<String, (Txt, Instant)>>,
+}
+
+/// Past this many records the cache drops what has expired, then everything if that is not
+/// enough: a bound on memory, not an eviction policy (hickory's cache still answers).
+const TXT_CACHE_MAX: usize = 4096;
+
+impl ResolverCache<String, Txt> for TxtCache {
+    fn get<Q>(&self, name: &Q) -> Option<Txt>
+    where
+        String: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        match entries.get(name) {
+            Some((txt, until)) if *until > Instant::now() => Some(txt.clone()),
+            _ => None,
+        }
+    }
+
+    fn remove<Q>(&self, name: &Q) -> Option<Txt>
+    where
+        String: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries.remove(name).map(|(txt, _)| txt)
+    }
+
+    fn insert(&self, key: String, value: Txt, valid_until: Instant) {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if entries.len() >= TXT_CACHE_MAX {
+            let now = Instant::now();
+            entries.retain(|_, (_, until)| *until > now);
+            if entries.len() >= TXT_CACHE_MAX {
+                entries.clear();
+            }
+        }
+        entries.insert(key, (value, valid_until));
+    }
+}
+
 /// mail-auth with our resolver settings and host name (the authserv-id).
 #[derive(Clone)]
 pub struct Authenticator {
     inner: MessageAuthenticator,
     hostname: String,
+    txt: Arc<TxtCache>,
 }
 
 impl fmt::Debug for Authenticator {
@@ -210,6 +261,7 @@ impl Authenticator {
         Ok(Self {
             inner,
             hostname: hostname.to_string(),
+            txt: Arc::new(TxtCache::default()),
         })
     }
 
@@ -220,7 +272,10 @@ impl Authenticator {
         } else {
             SpfParameters::verify_mail_from(ip, helo, &self.hostname, sender)
         };
-        let out: SpfOutput = self.inner.verify_spf(params).await;
+        let out: SpfOutput = self
+            .inner
+            .verify_spf(Parameters::new(params).with_txt_cache(self.txt.as_ref()))
+            .await;
         let mut status: AuthStatus = out.result().into();
         if status == AuthStatus::None && self.lookup_failed(out.domain()).await {
             // mail-auth 0.7 reads any "no records" error as "no SPF record", SERVFAIL
@@ -282,7 +337,9 @@ impl Authenticator {
             return report;
         };
         let dkim = if checks.dkim {
-            self.inner.verify_dkim(&msg).await
+            self.inner
+                .verify_dkim(Parameters::new(&msg).with_txt_cache(self.txt.as_ref()))
+                .await
         } else {
             Vec::new()
         };
@@ -305,7 +362,10 @@ impl Authenticator {
             };
         }
         if checks.arc {
-            let arc = self.inner.verify_arc(&msg).await;
+            let arc = self
+                .inner
+                .verify_arc(Parameters::new(&msg).with_txt_cache(self.txt.as_ref()))
+                .await;
             report.arc = dkim_status(arc.result());
             if report.arc != AuthStatus::None {
                 results = results.with_arc_result(&arc, ip);
@@ -322,7 +382,10 @@ impl Authenticator {
                 spf_output.as_ref().unwrap_or(&none),
             )
             .with_domain_suffix_fn(organizational_domain);
-            let out = self.inner.verify_dmarc(params).await;
+            let out = self
+                .inner
+                .verify_dmarc(Parameters::new(params).with_txt_cache(self.txt.as_ref()))
+                .await;
             let (spf_r, dkim_r) = (out.spf_result(), out.dkim_result());
             let is = |f: fn(&DmarcResult) -> bool| f(spf_r) || f(dkim_r);
             // mail-auth leaves both results at "none" when a record exists but neither SPF nor

@@ -14,7 +14,7 @@ pub struct HeaderFixes {
 }
 
 /// Counts the fields named `name` at the start of a line in the header section.
-fn count(header: &[u8], name: &[u8]) -> usize {
+pub(crate) fn count(header: &[u8], name: &[u8]) -> usize {
     header
         .split(|&b| b == b'\n')
         .filter(|line| {

@@ -202,10 +202,16 @@ impl Rules {
         }
         // MIME fields to find the text parts; Subject decoded (RFC 2047); every other field
         // raw, so a pattern sees what the sender wrote.
-        let parsed = MessageParser::new()
-            .with_mime_headers()
-            .header_text(HeaderName::Subject)
-            .parse(message);
+        // Parsing is the expensive part; the fact checks need only the field names.
+        let needs_parse = self.rules.iter().any(|r| !matches!(r.test, Test::Check(_)));
+        let parsed = needs_parse
+            .then(|| {
+                MessageParser::new()
+                    .with_mime_headers()
+                    .header_text(HeaderName::Subject)
+                    .parse(message)
+            })
+            .flatten();
         let needs_body = self.rules.iter().any(|r| matches!(r.test, Test::Body(_)));
         let mut texts: Vec<String> = Vec::new();
         if let (Some(m), true) = (&parsed, needs_body) {
@@ -220,13 +226,8 @@ impl Rules {
             }
             texts.dedup();
         }
-        let has = |name: &str| {
-            parsed.as_ref().is_some_and(|m| {
-                m.headers()
-                    .iter()
-                    .any(|h| h.name.as_str().eq_ignore_ascii_case(name))
-            })
-        };
+        let header = crate::headers::header_section(message);
+        let has = |name: &str| crate::headers::count(header, name.as_bytes()) > 0;
         for rule in &self.rules {
             let fired = match &rule.test {
                 Test::Check(check) => match check {
