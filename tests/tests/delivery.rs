@@ -860,6 +860,77 @@ fn many_rcpts(domain: &str, n: usize) -> Vec<String> {
 }
 
 #[test]
+fn recipients_refused_with_452_too_many_go_in_the_next_transaction_at_once() {
+    // The server takes three recipients per transaction: the 4th and 5th get
+    // "452 4.5.3 too many recipients" the first time (RFC 5321 §4.5.3.1.10). They go in a second
+    // transaction on the same connection, in the same attempt, not an hour later (the retry
+    // schedule here is 1h). A 452 for insufficient storage (4.3.1) is an ordinary deferral.
+    let too_many = "452 4.5.3 Error: too many recipients";
+    let sink = Sink::start(SinkConfig {
+        rcpt_replies: vec![
+            (
+                "r3@example.net".into(),
+                vec![too_many.into(), "250 2.1.5 ok".into()],
+            ),
+            (
+                "r4@example.net".into(),
+                vec![too_many.into(), "250 2.1.5 ok".into()],
+            ),
+            (
+                "full@example.net".into(),
+                vec!["452 4.3.1 Insufficient system storage".into()],
+            ),
+        ],
+        ..SinkConfig::default()
+    });
+    let mut server = to_sink(TernServer::builder(), &sink)
+        .set_list("queue.retry_schedule", &["1h"])
+        .start();
+    let rcpts = many_rcpts("example.net", 5);
+    let refs: Vec<&str> = rcpts.iter().map(String::as_str).collect();
+    let token = unique_token();
+    submit(
+        &server,
+        "<a@client.test>",
+        &refs,
+        &message("a@client.test", "r0@example.net", &token),
+    );
+    let got = sink.wait_for_messages(2, WAIT);
+    let sets: Vec<Vec<String>> = got.iter().map(|m| m.rcpts.clone()).collect();
+    assert_eq!(
+        sets,
+        [
+            vec!["r0@example.net", "r1@example.net", "r2@example.net"],
+            vec!["r3@example.net", "r4@example.net"]
+        ]
+    );
+    assert_eq!(sink.connections(), 1);
+    server.wait_queued(0, WAIT);
+    for r in ["r3@example.net", "r4@example.net"] {
+        assert_eq!(server.wait_event("delivered", r, WAIT)["attempt"], 1, "{r}");
+    }
+
+    // Insufficient storage: deferred to the next attempt, no second transaction.
+    let token = unique_token();
+    submit(
+        &server,
+        "<a@client.test>",
+        &["<full@example.net>", "<r0@example.net>"],
+        &message("a@client.test", "r0@example.net", &token),
+    );
+    let deferred = server.wait_event("deferred", "full@example.net", WAIT);
+    assert!(
+        deferred["reply"].as_str().unwrap_or("").contains("4.3.1"),
+        "{deferred}"
+    );
+    let got = sink.wait_for_messages(3, WAIT);
+    assert_eq!(got[2].rcpts, ["r0@example.net"]);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(sink.messages().len(), 3, "no extra transaction for a 4.3.1");
+    server.stop();
+}
+
+#[test]
 fn recipients_over_the_limit_go_in_transactions_of_50_on_one_connection() {
     let sink = Sink::start(SinkConfig::default());
     let mut server = to_sink(TernServer::builder(), &sink).start();

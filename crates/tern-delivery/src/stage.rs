@@ -609,10 +609,11 @@ impl Worker {
     /// false when the worker should stop (no host reachable).
     async fn deliver(&self, job: &DeliveryJob, conn: &mut Option<Open>) -> bool {
         let per = self.target.limits.max_recipients_per_transaction.max(1);
-        let n = job.rcpt_index.len();
-        let mut from = 0;
-        while from < n {
-            let to = n.min(from + per);
+        // Positions in the job's recipient list still to send, in order.
+        let mut todo: std::collections::VecDeque<usize> = (0..job.rcpt_index.len()).collect();
+        while !todo.is_empty() {
+            let take = todo.len().min(per);
+            let batch: Vec<usize> = todo.drain(..take).collect();
             let started = now_ms();
             if let Some(open) = conn.as_mut() {
                 if let Err(e) = open.smtp.reset().await {
@@ -631,9 +632,10 @@ impl Worker {
                         info!(reply = result.reply(), "no connection");
                         // Every recipient not yet tried shares the answer, so the job is
                         // answered in full.
-                        let results = job.rcpt_index[from..]
+                        let results = batch
                             .iter()
-                            .map(|&i| (i, result.clone()))
+                            .chain(todo.iter())
+                            .map(|&p| (job.rcpt_index[p], result.clone()))
                             .collect();
                         send_report(
                             &self.shared,
@@ -654,43 +656,63 @@ impl Worker {
                 }
             }
             let open = conn.as_mut().expect("connection is open");
-            self.transaction(job, from..to, open, started).await;
+            let again = self.transaction(job, &batch, open, started).await;
+            // Recipients the server had no room for in this transaction go first in the next,
+            // on the same connection.
+            for p in again.into_iter().rev() {
+                todo.push_front(p);
+            }
             if open.sent >= self.target.limits.max_messages_per_connection.max(1) {
                 if let Some(open) = conn.take() {
                     open.smtp.quit().await;
                 }
             }
-            from = to;
         }
         true
     }
 
-    /// One MAIL/RCPT/DATA for the job's recipients `range`, reported to the queue.
+    /// One MAIL/RCPT/DATA for the job's recipients at `positions`, reported to the queue, except
+    /// the recipients answered "452 too many recipients" while others in the transaction were
+    /// not: RFC 5321 §4.5.3.1.10 asks for those to be sent in a later transaction, so they are
+    /// returned to be sent again at once.
     async fn transaction(
         &self,
         job: &DeliveryJob,
-        range: std::ops::Range<usize>,
+        positions: &[usize],
         open: &mut Open,
         started: u64,
-    ) {
-        let indices = &job.rcpt_index[range.clone()];
+    ) -> Vec<usize> {
+        let indices: Vec<usize> = positions.iter().map(|&p| job.rcpt_index[p]).collect();
+        let indices = &indices[..];
         // The common case (one transaction for the whole job) sends the job's own envelope.
-        let envelope = if range.len() == job.envelope.recipients.len() {
+        let envelope = if positions.len() == job.envelope.recipients.len() {
             Cow::Borrowed(&job.envelope)
         } else {
             Cow::Owned(
-                job.envelope
-                    .with_recipients(job.envelope.recipients[range].to_vec()),
+                job.envelope.with_recipients(
+                    positions
+                        .iter()
+                        .map(|&p| job.envelope.recipients[p].clone())
+                        .collect(),
+                ),
             )
         };
         let remote = open.remote();
+        let mut again = Vec::new();
         let mut results: Vec<(usize, AttemptResult)> =
             match open.smtp.send(&envelope, &job.body).await {
-                Ok(outcomes) => indices
-                    .iter()
-                    .zip(outcomes)
-                    .map(|(&i, outcome)| (i, attempt_result(outcome)))
-                    .collect(),
+                Ok(outcomes) => {
+                    let progress = outcomes.iter().any(|o| !too_many_recipients(o));
+                    let mut results = Vec::with_capacity(outcomes.len());
+                    for ((&i, &p), outcome) in indices.iter().zip(positions).zip(outcomes) {
+                        if progress && too_many_recipients(&outcome) {
+                            again.push(p);
+                        } else {
+                            results.push((i, attempt_result(outcome)));
+                        }
+                    }
+                    results
+                }
                 Err(e) => {
                     // The outcome is unknown (RFC 5321 §6.1 allows the duplicate a retry may
                     // cause, never a loss).
@@ -709,7 +731,7 @@ impl Worker {
                 }
             };
         open.sent += 1;
-        if results.len() != indices.len() {
+        if results.len() + again.len() != indices.len() {
             // The queue waits for every recipient of the job: never leave one unanswered.
             warn!("client returned fewer outcomes than recipients");
             let reply = format!(
@@ -717,7 +739,7 @@ impl Worker {
                 remote.host,
                 remote.addr.ip()
             );
-            for &i in &indices[results.len()..] {
+            for &i in &indices[results.len() + again.len()..] {
                 results.push((
                     i,
                     AttemptResult::Temporary {
@@ -737,6 +759,7 @@ impl Worker {
                 finished_ms: now_ms(),
             },
         );
+        again
     }
 
     async fn connect(&self, domain: &str) -> Result<Open, NoConnection> {
@@ -818,6 +841,21 @@ fn connect_failure(e: &DeliveryError, host: &str, addr: SocketAddr) -> String {
             format!("4.4.1 connect to {host}[{addr}]: {e}")
         }
         _ => format!("4.4.2 {host}[{addr}]: {e}"),
+    }
+}
+
+/// "452 too many recipients" (RFC 5321 §4.5.3.1.10; enhanced 4.5.3, RFC 3463), as opposed to
+/// the other 452s (insufficient storage, 4.3.1) that mean "later".
+fn too_many_recipients(outcome: &RecipientOutcome) -> bool {
+    match outcome {
+        RecipientOutcome::Deferred(r) if r.code == 452 => match r.enhanced {
+            Some(e) => (e.class, e.subject, e.detail) == (4, 5, 3),
+            None => r
+                .text()
+                .to_ascii_lowercase()
+                .contains("too many recipients"),
+        },
+        _ => false,
     }
 }
 
