@@ -112,6 +112,12 @@ pub struct SpfRecord {
     pub domain: String,
 }
 
+/// The domain SPF speaks for: the MAIL FROM domain, or the HELO name for the null sender
+/// (RFC 7208 §2.4).
+pub fn spf_domain<'a>(sender: &'a str, helo: &'a str) -> &'a str {
+    sender.rsplit_once('@').map_or(helo, |(_, d)| d)
+}
+
 /// A domain's DMARC policy (`p=`, or `sp=` for a subdomain), after `pct=` sampling.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -374,7 +380,7 @@ impl Authenticator {
         let mut dmarc_clause = String::new();
         if checks.dmarc {
             let none = SpfOutput::new(String::new());
-            let mail_from_domain = sender.rsplit_once('@').map_or(helo, |(_, d)| d);
+            let mail_from_domain = spf_domain(sender, helo);
             let params = DmarcParameters::new(
                 &msg,
                 &dkim,

@@ -236,6 +236,14 @@ pub struct SpfVerdict {
 }
 
 impl SpfVerdict {
+    /// SPF not evaluated.
+    pub fn accept() -> Self {
+        Self {
+            spf: SpfRecord::default(),
+            verdict: Verdict::Accept,
+        }
+    }
+
     /// When the stage does not answer in time: `temperror` recorded, mail goes on (an SPF
     /// outage must not stop mail; receivers treat temperror as "no opinion").
     pub fn unavailable(sender: &str, helo: &str) -> Self {
@@ -270,17 +278,23 @@ pub struct ContentVerdict {
     pub hold: Option<String>,
     /// `Authentication-Results:` and `X-Tern-Score:` fields, CRLF-terminated.
     pub headers: String,
-    pub score: Option<f64>,
 }
 
 impl ContentVerdict {
+    /// Nothing to say: queue it as it is.
+    pub fn accept() -> Self {
+        Self {
+            verdict: Verdict::Accept,
+            hold: None,
+            headers: String::new(),
+        }
+    }
+
     /// The stage did not answer in time: try again later (nothing unchecked gets in).
     pub fn unavailable() -> Self {
         Self {
             verdict: Verdict::Refuse(PolicyReply::unavailable()),
-            hold: None,
-            headers: String::new(),
-            score: None,
+            ..Self::accept()
         }
     }
 }
@@ -588,10 +602,7 @@ impl MessageChecks {
             .as_ref()
             .filter(|_| action != SpfAction::Off)
         else {
-            return SpfVerdict {
-                spf: SpfRecord::default(),
-                verdict: Verdict::Accept,
-            };
+            return SpfVerdict::accept();
         };
         let spf = auth.spf(req.ip, &req.helo, &req.sender).await;
         debug!(ip = %req.ip, sender = %req.sender, spf = %spf.status, domain = %spf.domain, "SPF");
@@ -657,12 +668,7 @@ fn judge(
     content: Option<&ContentSettings>,
     dmarc_action: DmarcAction,
 ) -> ContentVerdict {
-    let mut out = ContentVerdict {
-        verdict: Verdict::Accept,
-        hold: None,
-        headers: String::new(),
-        score: None,
-    };
+    let mut out = ContentVerdict::accept();
     let fallback;
     let report = match report {
         Some(r) => {
@@ -703,7 +709,6 @@ fn judge(
     if let Some(content) = content {
         let score = content.rules.score(&req.message, report);
         out.headers.push_str(&score.header());
-        out.score = Some(score.total);
         if out.verdict == Verdict::Accept {
             if score.total >= content.reject_score {
                 info!(sender = %req.sender, score = score.total, "content score: message refused");
@@ -1015,10 +1020,7 @@ impl PolicyClient {
         match (&self.messages, &self.spf) {
             (Some(m), _) => self.within(m.spf(check), unavailable).await,
             (None, Some(to)) => self.ask_for(to, check, unavailable).await,
-            (None, None) => SpfVerdict {
-                spf: SpfRecord::default(),
-                verdict: Verdict::Accept,
-            },
+            (None, None) => SpfVerdict::accept(),
         }
     }
 
@@ -1031,12 +1033,7 @@ impl PolicyClient {
                     .await
             }
             (None, Some(to)) => self.ask_for(to, check, ContentVerdict::unavailable()).await,
-            (None, None) => ContentVerdict {
-                verdict: Verdict::Accept,
-                hold: None,
-                headers: String::new(),
-                score: None,
-            },
+            (None, None) => ContentVerdict::accept(),
         }
     }
 

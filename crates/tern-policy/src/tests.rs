@@ -284,3 +284,48 @@ async fn greylisting_refuses_a_strangers_new_triplet_and_skips_everyone_else() {
     // A session that does not ask (trusted or authenticated client) is never greylisted.
     assert_eq!(actor.send(rcpt(None)).await.unwrap(), Verdict::Accept);
 }
+
+/// The per-message checks through the actor, as a session on another node would ask them (a
+/// local session runs the same `MessageChecks` in place).
+#[actix_rt::test]
+async fn the_actor_serves_spf_and_content_checks_for_remote_sessions() {
+    let rules = Rules::parse(
+        "[[rule]]\nname = \"SUBJECT_LOTTERY\"\nheader = \"Subject\"\npattern = \"(?i)lottery\"\nscore = 7\n",
+    )
+    .unwrap();
+    let actor = PolicyActor::new(PolicySettings::default(), None)
+        .with_content(ContentSettings {
+            rules,
+            reject_score: 10.0,
+            quarantine_score: 6.0,
+        })
+        .start();
+    let check = |subject: &str| CheckContent {
+        ip: "192.0.2.7".parse().unwrap(),
+        helo: "mail.client.test".into(),
+        sender: "a@client.test".into(),
+        spf: None,
+        message: bytes::Bytes::from(format!(
+            "From: a@client.test\r\nSubject: {subject}\r\n\r\nhi\r\n"
+        )),
+    };
+    let held = actor.send(check("You won the LOTTERY")).await.unwrap();
+    assert_eq!(held.verdict, Verdict::Accept);
+    assert_eq!(
+        held.hold.as_deref(),
+        Some("content score 7.0 >= quarantine_score 6")
+    );
+    assert_eq!(held.headers, "X-Tern-Score: 7.0 (SUBJECT_LOTTERY=7)\r\n");
+    let clean = actor.send(check("hello")).await.unwrap();
+    assert_eq!((clean.verdict, clean.hold), (Verdict::Accept, None));
+    // Without an authenticator there is no SPF to evaluate: accepted, nothing recorded.
+    let spf = actor
+        .send(CheckSpf {
+            ip: "192.0.2.7".parse().unwrap(),
+            helo: "mail.client.test".into(),
+            sender: "a@client.test".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(spf, SpfVerdict::accept());
+}

@@ -578,54 +578,6 @@ pub struct Policy {
 
 pub use tern_policy::{DmarcAction, ReverseDns, SpfAction, SuppressionAction};
 
-impl FromConfigStr for SpfAction {
-    const WHAT: &'static str = "SPF action";
-    fn parse(s: &str) -> Result<Self, String> {
-        match s.trim() {
-            "off" => Ok(Self::Off),
-            "record" => Ok(Self::Record),
-            "reject" => Ok(Self::Reject),
-            _ => Err("expected \"off\", \"record\" or \"reject\"".into()),
-        }
-    }
-}
-
-impl FromConfigStr for DmarcAction {
-    const WHAT: &'static str = "DMARC action";
-    fn parse(s: &str) -> Result<Self, String> {
-        match s.trim() {
-            "off" => Ok(Self::Off),
-            "record" => Ok(Self::Record),
-            "hold" => Ok(Self::Hold),
-            "enforce" => Ok(Self::Enforce),
-            _ => Err("expected \"off\", \"record\", \"hold\" or \"enforce\"".into()),
-        }
-    }
-}
-
-impl FromConfigStr for ReverseDns {
-    const WHAT: &'static str = "reverse DNS requirement";
-    fn parse(s: &str) -> Result<Self, String> {
-        match s.trim() {
-            "off" => Ok(Self::Off),
-            "exists" => Ok(Self::Exists),
-            "confirmed" => Ok(Self::Confirmed),
-            _ => Err("expected \"off\", \"exists\" or \"confirmed\"".into()),
-        }
-    }
-}
-
-impl FromConfigStr for SuppressionAction {
-    const WHAT: &'static str = "suppression action";
-    fn parse(s: &str) -> Result<Self, String> {
-        match s.trim() {
-            "reject" => Ok(Self::Reject),
-            "drop" => Ok(Self::Drop),
-            _ => Err("expected \"reject\" or \"drop\"".into()),
-        }
-    }
-}
-
 impl Default for Policy {
     fn default() -> Self {
         Self {
@@ -1629,6 +1581,45 @@ trait FromConfigStr: Sized {
     fn parse(s: &str) -> Result<Self, String>;
 }
 
+/// `FromConfigStr` for an enum written as one of a few keywords; the error lists them all.
+macro_rules! config_keywords {
+    ($ty:ty, $what:literal, { $($kw:literal => $variant:ident),+ $(,)? }) => {
+        impl FromConfigStr for $ty {
+            const WHAT: &'static str = $what;
+            fn parse(s: &str) -> Result<Self, String> {
+                match s.trim() {
+                    $($kw => Ok(Self::$variant),)+
+                    _ => Err(expected_one_of(&[$($kw),+])),
+                }
+            }
+        }
+    };
+}
+
+/// `expected "a", "b" or "c"`.
+fn expected_one_of(words: &[&str]) -> String {
+    let quoted: Vec<String> = words.iter().map(|w| format!("{w:?}")).collect();
+    match quoted.split_last() {
+        Some((last, rest)) if !rest.is_empty() => {
+            format!("expected {} or {last}", rest.join(", "))
+        }
+        _ => format!("expected {}", quoted.join("")),
+    }
+}
+
+config_keywords!(SpfAction, "SPF action", { "off" => Off, "record" => Record, "reject" => Reject });
+config_keywords!(DmarcAction, "DMARC action", {
+    "off" => Off, "record" => Record, "hold" => Hold, "enforce" => Enforce,
+});
+config_keywords!(ReverseDns, "reverse DNS requirement", {
+    "off" => Off, "exists" => Exists, "confirmed" => Confirmed,
+});
+config_keywords!(SuppressionAction, "suppression action", { "reject" => Reject, "drop" => Drop });
+config_keywords!(BareLineEndings, "bare line ending policy", {
+    "reject" => Reject, "normalize" => Normalize,
+});
+config_keywords!(VrfyPolicy, "VRFY policy", { "ambiguous" => Ambiguous, "refuse" => Refuse });
+
 impl FromConfigStr for SocketAddr {
     const WHAT: &'static str = "socket address";
     fn parse(s: &str) -> Result<Self, String> {
@@ -1660,28 +1651,6 @@ impl FromConfigStr for Duration {
             DurationError::UnknownUnit { .. } => e.to_string(),
             _ => format!("{e}; use e.g. 30s, 5m or 1h30m"),
         })
-    }
-}
-
-impl FromConfigStr for BareLineEndings {
-    const WHAT: &'static str = "bare line ending policy";
-    fn parse(s: &str) -> Result<Self, String> {
-        match s.trim() {
-            "reject" => Ok(Self::Reject),
-            "normalize" => Ok(Self::Normalize),
-            _ => Err("expected \"reject\" or \"normalize\"".into()),
-        }
-    }
-}
-
-impl FromConfigStr for VrfyPolicy {
-    const WHAT: &'static str = "VRFY policy";
-    fn parse(s: &str) -> Result<Self, String> {
-        match s.trim() {
-            "ambiguous" => Ok(Self::Ambiguous),
-            "refuse" => Ok(Self::Refuse),
-            _ => Err("expected \"ambiguous\" or \"refuse\"".into()),
-        }
     }
 }
 
@@ -2453,6 +2422,20 @@ mod tests {
         let c = load_file(&DOC[start..end], &[]).unwrap();
         assert_eq!(c.server.hostname, "mx.example.org");
         assert_eq!(c.auth.users.len(), 2);
+    }
+
+    #[test]
+    fn keyword_errors_list_every_choice() {
+        assert_eq!(expected_one_of(&["a", "b"]), r#"expected "a" or "b""#);
+        assert_eq!(
+            expected_one_of(&["off", "record", "hold", "enforce"]),
+            r#"expected "off", "record", "hold" or "enforce""#
+        );
+        assert_eq!(
+            DmarcAction::parse(" hold ").unwrap(),
+            DmarcAction::Hold,
+            "surrounding space is ignored"
+        );
     }
 
     #[test]
