@@ -334,7 +334,7 @@ pub fn spawn_queue(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sled_storage::{key, SledOptions, SledStorage};
+    use crate::sled_storage::{index_key, SledOptions, SledStorage};
     use tern_message::{ClientInfo, Envelope};
 
     fn msg(body: &'static [u8]) -> InboundMessage {
@@ -364,7 +364,7 @@ mod tests {
         .unwrap();
         storage.insert(&msg(b"hello\r\n")).unwrap();
         storage.insert(&msg(b"")).unwrap();
-        storage.put_raw(&key(b'm', QueueId::new(), 0), b"\xff garbage");
+        storage.put_raw(&index_key(QueueId::new()), b"\xff garbage");
         let actor = QueueActor::new(Arc::new(storage), QueueConfig::default()).unwrap();
         let stats = actor.stats();
         assert_eq!((stats.recovered, stats.corrupt), (2, 1));

@@ -1,7 +1,8 @@
 //! Tern's queue: the durable spool behind `250 Ok: queued as <id>`.
 //!
-//! * [`Storage`] is the small storage interface; [`SledStorage`] implements it on sled 0.34.7,
-//!   with the durability argument in the [`sled_storage`] module documentation.
+//! * [`Storage`] is the small storage interface; [`SledStorage`] implements it with message
+//!   bodies in append-only segment files and the index in sled 0.34.7, with the durability
+//!   argument in the [`sled_storage`] module documentation.
 //! * [`QueueActor`] receives [`Enqueue`] from sessions and answers only once the message is
 //!   durable. A committer thread groups concurrent messages so they share one flush.
 //! * [`schedule`] is the delivery scheduler's pure core (retry policy, recipient state
@@ -17,7 +18,9 @@ mod committer;
 mod delivery;
 pub mod events;
 mod free_space;
+mod legacy;
 pub mod schedule;
+mod segment;
 pub mod sled_storage;
 mod storage;
 

@@ -1,99 +1,117 @@
-//! [`Storage`] on sled 0.34.7.
-//!
-//! # Durability
-//!
-//! sled 0.34.7's `Db::flush()` writes its dirty log buffers with `pwrite` and then, on Linux,
-//! calls `sync_file_range(WAIT_BEFORE | WRITE | WAIT_AFTER)` on the written range
-//! (`pagecache/iobuf.rs`, `IoBufs::write_to_log`). `sync_file_range` only pushes the page cache to
-//! the device: it neither persists the file's metadata (its size, when the log grew) nor flushes
-//! the drive's volatile write cache, so data "flushed" that way can vanish on power loss or an OS
-//! crash. sled's own `fsync` calls (the 500 ms background flusher, snapshots, truncation) are not
-//! tied to any `flush()` call. So [`SledStorage::sync`] calls `db.flush()` and then `fdatasync`s
-//! the log through a handle on `<dir>/db` opened once at [`SledStorage::open`]: `fdatasync` covers
-//! every dirty page of the inode whichever descriptor wrote it, includes the size change, and ends
-//! with a cache flush.
-//!
-//! In sled 0.34.7 that one file is the whole write-ahead log: every tree's pages, the tree
-//! registry and sled's batch manifests (which make an `apply_batch` all-or-nothing on recovery)
-//! are messages in it. The other files in the directory are:
-//! * `conf` (segment size, format version): written without `fsync` when the database is created
-//!   and never rewritten; [`SledStorage::open`] `fsync`s it once.
-//! * `snap.<lsn>`: written, `fsync`ed and renamed by sled itself. A snapshot only shortens
-//!   recovery; sled rebuilds the page table by replaying the log from the newest snapshot found
-//!   (or from the log's start), so the log is the source of truth.
-//! * `blobs/<lsn>`: sled stores a log message as a separate blob file, written without `fsync`,
-//!   when it exceeds `segment_size / MINIMUM_ITEMS_PER_SEGMENT - SEG_HEADER_LEN` bytes with its
-//!   32-byte header (`pagecache/logger.rs`, `reserve_inner`). The limit applies to a whole page
-//!   (a leaf with all its entries, written on every consolidation, split and merge), not to one
-//!   value. Leaves split above 16 entries (`node.rs`, `should_split`) and a merge adds at most 3
-//!   more, so with [`SEGMENT_SIZE`] = 1 MiB (limit 262,092 bytes) and [`CHUNK_SIZE`] = 8 KiB a
-//!   leaf stays below ~170 KB: we never create blobs. [`SledStorage::sync`] still `fsync`s any
-//!   blob file (and the `blobs` directory) it finds, so a blob could only cost speed, never
-//!   durability.
-//!
-//! Directory entries: the directory, `db`, `conf` and `blobs` are created by the first open and
-//! never renamed, so `open` `fsync`s the spool directory and its parent once.
-//!
-//! A failed `fdatasync` is not retried: the kernel may already have dropped the unwritten pages'
-//! dirty state, so the spool refuses all writes until a restart recovers from the disk's real
-//! contents (`SledStorage::poison`).
+//! [`Storage`] on sled 0.34.7 plus append-only segment files.
 //!
 //! # Layout
 //!
-//! One tree, `spool`. Keys are `kind (1 byte) | QueueId::to_bytes() (16) | chunk index (u32 BE)`:
-//! `m` records hold the JSON-encoded metadata, `b` records the raw body, both cut into
-//! [`CHUNK_SIZE`] pieces. Because the kind byte comes first, the metadata records form one
-//! contiguous key range apart from the bodies, so a scan reads only metadata pages, in id
-//! (= arrival) order. One `apply_batch` writes
-//! every record of a message ([`Storage::insert`]) or of a whole group commit
-//! ([`Storage::insert_many`]): sled logs a batch manifest holding the batch's last LSN, and
-//! recovery stops before a batch whose end is not in the log (`pagecache/iterator.rs`, "torn
-//! batch"), so neither a body without metadata nor metadata with a partial body can exist after
-//! a crash. That cut never reaches an acknowledged message: `apply_batch` holds sled's global
-//! write lock (`concurrency_control::write`) and every single-key write and `flush`
-//! (`iobuf::flush`) take its read side, so batches never interleave with other writes and a
-//! flush never ends inside a batch: a batch that returned before `sync` was called lies wholly
-//! below the LSN that `sync`'s `flush` makes stable, and a torn batch can only come after it.
+//! * `<dir>/segments/<seq>.seg`: append-only segment files (format in [`crate::segment`]). Every
+//!   message body lives here, in the `Insert` record that spooled it, and every change to the
+//!   index (insert, new recipient states, removal) is appended here as a record too.
+//! * The sled tree `spool`: the index. Key `i | QueueId (16 bytes)`, value: where the body is
+//!   (segment, offset, length, CRC-32, record length) followed by the metadata as JSON. sled
+//!   stays the queryable store (scan in id = arrival order, point lookups); the bodies never
+//!   enter it.
+//! * `<dir>/segments/checkpoint`: the segment position up to which sled's own files are known
+//!   to hold every index change.
 //!
-//! The metadata is JSON (serde_json) because it is small next to the body and next to an
-//! `fdatasync`, self-describing (fields can be added with `#[serde(default)]` without a migration,
-//! and a spool can be inspected by hand), and already a dependency; the body is never encoded,
-//! only cut into chunks.
+//! # Why not sled alone
+//!
+//! Format 1 of this spool (tern before segment files) wrote each message as one sled batch and
+//! made each group commit durable with `Db::flush()` plus `fdatasync`. It cost ≈ 80–100 µs of
+//! CPU per message in `examples/sled_cost.rs`-style measurements: sled's `apply_batch` rolls its
+//! IO buffer before and after the batch (`pagecache::pin_log`), so every batch was two log
+//! writes with `sync_file_range` on sled's IO threads, and every byte of a body went through
+//! sled's page cache and log. Appending the same records to a file of our own and syncing it
+//! costs ≈ 10–25 µs per message; index inserts without a flush ≈ 10–30 µs more.
+//!
+//! # Durability
+//!
+//! A group commit ([`Storage::insert_many`] then [`Storage::sync`]) appends the batch's records
+//! to the active segment with one `pwrite`, inserts the index entries into sled (not flushed),
+//! and `sync` `fdatasync`s the segment (and any segment sealed since the last sync). The
+//! segment is then the write-ahead log: an acknowledged message's record is on disk whatever
+//! happened to sled's unflushed state.
+//!
+//! A **checkpoint** (every 10 s with changes, on every new segment, at open and at close) notes
+//! the position P at the end of the active segment, `fdatasync`s the segments, then calls
+//! `Db::flush()` and `fdatasync`s sled's log file `db` (sled's `flush` uses `sync_file_range`,
+//! which persists neither the file size nor the drive's cache; see below), and only then
+//! replaces the checkpoint file (write, `fsync`, rename, `fsync` the directory). Every change is
+//! applied to sled before its record is appended, under one lock, and P is read under that lock,
+//! so every record before P is in sled's durable state once the flush returns.
+//!
+//! **Recovery** (at open) replays the records from the checkpoint on, in order, onto the index:
+//! `Insert` sets the entry, `Update` replaces an existing entry's metadata, `Remove` deletes it.
+//! A damaged or short record ends its segment (a torn tail after a crash) and replay goes on
+//! with the next one. sled may have persisted index changes the segments never got (its
+//! background flusher runs every 500 ms): an entry pointing at or after P whose record replay
+//! did not find is a message that was never acknowledged, and is dropped; a removal or update
+//! sled kept but the segment lost only repeats a delivery attempt (at-least-once).
+//!
+//! **Segments are deleted** once they lie before the checkpoint and no index entry points into
+//! them (the live count per segment is kept in memory, counted from the index at open).
+//!
+//! About sled's files: `db` is sled's whole log (every tree's pages, the tree registry); `conf`
+//! is written once without `fsync` at creation, so `open` `fsync`s it; `snap.<lsn>` files are
+//! written and `fsync`ed by sled; `blobs/<lsn>` would hold a log message larger than a quarter
+//! segment, written without `fsync`. Index values are a few hundred bytes, so sled never writes
+//! blobs here; a checkpoint still `fsync`s any it finds.
+//!
+//! A failed `fdatasync` is not retried: the kernel may already have dropped the unwritten pages'
+//! dirty state ("fsyncgate", PostgreSQL 2018), so the spool refuses all writes until a restart
+//! recovers from the disk's real contents (`Inner::poison`).
 
-use std::collections::HashSet;
-use std::fs::File;
+use std::collections::{BTreeMap, HashSet};
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tern_message::{ClientInfo, Envelope, InboundMessage, QueueId};
 use tracing::{debug, error, info, warn};
 
 use crate::free_space::FreeSpaceGuard;
+use crate::legacy;
+use crate::segment::{self, Kind};
 use crate::storage::{io_is_disk_full, ScanIter, SpooledMeta, Storage, StorageError};
 
 /// sled segment (and IO buffer) size. Fixed: sled refuses to reopen a database with a different
-/// one. Sets the blob threshold, see the module documentation.
+/// one.
 pub const SEGMENT_SIZE: usize = 1 << 20;
 
-/// Size of a body or metadata chunk. See the module documentation for why it must stay well
-/// below `SEGMENT_SIZE / 4 / 20`.
-pub const CHUNK_SIZE: usize = 8 << 10;
+/// A new segment file is started once the active one holds this many bytes. Smaller files are
+/// freed sooner when most of their messages are gone; each new file costs a checkpoint.
+pub const SEGMENT_FILE_BYTES: u64 = 32 << 20;
+
+/// A checkpoint at least this often while anything changes.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
+/// How often the maintenance thread looks for checkpoints to make and segments to delete.
+const MAINTENANCE_TICK: Duration = Duration::from_millis(500);
+/// A sealed segment is compacted (its remaining messages copied to the active segment, so the
+/// file can go) once at most this fraction of its bytes is still needed...
+const COMPACT_LIVE_FRACTION: f64 = 0.5;
+/// ...and it has been sealed this long: most messages are delivered within seconds of arrival,
+/// so copying them from a fresh segment would mostly copy messages about to go anyway.
+const COMPACT_AFTER: Duration = Duration::from_secs(60);
 
 const TREE: &str = "spool";
-const META: u8 = b'm';
-const BODY: u8 = b'b';
-const KEY_LEN: usize = 1 + 16 + 4;
-const META_VERSION: u32 = 1;
+const INDEX: u8 = b'i';
+const SEGMENTS_DIR: &str = "segments";
+const CHECKPOINT_FILE: &str = "checkpoint";
+const META_VERSION: u32 = 2;
+/// Index value header: version, segment, body offset, body length, body CRC, record length.
+const ENTRY_HEAD: usize = 1 + 8 + 8 + 8 + 4 + 8;
+const ENTRY_VERSION: u8 = 2;
 
 /// Options for [`SledStorage::open`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SledOptions {
-    /// sled's page cache size. sled's default (1 GiB) is far more than a spool, whose messages
-    /// are read about once each, benefits from.
+    /// sled's page cache size. sled's default (1 GiB) is far more than an index of message
+    /// metadata needs.
     pub cache_bytes: u64,
     /// Refuse a message (with [`StorageError::DiskFull`]) if accepting it would leave fewer than
     /// this many bytes free on the spool's filesystem; 0 disables the check.
@@ -110,31 +128,168 @@ impl Default for SledOptions {
         Self {
             cache_bytes: 64 << 20,
             // Postfix suggests queue_minfree >= 1.5 x the message size limit; this leaves room for
-            // a few large messages in flight plus sled's own segment preallocation.
+            // a few large messages in flight plus a segment file's growth.
             min_free_bytes: 128 << 20,
             lock_wait_ms: 5_000,
         }
     }
 }
 
-/// The spool on sled. See the module documentation for the durability argument.
+/// The spool. See the module documentation for the layout and the durability argument.
 pub struct SledStorage {
-    db: sled::Db,
-    tree: sled::Tree,
-    /// Handle on sled's log file, kept open so `sync` is one `fdatasync` and no `open`.
-    log_file: File,
-    dir: PathBuf,
-    free_space: FreeSpaceGuard,
-    /// Spooled messages; maintained by insert/remove so `len` needs no scan.
-    /// Set when an `fsync`/`fdatasync` failed; see [`SledStorage::poison`].
-    poisoned: Mutex<Option<String>>,
-    /// The `blobs` directory's mtime after open; see [`SledStorage::sync_blobs`].
-    blobs_mtime_at_open: Option<std::time::SystemTime>,
-    /// Once the directory changed, every sync scans it.
-    blobs_seen: AtomicBool,
+    inner: Arc<Inner>,
+    maintenance: Option<(mpsc::Sender<()>, JoinHandle<()>)>,
 }
 
-/// What a metadata record holds, borrowed for writing.
+struct Inner {
+    db: sled::Db,
+    tree: sled::Tree,
+    /// Handle on sled's log file, kept open so a checkpoint's `fdatasync` needs no `open`.
+    log_file: File,
+    dir: PathBuf,
+    seg_dir: PathBuf,
+    free_space: FreeSpaceGuard,
+    /// Set when an `fsync`/`fdatasync` failed; see [`Inner::poison`].
+    poisoned: Mutex<Option<String>>,
+    /// The `blobs` directory's mtime after open; see [`Inner::sync_blobs`].
+    blobs_mtime_at_open: Option<std::time::SystemTime>,
+    blobs_seen: AtomicBool,
+    /// Lock order: `writer`, then `segments`.
+    writer: Mutex<Writer>,
+    segments: Mutex<BTreeMap<u64, Segment>>,
+    /// The last checkpoint; its lock also keeps two checkpoints from interleaving.
+    checkpoint: Mutex<Checkpoint>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Position {
+    seq: u64,
+    offset: u64,
+}
+
+struct Checkpoint {
+    at: Position,
+    when: Instant,
+    /// `Writer::changes` when it was taken.
+    changes: u64,
+}
+
+/// The active segment and what has not reached it yet.
+struct Writer {
+    seq: u64,
+    file: Arc<File>,
+    /// Bytes written to `file`.
+    written: u64,
+    /// How much of `file` the last `fdatasync` covered.
+    synced: u64,
+    /// Encoded `Update`/`Remove` records waiting for the next write.
+    pending: Vec<u8>,
+    /// Sealed segments written since the last sync.
+    unsynced: Vec<Arc<File>>,
+    /// Count of index changes, to tell whether a checkpoint has anything to do.
+    changes: u64,
+}
+
+impl Writer {
+    fn end(&self) -> u64 {
+        self.written + self.pending.len() as u64
+    }
+
+    fn position(&self) -> Position {
+        Position {
+            seq: self.seq,
+            offset: self.end(),
+        }
+    }
+
+    /// Writes `pending` to the file. On failure nothing of it counts as written: the file is cut
+    /// back to where it was, and the records stay pending.
+    fn write_pending(&mut self) -> std::io::Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        if let Err(e) = self.file.write_all_at(&self.pending, self.written) {
+            // A partial record at the end would not hurt recovery (it ends the segment), but
+            // the next record must not land after it.
+            if let Err(t) = self.file.set_len(self.written) {
+                error!(error = %t, "cannot cut a failed segment write back");
+            }
+            return Err(e);
+        }
+        self.written += self.pending.len() as u64;
+        self.pending.clear();
+        Ok(())
+    }
+}
+
+struct Segment {
+    file: Arc<File>,
+    /// Index entries pointing into this segment, and their records' bytes.
+    live: u64,
+    live_bytes: u64,
+    /// When it stopped being the active segment (for segments found at open: the open).
+    sealed: Option<Instant>,
+}
+
+impl Segment {
+    fn new(file: Arc<File>, sealed: Option<Instant>) -> Self {
+        Self {
+            file,
+            live: 0,
+            live_bytes: 0,
+            sealed,
+        }
+    }
+}
+
+/// Where a message's body is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Pointer {
+    seq: u64,
+    body_offset: u64,
+    body_len: u64,
+    body_crc: u32,
+    record_len: u64,
+}
+
+impl Pointer {
+    fn decode(id: QueueId, v: &[u8]) -> Result<Self, StorageError> {
+        if v.len() < ENTRY_HEAD || v[0] != ENTRY_VERSION {
+            return Err(StorageError::corrupt(Some(id), "malformed index entry"));
+        }
+        let u64_at = |i: usize| u64::from_le_bytes(v[i..i + 8].try_into().expect("8 bytes"));
+        Ok(Self {
+            seq: u64_at(1),
+            body_offset: u64_at(9),
+            body_len: u64_at(17),
+            body_crc: u32::from_le_bytes(v[25..29].try_into().expect("4 bytes")),
+            record_len: u64_at(29),
+        })
+    }
+
+    fn entry(&self, meta: &[u8]) -> Vec<u8> {
+        let mut v = Vec::with_capacity(ENTRY_HEAD + meta.len());
+        v.push(ENTRY_VERSION);
+        v.extend_from_slice(&self.seq.to_le_bytes());
+        v.extend_from_slice(&self.body_offset.to_le_bytes());
+        v.extend_from_slice(&self.body_len.to_le_bytes());
+        v.extend_from_slice(&self.body_crc.to_le_bytes());
+        v.extend_from_slice(&self.record_len.to_le_bytes());
+        v.extend_from_slice(meta);
+        v
+    }
+
+    /// Offset of the record (not the body: an empty body's offset is the record's end).
+    fn record_offset(&self) -> u64 {
+        (self.body_offset + self.body_len).saturating_sub(self.record_len)
+    }
+
+    fn at_or_after(&self, p: Position) -> bool {
+        self.seq > p.seq || (self.seq == p.seq && self.record_offset() >= p.offset)
+    }
+}
+
+/// What the metadata holds, borrowed for writing.
 #[derive(Serialize)]
 struct MetaRef<'a> {
     v: u32,
@@ -143,10 +298,9 @@ struct MetaRef<'a> {
     client: &'a ClientInfo,
     arrived_ms: u64,
     body_len: u64,
-    body_chunks: u32,
 }
 
-/// What a metadata record holds, owned for reading.
+/// What the metadata holds, owned for reading.
 #[derive(Deserialize)]
 struct MetaRecord {
     v: u32,
@@ -155,7 +309,24 @@ struct MetaRecord {
     client: ClientInfo,
     arrived_ms: u64,
     body_len: u64,
-    body_chunks: u32,
+}
+
+fn encode_meta(
+    id: QueueId,
+    envelope: &Envelope,
+    client: &ClientInfo,
+    arrived_ms: u64,
+    body_len: u64,
+) -> Result<Vec<u8>, StorageError> {
+    serde_json::to_vec(&MetaRef {
+        v: META_VERSION,
+        id,
+        envelope,
+        client,
+        arrived_ms,
+        body_len,
+    })
+    .map_err(|e| StorageError::Backend(format!("cannot encode metadata: {e}")))
 }
 
 impl MetaRecord {
@@ -188,37 +359,31 @@ impl MetaRecord {
     }
 }
 
-pub(crate) fn key(kind: u8, id: QueueId, chunk: u32) -> [u8; KEY_LEN] {
-    let mut k = [0u8; KEY_LEN];
-    k[0] = kind;
-    k[1..17].copy_from_slice(&id.to_bytes());
-    k[17..].copy_from_slice(&chunk.to_be_bytes());
+/// Decodes an index entry into its pointer and metadata.
+fn decode_entry(id: QueueId, v: &[u8]) -> Result<(Pointer, MetaRecord), StorageError> {
+    let ptr = Pointer::decode(id, v)?;
+    let meta = MetaRecord::decode(id, &v[ENTRY_HEAD..])?;
+    if meta.body_len != ptr.body_len {
+        return Err(StorageError::corrupt(
+            Some(id),
+            "metadata and index disagree on the body length",
+        ));
+    }
+    Ok((ptr, meta))
+}
+
+pub(crate) fn index_key(id: QueueId) -> [u8; 17] {
+    let mut k = [0u8; 17];
+    k[0] = INDEX;
+    k[1..].copy_from_slice(&id.to_bytes());
     k
 }
 
-fn prefix(kind: u8, id: QueueId) -> [u8; 17] {
-    let mut p = [0u8; 17];
-    p[0] = kind;
-    p[1..].copy_from_slice(&id.to_bytes());
-    p
+fn key_id(k: &[u8]) -> Option<QueueId> {
+    (k.len() == 17 && k[0] == INDEX).then(|| QueueId::from_bytes(k[1..].try_into().expect("16")))
 }
 
-/// Splits a key into (kind, id, chunk).
-fn parse_key(k: &[u8]) -> Option<(u8, QueueId, u32)> {
-    if k.len() != KEY_LEN {
-        return None;
-    }
-    let id = QueueId::from_bytes(k[1..17].try_into().ok()?);
-    let chunk = u32::from_be_bytes(k[17..].try_into().ok()?);
-    Some((k[0], id, chunk))
-}
-
-fn chunk_count(len: usize) -> u32 {
-    // An empty body still gets no chunk: its metadata says body_len 0 and body_chunks 0.
-    u32::try_from(len.div_ceil(CHUNK_SIZE)).unwrap_or(u32::MAX)
-}
-
-fn sled_err(e: sled::Error) -> StorageError {
+pub(crate) fn sled_err(e: sled::Error) -> StorageError {
     match e {
         sled::Error::Io(io) if io_is_disk_full(&io) => StorageError::DiskFull(io.to_string()),
         sled::Error::Io(io) => StorageError::Io(io),
@@ -238,10 +403,139 @@ fn fsync_dir(path: &Path) -> std::io::Result<()> {
     File::open(path)?.sync_all()
 }
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves data that is still consistent enough to
+    // read (counters, buffers); refusing every later operation would be worse.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn read_checkpoint(path: &Path) -> Result<Option<Position>, StorageError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let mut parts = text.split_whitespace();
+    let parsed = match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some("tern-spool-checkpoint"), Some(seq), Some(off), None) => {
+            seq.parse().ok().zip(off.parse().ok())
+        }
+        _ => None,
+    };
+    match parsed {
+        Some((seq, offset)) => Ok(Some(Position { seq, offset })),
+        None => Err(StorageError::corrupt(
+            None,
+            format!(
+                "unreadable checkpoint file {} (deleting it replays every segment, which may \
+                 deliver some messages twice)",
+                path.display()
+            ),
+        )),
+    }
+}
+
+/// Replaces the checkpoint file atomically and durably.
+fn write_checkpoint(seg_dir: &Path, at: Position) -> std::io::Result<()> {
+    let tmp = seg_dir.join("checkpoint.tmp");
+    let mut f = File::create(&tmp)?;
+    writeln!(f, "tern-spool-checkpoint {} {}", at.seq, at.offset)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, seg_dir.join(CHECKPOINT_FILE))?;
+    fsync_dir(seg_dir)
+}
+
+fn create_segment(seg_dir: &Path, seq: u64) -> std::io::Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(seg_dir.join(segment::file_name(seq)))?;
+    // The new name must survive a crash as much as the records written into the file.
+    fsync_dir(seg_dir)?;
+    Ok(file)
+}
+
 impl SledStorage {
-    /// Opens (creating if needed) the spool in `dir`.
+    /// Opens (creating if needed) the spool in `dir`, replays the segments since the last
+    /// checkpoint, and carries over a format-1 spool if it finds one.
     #[tracing::instrument(name = "spool_open", skip(opts), fields(dir = %dir.display()))]
     pub fn open(dir: &Path, opts: SledOptions) -> Result<Self, StorageError> {
+        let inner = Arc::new(Inner::open(dir, opts)?);
+        let (stop, stopped) = mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("tern-spool-maint".into())
+            .spawn({
+                let inner = inner.clone();
+                move || {
+                    while let Err(mpsc::RecvTimeoutError::Timeout) =
+                        stopped.recv_timeout(MAINTENANCE_TICK)
+                    {
+                        inner.maintain();
+                    }
+                }
+            })?;
+        Ok(Self {
+            inner,
+            maintenance: Some((stop, thread)),
+        })
+    }
+
+    /// The directory the spool lives in.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// Makes the index durable in sled and records it, so a restart replays nothing; deletes
+    /// the segments no message needs any more. Runs by itself every few seconds.
+    pub fn checkpoint(&self) -> Result<(), StorageError> {
+        self.inner.checkpoint()?;
+        self.inner.delete_unused_segments();
+        Ok(())
+    }
+
+    /// Number of segment files (for tests and tools).
+    pub fn segment_count(&self) -> usize {
+        lock(&self.inner.segments).len()
+    }
+
+    /// Test hook: write a raw index entry, bypassing encoding, to simulate on-disk damage.
+    #[cfg(test)]
+    pub(crate) fn put_raw(&self, k: &[u8], v: &[u8]) {
+        self.inner.tree.insert(k, v).unwrap();
+    }
+
+    /// Test hook: compact whatever qualifies, however recently sealed.
+    #[cfg(test)]
+    fn compact_now(&self) {
+        while let Some(seq) = self.inner.compaction_candidate(Duration::ZERO) {
+            self.inner.compact(seq).unwrap();
+        }
+    }
+
+    #[cfg(test)]
+    fn poison(&self, cause: &StorageError) {
+        self.inner.poison(cause)
+    }
+}
+
+impl Drop for SledStorage {
+    fn drop(&mut self) {
+        if let Some((stop, thread)) = self.maintenance.take() {
+            drop(stop);
+            let _ = thread.join();
+        }
+        // A clean stop leaves nothing to replay.
+        if self.inner.check_poisoned().is_ok() {
+            if let Err(e) = self.inner.checkpoint() {
+                warn!(error = %e, "spool checkpoint at close failed; the next start replays");
+            }
+        }
+    }
+}
+
+impl Inner {
+    fn open(dir: &Path, opts: SledOptions) -> Result<Self, StorageError> {
         let config = sled::Config::new()
             .path(dir)
             .cache_capacity(opts.cache_bytes)
@@ -263,84 +557,429 @@ impl SledStorage {
         let tree = db.open_tree(TREE).map_err(sled_err)?;
 
         let log_file = File::open(dir.join("db"))?;
-        // Make the files' existence durable: sled creates them without syncing the directory, and
-        // never syncs `conf` at all (see the module documentation).
+        let seg_dir = dir.join(SEGMENTS_DIR);
+        std::fs::create_dir_all(&seg_dir)?;
+        // Make the files' existence durable: sled creates them without syncing the directory,
+        // and never syncs `conf` at all.
         File::open(dir.join("conf"))?.sync_all()?;
         fsync_dir(&dir.join("blobs"))?;
+        fsync_dir(&seg_dir)?;
         fsync_dir(dir)?;
         if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
             fsync_dir(parent)?;
         }
-        // The tree registry entry for `spool` may be new: make it durable before anything is
-        // inserted so a later `sync` only has to cover messages.
-        db.flush().map_err(sled_err)?;
-        log_file.sync_data()?;
-
         let free_space = FreeSpaceGuard::new(dir, opts.min_free_bytes)?;
-
-        // No count of the messages here: with a million queued, walking the keys costs about
-        // a second of start-up, and the queue actor's recovery scan counts them anyway.
-        info!("spool opened");
         let blobs = dir.join("blobs");
         let blobs_mtime_at_open = std::fs::metadata(&blobs).and_then(|m| m.modified()).ok();
-        // Blobs left by an earlier run (they should not exist) keep every sync scanning.
+        // Blobs left by an earlier run (they should not exist) keep every checkpoint scanning.
         let blobs_seen = std::fs::read_dir(&blobs).map_or(true, |mut d| d.next().is_some());
 
-        Ok(Self {
+        let checkpoint = read_checkpoint(&seg_dir.join(CHECKPOINT_FILE))?;
+        let found = segment::list(&seg_dir)?;
+        let replayed = replay(&tree, &found, checkpoint)?;
+
+        let mut segments = BTreeMap::new();
+        for (seq, path) in &found {
+            let file = File::open(path)?;
+            segments.insert(*seq, Segment::new(Arc::new(file), Some(Instant::now())));
+        }
+        count_live(&tree, &mut segments, checkpoint, &replayed.seen)?;
+
+        let seq = found.last().map_or(1, |(s, _)| s + 1);
+        let file = Arc::new(create_segment(&seg_dir, seq)?);
+        segments.insert(seq, Segment::new(file.clone(), None));
+        let inner = Inner {
             db,
             tree,
             log_file,
             dir: dir.to_path_buf(),
+            seg_dir,
             free_space,
             poisoned: Mutex::new(None),
             blobs_mtime_at_open,
             blobs_seen: AtomicBool::new(blobs_seen),
-        })
+            writer: Mutex::new(Writer {
+                seq,
+                file,
+                written: 0,
+                synced: 0,
+                pending: Vec::new(),
+                unsynced: Vec::new(),
+                changes: 1,
+            }),
+            segments: Mutex::new(segments),
+            checkpoint: Mutex::new(Checkpoint {
+                at: checkpoint.unwrap_or(Position { seq: 0, offset: 0 }),
+                when: Instant::now(),
+                changes: 0,
+            }),
+        };
+        inner.migrate_format_1()?;
+        // Everything replayed is now made durable in sled, so the next start begins here.
+        inner.checkpoint()?;
+        inner.delete_unused_segments();
+        info!(
+            replayed = replayed.records,
+            segments = lock(&inner.segments).len(),
+            "spool opened"
+        );
+        Ok(inner)
     }
 
-    /// The directory the spool lives in.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    /// All records under `prefix`, in key order, as (chunk index, value).
-    fn chunks(
-        &self,
-        kind: u8,
-        id: QueueId,
-    ) -> impl Iterator<Item = Result<(u32, sled::IVec), StorageError>> {
-        self.tree.scan_prefix(prefix(kind, id)).map(move |item| {
-            let (k, v) = item.map_err(sled_err)?;
-            let (_, _, chunk) =
-                parse_key(&k).ok_or_else(|| StorageError::corrupt(Some(id), "bad key"))?;
-            Ok((chunk, v))
-        })
-    }
-
-    fn read_meta(&self, id: QueueId) -> Result<Option<MetaRecord>, StorageError> {
-        let mut buf = Vec::new();
-        let mut n = 0u32;
-        for item in self.chunks(META, id) {
-            let (chunk, v) = item?;
-            if chunk != n {
-                return Err(StorageError::corrupt(
-                    Some(id),
-                    format!("metadata chunk {n} missing"),
-                ));
+    /// Carries a format-1 spool over: each message is written as an insert record and indexed,
+    /// then its old records go. A crash half-way repeats the carrying over of the messages not
+    /// yet checkpointed, which is harmless (same ids).
+    fn migrate_format_1(&self) -> Result<(), StorageError> {
+        if !legacy::any(&self.tree) {
+            return Ok(());
+        }
+        let ids = legacy::ids(&self.tree);
+        info!(messages = ids.len(), "carrying over a spool in format 1");
+        let mut moved = 0usize;
+        for chunk in ids.chunks(256) {
+            let mut msgs = Vec::with_capacity(chunk.len());
+            for &id in chunk {
+                match legacy::read(&self.tree, id) {
+                    Ok(m) => msgs.push(m),
+                    Err(e) => error!(queue_id = %id, error = %e, "format-1 message unreadable"),
+                }
             }
-            buf.extend_from_slice(&v);
-            n += 1;
+            for (m, r) in msgs.iter().zip(self.insert_many(&msgs)) {
+                r?;
+                legacy::remove(&self.tree, m.id)?;
+                moved += 1;
+            }
+            self.sync()?;
         }
-        if n == 0 {
-            return Ok(None);
+        let left = legacy::clear(&self.tree)?;
+        if left > 0 {
+            warn!(records = left, "deleted unreadable format-1 records");
         }
-        MetaRecord::decode(id, &buf).map(Some)
+        info!(messages = moved, "format-1 spool carried over");
+        Ok(())
+    }
+
+    fn poison(&self, cause: &StorageError) {
+        error!(error = %cause, "spool sync failed: refusing writes until restart");
+        let mut p = lock(&self.poisoned);
+        p.get_or_insert_with(|| cause.to_string());
+    }
+
+    fn check_poisoned(&self) -> Result<(), StorageError> {
+        match &*lock(&self.poisoned) {
+            Some(cause) => Err(StorageError::Poisoned(cause.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Moves the live count from the segment of `old` (an index value being replaced or
+    /// removed) to that of `new`.
+    fn account(&self, id: QueueId, old: Option<&[u8]>, new: Option<&Pointer>) {
+        let old = old.and_then(|v| Pointer::decode(id, v).ok());
+        let mut segs = lock(&self.segments);
+        if let Some(p) = old {
+            if let Some(s) = segs.get_mut(&p.seq) {
+                s.live = s.live.saturating_sub(1);
+                s.live_bytes = s.live_bytes.saturating_sub(p.record_len);
+            }
+        }
+        if let Some(p) = new {
+            if let Some(s) = segs.get_mut(&p.seq) {
+                s.live += 1;
+                s.live_bytes += p.record_len;
+            }
+        }
+    }
+
+    /// Starts a new segment once the active one is full. Called with the writer locked and
+    /// nothing pending, so a record never spans two files.
+    fn rotate_if_full(&self, w: &mut Writer) -> Result<(), StorageError> {
+        if w.end() < SEGMENT_FILE_BYTES {
+            return Ok(());
+        }
+        w.write_pending()?;
+        let seq = w.seq + 1;
+        let file = Arc::new(create_segment(&self.seg_dir, seq)?);
+        let old = std::mem::replace(&mut w.file, file.clone());
+        if w.synced < w.written {
+            w.unsynced.push(old);
+        }
+        let sealed = w.seq;
+        w.seq = seq;
+        w.written = 0;
+        w.synced = 0;
+        let mut segs = lock(&self.segments);
+        if let Some(s) = segs.get_mut(&sealed) {
+            s.sealed = Some(Instant::now());
+        }
+        segs.insert(seq, Segment::new(file, None));
+        debug!(segment = seq, "new spool segment");
+        Ok(())
+    }
+
+    fn insert_many(&self, msgs: &[InboundMessage]) -> Vec<Result<(), StorageError>> {
+        if let Err(e) = self.check_poisoned() {
+            return msgs.iter().map(|_| Err(e.duplicate())).collect();
+        }
+        // Encode and admit outside the lock: only the append and the index update need it.
+        let mut results: Vec<Result<(), StorageError>> = Vec::with_capacity(msgs.len());
+        let mut metas: Vec<Option<Vec<u8>>> = Vec::with_capacity(msgs.len());
+        for msg in msgs {
+            let meta = encode_meta(
+                msg.id,
+                &msg.envelope,
+                &msg.client,
+                msg.arrived_ms,
+                msg.body.len() as u64,
+            )
+            .and_then(|meta| {
+                self.free_space
+                    .admit((meta.len() + msg.body.len() + segment::HEADER_LEN) as u64)?;
+                Ok(meta)
+            });
+            match meta {
+                Ok(m) => {
+                    metas.push(Some(m));
+                    results.push(Ok(()));
+                }
+                Err(e) => {
+                    metas.push(None);
+                    results.push(Err(e));
+                }
+            }
+        }
+        if metas.iter().all(Option::is_none) {
+            return results;
+        }
+
+        let mut w = lock(&self.writer);
+        if let Err(e) = self.rotate_if_full(&mut w) {
+            return msgs.iter().map(|_| Err(e.duplicate())).collect();
+        }
+        let earlier = w.pending.len();
+        let mut pointers: Vec<Option<Pointer>> = Vec::with_capacity(msgs.len());
+        for (msg, meta) in msgs.iter().zip(&metas) {
+            let Some(meta) = meta else {
+                pointers.push(None);
+                continue;
+            };
+            let start = w.pending.len();
+            let record_offset = w.written + start as u64;
+            let body_rel = segment::encode(&mut w.pending, Kind::Insert, msg.id, meta, &msg.body);
+            pointers.push(Some(Pointer {
+                seq: w.seq,
+                body_offset: record_offset + body_rel,
+                body_len: msg.body.len() as u64,
+                body_crc: segment::body_crc(&msg.body),
+                record_len: (w.pending.len() - start) as u64,
+            }));
+        }
+        if let Err(e) = w.write_pending() {
+            // The earlier update/remove records stay pending; this batch's are dropped.
+            w.pending.truncate(earlier);
+            let e = StorageError::from(e);
+            warn!(error = %e, "spool segment write failed");
+            for (r, p) in results.iter_mut().zip(&pointers) {
+                if p.is_some() {
+                    *r = Err(e.duplicate());
+                }
+            }
+            return results;
+        }
+        for ((msg, meta), (ptr, result)) in msgs
+            .iter()
+            .zip(&metas)
+            .zip(pointers.iter().zip(results.iter_mut()))
+        {
+            let (Some(meta), Some(ptr)) = (meta, ptr) else {
+                continue;
+            };
+            match self.tree.insert(index_key(msg.id), ptr.entry(meta)) {
+                Ok(old) => self.account(msg.id, old.as_deref(), Some(ptr)),
+                Err(e) => {
+                    // The record is in the segment: a removal record keeps a replay from
+                    // spooling a message whose client was told it failed.
+                    segment::encode(&mut w.pending, Kind::Remove, msg.id, b"", b"");
+                    *result = Err(sled_err(e));
+                }
+            }
+        }
+        w.changes += 1;
+        results
+    }
+
+    fn sync(&self) -> Result<(), StorageError> {
+        self.check_poisoned()?;
+        let (files, seq, target) = {
+            let mut w = lock(&self.writer);
+            w.write_pending().map_err(|e| {
+                let e = StorageError::from(e);
+                self.poison(&e);
+                e
+            })?;
+            let mut files = std::mem::take(&mut w.unsynced);
+            if w.synced < w.written {
+                files.push(w.file.clone());
+            }
+            (files, w.seq, w.written)
+        };
+        for f in &files {
+            if let Err(e) = f.sync_data() {
+                let e = StorageError::from(e);
+                self.poison(&e);
+                return Err(e);
+            }
+        }
+        let mut w = lock(&self.writer);
+        if w.seq == seq && w.synced < target {
+            w.synced = target;
+        }
+        Ok(())
+    }
+
+    fn checkpoint(&self) -> Result<(), StorageError> {
+        let mut cp = lock(&self.checkpoint);
+        self.check_poisoned()?;
+        let (at, changes) = {
+            let w = lock(&self.writer);
+            (w.position(), w.changes)
+        };
+        if changes == cp.changes {
+            return Ok(());
+        }
+        self.sync()?;
+        self.db.flush().map_err(sled_err)?;
+        let synced = self
+            .sync_blobs()
+            .and_then(|()| self.log_file.sync_data().map_err(StorageError::from))
+            .and_then(|()| write_checkpoint(&self.seg_dir, at).map_err(StorageError::from));
+        if let Err(e) = synced {
+            self.poison(&e);
+            return Err(e);
+        }
+        debug!(segment = at.seq, offset = at.offset, "spool checkpoint");
+        *cp = Checkpoint {
+            at,
+            when: Instant::now(),
+            changes,
+        };
+        Ok(())
+    }
+
+    /// Deletes the segments before the checkpoint that no index entry points into. A segment
+    /// at or after it may still be needed by a replay, even when nothing points into it.
+    fn delete_unused_segments(&self) {
+        let before = lock(&self.checkpoint).at.seq;
+        let unused: Vec<u64> = {
+            let mut segs = lock(&self.segments);
+            let unused: Vec<u64> = segs
+                .range(..before)
+                .filter(|(_, s)| s.live == 0)
+                .map(|(seq, _)| *seq)
+                .collect();
+            for seq in &unused {
+                segs.remove(seq);
+            }
+            unused
+        };
+        for seq in unused {
+            let path = self.seg_dir.join(segment::file_name(seq));
+            match std::fs::remove_file(&path) {
+                Ok(()) => debug!(segment = seq, "deleted unused spool segment"),
+                Err(e) => warn!(path = %path.display(), error = %e, "cannot delete spool segment"),
+            }
+        }
+    }
+
+    /// One tick of the maintenance thread.
+    fn maintain(&self) {
+        let (seq, changes) = {
+            let w = lock(&self.writer);
+            (w.seq, w.changes)
+        };
+        let due = {
+            let cp = lock(&self.checkpoint);
+            changes != cp.changes && (seq > cp.at.seq || cp.when.elapsed() >= CHECKPOINT_EVERY)
+        };
+        if due && self.check_poisoned().is_ok() {
+            if let Err(e) = self.checkpoint() {
+                warn!(error = %e, "spool checkpoint failed");
+            }
+        }
+        self.delete_unused_segments();
+        if let Some(seq) = self.compaction_candidate(COMPACT_AFTER) {
+            if let Err(e) = self.compact(seq) {
+                warn!(segment = seq, error = %e, "spool segment compaction failed");
+            }
+        }
+    }
+
+    /// The oldest sealed segment before the checkpoint that is mostly garbage.
+    fn compaction_candidate(&self, sealed_for: Duration) -> Option<u64> {
+        let before = lock(&self.checkpoint).at.seq;
+        let segs = lock(&self.segments);
+        segs.range(..before).find_map(|(seq, s)| {
+            let size = s.file.metadata().map_or(0, |m| m.len());
+            let sparse = (s.live_bytes as f64) <= size as f64 * COMPACT_LIVE_FRACTION;
+            let old = s.sealed.is_some_and(|t| t.elapsed() >= sealed_for);
+            (s.live > 0 && sparse && old).then_some(*seq)
+        })
+    }
+
+    /// Copies the messages still indexed in segment `seq` to the active segment (metadata as
+    /// indexed now, body as recorded), so `seq` can be deleted after the next checkpoint.
+    fn compact(&self, seq: u64) -> Result<(), StorageError> {
+        self.check_poisoned()?;
+        let path = self.seg_dir.join(segment::file_name(seq));
+        let mut reader = segment::Reader::open(&path, 0)?;
+        let mut body = Vec::new();
+        let mut moved = 0u64;
+        while let Some(rec) = reader.next_record(&mut body)? {
+            if rec.kind == Kind::Insert && self.relocate(seq, &rec, &body)? {
+                moved += 1;
+            }
+        }
+        info!(segment = seq, messages = moved, "spool segment compacted");
+        Ok(())
+    }
+
+    /// Re-appends one message if the index still points at this record of it.
+    fn relocate(&self, seq: u64, rec: &segment::Record, body: &[u8]) -> Result<bool, StorageError> {
+        let mut w = lock(&self.writer);
+        let key = index_key(rec.id);
+        let Some(v) = self.tree.get(key).map_err(sled_err)? else {
+            return Ok(false);
+        };
+        let old = Pointer::decode(rec.id, &v)?;
+        if old.seq != seq || old.record_offset() != rec.offset {
+            return Ok(false);
+        }
+        self.rotate_if_full(&mut w)?;
+        let meta = &v[ENTRY_HEAD..];
+        let start = w.pending.len();
+        let record_offset = w.written + start as u64;
+        let body_rel = segment::encode(&mut w.pending, Kind::Insert, rec.id, meta, body);
+        let new = Pointer {
+            seq: w.seq,
+            body_offset: record_offset + body_rel,
+            body_len: old.body_len,
+            body_crc: old.body_crc,
+            record_len: (w.pending.len() - start) as u64,
+        };
+        if let Err(e) = w.write_pending() {
+            w.pending.truncate(start);
+            return Err(e.into());
+        }
+        self.tree.insert(key, new.entry(meta)).map_err(sled_err)?;
+        w.changes += 1;
+        drop(w);
+        self.account(rec.id, Some(&v), Some(&new));
+        Ok(true)
     }
 
     /// If blob files exist (they should not, see the module documentation), make them durable:
     /// sled writes them without `fsync`. While the `blobs` directory's mtime is what it was at
-    /// open, no blob was ever created, and one `stat` proves it; this runs on every group
-    /// commit, where a `readdir` (open, getdents twice, close) was measurable.
+    /// open, no blob was ever created, and one `stat` proves it.
     fn sync_blobs(&self) -> Result<(), StorageError> {
         let blobs = self.dir.join("blobs");
         if !self.blobs_seen.load(Ordering::Acquire) {
@@ -357,317 +996,239 @@ impl SledStorage {
             any = true;
         }
         if any {
-            warn!("sled wrote blob files; they were fsynced, but chunk sizing should prevent them");
+            warn!("sled wrote blob files; they were fsynced, but index entries should be small");
             fsync_dir(&blobs)?;
         }
         Ok(())
     }
 
-    /// Adds every record of `msg` to `batch`, after the checks that can refuse it alone.
-    /// Returns whether the message replaces one already spooled.
-    fn prepare(&self, msg: &InboundMessage, batch: &mut sled::Batch) -> Result<bool, StorageError> {
-        // Inserting into a poisoned spool would only fail at the sync; fail fast instead.
-        self.check_poisoned()?;
-        let id = msg.id;
-        let body_chunks = chunk_count(msg.body.len());
-        let meta = serde_json::to_vec(&MetaRef {
-            v: META_VERSION,
-            id,
-            envelope: &msg.envelope,
-            client: &msg.client,
-            arrived_ms: msg.arrived_ms,
-            body_len: msg.body.len() as u64,
-            body_chunks,
-        })
-        .map_err(|e| StorageError::Backend(format!("cannot encode metadata: {e}")))?;
+    fn read_body(&self, id: QueueId, ptr: &Pointer) -> Result<Bytes, StorageError> {
+        let file = lock(&self.segments)
+            .get(&ptr.seq)
+            .map(|s| s.file.clone())
+            .ok_or_else(|| {
+                StorageError::corrupt(Some(id), format!("segment {} is missing", ptr.seq))
+            })?;
+        let len = usize::try_from(ptr.body_len)
+            .map_err(|_| StorageError::corrupt(Some(id), "body length overflows usize"))?;
+        let mut body = vec![0u8; len];
+        file.read_exact_at(&mut body, ptr.body_offset)
+            .map_err(|e| {
+                if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    StorageError::corrupt(
+                        Some(id),
+                        format!("body past the end of segment {}", ptr.seq),
+                    )
+                } else {
+                    StorageError::Io(e)
+                }
+            })?;
+        if segment::body_crc(&body) != ptr.body_crc {
+            return Err(StorageError::corrupt(Some(id), "body checksum mismatch"));
+        }
+        Ok(Bytes::from(body))
+    }
+}
 
-        self.free_space
-            .admit((meta.len() + msg.body.len()) as u64)?;
+/// What replaying the segments found.
+struct Replayed {
+    records: u64,
+    /// Every intact insert record from the checkpoint on, as (segment, record offset).
+    seen: HashSet<(u64, u64)>,
+}
 
-        // Replacing a message: delete its old records in the same batch; the inserts below
-        // override the deletes of the keys that are reused.
-        let existed = self.tree.contains_key(key(META, id, 0)).map_err(sled_err)?;
-        if existed {
-            for kind in [META, BODY] {
-                for k in self.tree.scan_prefix(prefix(kind, id)).keys() {
-                    batch.remove(k.map_err(sled_err)?);
+/// Applies every record from the checkpoint on to the index, in order.
+fn replay(
+    tree: &sled::Tree,
+    found: &[(u64, PathBuf)],
+    checkpoint: Option<Position>,
+) -> Result<Replayed, StorageError> {
+    let from = checkpoint.unwrap_or(Position { seq: 0, offset: 0 });
+    let mut out = Replayed {
+        records: 0,
+        seen: HashSet::new(),
+    };
+    let mut body = Vec::new();
+    for (i, (seq, path)) in found.iter().enumerate() {
+        if *seq < from.seq {
+            continue;
+        }
+        let start = if *seq == from.seq { from.offset } else { 0 };
+        let mut reader = segment::Reader::open(path, start)?;
+        while let Some(rec) = reader.next_record(&mut body)? {
+            out.records += 1;
+            let key = index_key(rec.id);
+            match rec.kind {
+                Kind::Insert => {
+                    let ptr = Pointer {
+                        seq: *seq,
+                        body_offset: rec.body_offset(),
+                        body_len: rec.body_len,
+                        body_crc: rec.body_crc,
+                        record_len: rec.len,
+                    };
+                    out.seen.insert((ptr.seq, rec.offset));
+                    tree.insert(key, ptr.entry(&rec.meta)).map_err(sled_err)?;
+                }
+                Kind::Update => {
+                    if let Some(old) = tree.get(key).map_err(sled_err)? {
+                        if let Ok(ptr) = Pointer::decode(rec.id, &old) {
+                            tree.insert(key, ptr.entry(&rec.meta)).map_err(sled_err)?;
+                        }
+                    }
+                }
+                Kind::Remove => {
+                    tree.remove(key).map_err(sled_err)?;
                 }
             }
         }
-        for (i, piece) in meta.chunks(CHUNK_SIZE).enumerate() {
-            batch.insert(&key(META, id, i as u32), piece);
-        }
-        for (i, piece) in msg.body.chunks(CHUNK_SIZE).enumerate() {
-            batch.insert(&key(BODY, id, i as u32), piece);
-        }
-        Ok(existed)
-    }
-
-    /// Applies a group's batch and settles the results of the messages in it.
-    fn apply_group(
-        &self,
-        batch: sled::Batch,
-        in_batch: &mut Vec<(usize, bool)>,
-        results: &mut [Result<(), StorageError>],
-    ) {
-        if in_batch.is_empty() {
-            return;
-        }
-        match self.tree.apply_batch(batch) {
-            Ok(()) => {}
-            Err(e) => {
-                let e = sled_err(e);
-                for &(i, _) in in_batch.iter() {
-                    results[i] = Err(e.duplicate());
-                }
+        if let Some(why) = &reader.stopped {
+            let last = i + 1 == found.len();
+            let len = std::fs::metadata(path).map_or(0, |m| m.len());
+            let dropped = len.saturating_sub(reader.offset());
+            if last {
+                info!(segment = seq, bytes = dropped, reason = %why,
+                    "spool segment ends in a torn record (a crash while writing); ignored");
+            } else {
+                warn!(segment = seq, bytes = dropped, reason = %why,
+                    "damaged record in a spool segment; the rest of that segment is ignored");
             }
         }
-        in_batch.clear();
     }
+    Ok(out)
+}
 
-    /// After a failed `fdatasync`, Linux may already have marked the pages that failed to reach
-    /// the disk clean, so a retry can report success for data that is not there ("fsyncgate",
-    /// PostgreSQL 2018). sled would go on building on a log with holes, and recovery would cut it
-    /// at the first hole, taking later, acknowledged messages with it. So the spool refuses every
-    /// write from then on; a restart recovers from what is really on disk. Messages acknowledged
-    /// before the failure were covered by earlier, successful syncs.
-    fn poison(&self, cause: &StorageError) {
-        error!(error = %cause, "spool sync failed: refusing writes until restart");
-        let mut p = self.poisoned.lock().unwrap_or_else(|e| e.into_inner());
-        p.get_or_insert_with(|| cause.to_string());
-    }
-
-    fn check_poisoned(&self) -> Result<(), StorageError> {
-        match &*self.poisoned.lock().unwrap_or_else(|e| e.into_inner()) {
-            Some(cause) => Err(StorageError::Poisoned(cause.clone())),
-            None => Ok(()),
+/// Counts the index entries per segment, and drops the entries that point past the checkpoint
+/// at a record the replay did not find (sled persisted the entry, the segment lost the record:
+/// the message was never acknowledged).
+fn count_live(
+    tree: &sled::Tree,
+    segments: &mut BTreeMap<u64, Segment>,
+    checkpoint: Option<Position>,
+    seen: &HashSet<(u64, u64)>,
+) -> Result<(), StorageError> {
+    let from = checkpoint.unwrap_or(Position { seq: 0, offset: 0 });
+    let mut dangling = Vec::new();
+    let mut missing = 0u64;
+    for item in tree.scan_prefix([INDEX]) {
+        let (k, v) = item.map_err(sled_err)?;
+        let Some(id) = key_id(&k) else { continue };
+        let Ok(ptr) = Pointer::decode(id, &v) else {
+            continue; // reported by scan and get
+        };
+        if ptr.at_or_after(from) && !seen.contains(&(ptr.seq, ptr.record_offset())) {
+            dangling.push(id);
+            continue;
+        }
+        match segments.get_mut(&ptr.seq) {
+            Some(s) => {
+                s.live += 1;
+                s.live_bytes += ptr.record_len;
+            }
+            None => missing += 1,
         }
     }
-
-    /// Test hook: write a raw record, bypassing encoding, to simulate on-disk damage.
-    #[cfg(test)]
-    pub(crate) fn put_raw(&self, k: &[u8], v: &[u8]) {
-        self.tree.insert(k, v).unwrap();
+    for id in &dangling {
+        warn!(queue_id = %id, "index entry without its segment record (never acknowledged); dropped");
+        tree.remove(index_key(*id)).map_err(sled_err)?;
     }
+    if missing > 0 {
+        error!(
+            messages = missing,
+            "index entries point at missing segment files"
+        );
+    }
+    Ok(())
 }
 
 impl Storage for SledStorage {
     fn insert(&self, msg: &InboundMessage) -> Result<(), StorageError> {
-        let mut batch = sled::Batch::default();
-        self.prepare(msg, &mut batch)?;
-        self.tree.apply_batch(batch).map_err(sled_err)?;
-        Ok(())
+        self.insert_many(std::slice::from_ref(msg))
+            .pop()
+            .expect("one result per message")
     }
 
-    /// One `apply_batch` for the whole group: sled's `apply_batch` rolls the IO buffer and so
-    /// issues a log write (with `sync_file_range`) per call, which made per-message batches cost
-    /// more than the group's `fdatasync`. The batch is still all-or-nothing on recovery, so each
-    /// message in it is too.
+    /// One `pwrite` of all the batch's records, then one index insert per message.
     fn insert_many(&self, msgs: &[InboundMessage]) -> Vec<Result<(), StorageError>> {
-        let mut results: Vec<Result<(), StorageError>> = Vec::with_capacity(msgs.len());
-        let mut batch = sled::Batch::default();
-        // Indexes of the messages in `batch` and whether each replaces a spooled message.
-        let mut in_batch: Vec<(usize, bool)> = Vec::with_capacity(msgs.len());
-        let mut ids = HashSet::with_capacity(msgs.len());
-        for (i, msg) in msgs.iter().enumerate() {
-            if !ids.insert(msg.id) {
-                // The same id twice in one group: apply the first before preparing the second,
-                // whose removal of stale chunks has to see the first's records.
-                self.apply_group(std::mem::take(&mut batch), &mut in_batch, &mut results);
-                ids.clear();
-                ids.insert(msg.id);
-            }
-            match self.prepare(msg, &mut batch) {
-                Ok(existed) => {
-                    in_batch.push((i, existed));
-                    results.push(Ok(()));
-                }
-                Err(e) => results.push(Err(e)),
-            }
-        }
-        self.apply_group(batch, &mut in_batch, &mut results);
-        results
+        self.inner.insert_many(msgs)
     }
 
     fn sync(&self) -> Result<(), StorageError> {
-        self.check_poisoned()?;
-        // A sled write error poisons sled itself (its global error fails every later call).
-        self.db.flush().map_err(sled_err)?;
-        let synced = self
-            .sync_blobs()
-            .and_then(|()| self.log_file.sync_data().map_err(StorageError::from));
-        if let Err(e) = synced {
-            self.poison(&e);
-            return Err(e);
-        }
-        Ok(())
+        self.inner.sync()
     }
 
     fn get(&self, id: QueueId) -> Result<Option<InboundMessage>, StorageError> {
-        let Some(meta) = self.read_meta(id)? else {
-            return Ok(None);
-        };
-        let body_len = usize::try_from(meta.body_len)
-            .map_err(|_| StorageError::corrupt(Some(id), "body length overflows usize"))?;
-        let mut body = BytesMut::with_capacity(body_len);
-        let mut n = 0u32;
-        for item in self.chunks(BODY, id) {
-            let (chunk, v) = item?;
-            if chunk != n {
-                return Err(StorageError::corrupt(
-                    Some(id),
-                    format!("body chunk {n} missing"),
-                ));
-            }
-            body.extend_from_slice(&v);
-            n += 1;
-        }
-        if n != meta.body_chunks || body.len() != body_len {
-            return Err(StorageError::corrupt(
-                Some(id),
-                format!(
-                    "body has {n} chunks / {} bytes, metadata says {} / {body_len}",
-                    body.len(),
-                    meta.body_chunks
-                ),
-            ));
-        }
-        Ok(Some(InboundMessage {
-            id,
-            envelope: meta.envelope,
-            client: meta.client,
-            arrived_ms: meta.arrived_ms,
-            body: body.freeze(),
-        }))
-    }
-
-    fn update_envelope(&self, id: QueueId, envelope: &Envelope) -> Result<bool, StorageError> {
-        self.check_poisoned()?;
-        let Some(old) = self.read_meta(id)? else {
-            return Ok(false);
-        };
-        let meta = serde_json::to_vec(&MetaRef {
-            v: META_VERSION,
-            id,
-            envelope,
-            client: &old.client,
-            arrived_ms: old.arrived_ms,
-            body_len: old.body_len,
-            body_chunks: old.body_chunks,
-        })
-        .map_err(|e| StorageError::Backend(format!("cannot encode metadata: {e}")))?;
-        // One batch: the old metadata chunks go and the new ones come together, so a crash
-        // leaves either version whole (the record may shrink or grow by chunks).
-        let mut batch = sled::Batch::default();
-        for k in self.tree.scan_prefix(prefix(META, id)).keys() {
-            batch.remove(k.map_err(sled_err)?);
-        }
-        for (i, piece) in meta.chunks(CHUNK_SIZE).enumerate() {
-            batch.insert(&key(META, id, i as u32), piece);
-        }
-        self.tree.apply_batch(batch).map_err(sled_err)?;
-        Ok(true)
-    }
-
-    fn remove(&self, id: QueueId) -> Result<(), StorageError> {
-        let mut batch = sled::Batch::default();
-        for kind in [META, BODY] {
-            for k in self.tree.scan_prefix(prefix(kind, id)).keys() {
-                batch.remove(k.map_err(sled_err)?);
-            }
-        }
-        self.tree.apply_batch(batch).map_err(sled_err)?;
-        debug!(queue_id = %id, "removed from spool");
-        Ok(())
-    }
-
-    fn scan(&self) -> ScanIter<'_> {
-        Box::new(MetaScan {
-            inner: self.tree.scan_prefix([META]),
-            pending: None,
-        })
-    }
-
-    fn len(&self) -> usize {
-        self.tree
-            .scan_prefix([META])
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| matches!(parse_key(k), Some((META, _, 0))))
-            .count()
-    }
-}
-
-/// Reassembles metadata chunks into [`SpooledMeta`]s while walking the `m` prefix once.
-struct MetaScan {
-    inner: sled::Iter,
-    pending: Option<Pending>,
-}
-
-struct Pending {
-    id: QueueId,
-    buf: Vec<u8>,
-    next_chunk: u32,
-    /// Why the record is unusable, found while collecting its chunks.
-    broken: Option<String>,
-}
-
-impl Pending {
-    fn start(id: QueueId, chunk: u32, v: &[u8]) -> Self {
-        let mut p = Pending {
-            id,
-            buf: Vec::new(),
-            next_chunk: 0,
-            broken: None,
-        };
-        p.push(chunk, v);
-        p
-    }
-
-    fn push(&mut self, chunk: u32, v: &[u8]) {
-        if chunk != self.next_chunk && self.broken.is_none() {
-            self.broken = Some(format!("metadata chunk {} missing", self.next_chunk));
-        }
-        self.buf.extend_from_slice(v);
-        self.next_chunk = chunk.saturating_add(1);
-    }
-
-    fn finish(self) -> Result<SpooledMeta, StorageError> {
-        if let Some(reason) = self.broken {
-            return Err(StorageError::corrupt(Some(self.id), reason));
-        }
-        MetaRecord::decode(self.id, &self.buf).map(MetaRecord::into_meta)
-    }
-}
-
-impl Iterator for MetaScan {
-    type Item = Result<SpooledMeta, StorageError>;
-
-    fn next(&mut self) -> Option<Self::Item> {
+        let inner = &self.inner;
+        let mut entry = inner.tree.get(index_key(id)).map_err(sled_err)?;
         loop {
-            let Some(item) = self.inner.next() else {
-                return self.pending.take().map(Pending::finish);
+            let Some(v) = entry else {
+                return Ok(None);
             };
-            let (k, v) = match item {
-                Ok(kv) => kv,
-                Err(e) => return Some(Err(sled_err(e))),
-            };
-            let Some((_, id, chunk)) = parse_key(&k) else {
-                return Some(Err(StorageError::corrupt(
-                    None,
-                    format!("malformed metadata key {:02x?}", &k[..]),
-                )));
-            };
-            match &mut self.pending {
-                Some(p) if p.id == id => p.push(chunk, &v),
-                _ => {
-                    let done = self.pending.replace(Pending::start(id, chunk, &v));
-                    if let Some(done) = done {
-                        return Some(done.finish());
+            let (ptr, meta) = decode_entry(id, &v)?;
+            match inner.read_body(id, &ptr) {
+                Ok(body) => {
+                    return Ok(Some(InboundMessage {
+                        id,
+                        envelope: meta.envelope,
+                        client: meta.client,
+                        arrived_ms: meta.arrived_ms,
+                        body,
+                    }))
+                }
+                Err(e) => {
+                    // Removed, or moved by a compaction whose old segment is already gone,
+                    // between the lookup and the read: look again. The same entry twice is a
+                    // real error.
+                    entry = inner.tree.get(index_key(id)).map_err(sled_err)?;
+                    if entry.as_ref() == Some(&v) {
+                        return Err(e);
                     }
                 }
             }
         }
+    }
+
+    fn update_envelope(&self, id: QueueId, envelope: &Envelope) -> Result<bool, StorageError> {
+        let inner = &self.inner;
+        inner.check_poisoned()?;
+        let mut w = lock(&inner.writer);
+        let key = index_key(id);
+        let Some(old) = inner.tree.get(key).map_err(sled_err)? else {
+            return Ok(false);
+        };
+        let (ptr, rec) = decode_entry(id, &old)?;
+        let meta = encode_meta(id, envelope, &rec.client, rec.arrived_ms, rec.body_len)?;
+        inner.tree.insert(key, ptr.entry(&meta)).map_err(sled_err)?;
+        segment::encode(&mut w.pending, Kind::Update, id, &meta, b"");
+        w.changes += 1;
+        Ok(true)
+    }
+
+    fn remove(&self, id: QueueId) -> Result<(), StorageError> {
+        let inner = &self.inner;
+        let mut w = lock(&inner.writer);
+        if let Some(old) = inner.tree.remove(index_key(id)).map_err(sled_err)? {
+            segment::encode(&mut w.pending, Kind::Remove, id, b"", b"");
+            w.changes += 1;
+            drop(w);
+            inner.account(id, Some(&old), None);
+            debug!(queue_id = %id, "removed from spool");
+        }
+        Ok(())
+    }
+
+    fn scan(&self) -> ScanIter<'_> {
+        Box::new(self.inner.tree.scan_prefix([INDEX]).map(|item| {
+            let (k, v) = item.map_err(sled_err)?;
+            let id = key_id(&k).ok_or_else(|| {
+                StorageError::corrupt(None, format!("malformed index key {:02x?}", &k[..]))
+            })?;
+            decode_entry(id, &v).map(|(_, meta)| meta.into_meta())
+        }))
+    }
+
+    fn len(&self) -> usize {
+        self.inner.tree.scan_prefix([INDEX]).count()
     }
 }
 
@@ -683,24 +1244,18 @@ mod tests {
         }
     }
 
-    #[test]
-    fn key_order_is_kind_then_time_then_chunk() {
-        let a = QueueId::new();
-        std::thread::sleep(std::time::Duration::from_millis(2));
-        let b = QueueId::new();
-        assert!(key(META, a, 0) < key(META, a, 1));
-        assert!(key(META, a, u32::MAX) < key(META, b, 0));
-        // All of one kind is contiguous, whatever the ids.
-        assert!(key(BODY, b, u32::MAX) < key(META, a, 0));
-        assert_eq!(parse_key(&key(BODY, b, 7)), Some((BODY, b, 7)));
-    }
-
-    #[test]
-    fn chunk_sizing_stays_below_blob_threshold() {
-        // sled's blob threshold for a whole page (see the module docs): a leaf of 20 full chunks
-        // plus generous per-entry overhead must fit.
-        let threshold = SEGMENT_SIZE / 4 - 20 - 32;
-        assert!(20 * (CHUNK_SIZE + 64) < threshold);
+    fn msg(body: &[u8]) -> InboundMessage {
+        InboundMessage {
+            id: QueueId::new(),
+            envelope: Envelope::new("a@example.org", vec![]),
+            client: ClientInfo::new(
+                "127.0.0.1:1".parse().unwrap(),
+                "127.0.0.1:25".parse().unwrap(),
+                "",
+            ),
+            arrived_ms: 0,
+            body: Bytes::copy_from_slice(body),
+        }
     }
 
     #[test]
@@ -711,17 +1266,7 @@ mod tests {
         s.poison(&StorageError::Io(std::io::Error::from_raw_os_error(
             libc::EIO,
         )));
-        let m = InboundMessage {
-            id: QueueId::new(),
-            envelope: Envelope::new("", vec![]),
-            client: ClientInfo::new(
-                "127.0.0.1:1".parse().unwrap(),
-                "127.0.0.1:25".parse().unwrap(),
-                "",
-            ),
-            arrived_ms: 0,
-            body: Default::default(),
-        };
+        let m = msg(b"");
         assert!(matches!(s.insert(&m), Err(StorageError::Poisoned(_))));
         assert!(matches!(s.sync(), Err(StorageError::Poisoned(_))));
         assert!(matches!(
@@ -732,36 +1277,263 @@ mod tests {
     }
 
     #[test]
-    fn corrupt_meta_is_reported_not_a_panic() {
+    fn corrupt_index_entries_are_reported_not_a_panic() {
         let dir = tempfile::tempdir().unwrap();
         let s = SledStorage::open(dir.path(), opts()).unwrap();
-        let bad = QueueId::new();
-        let gap = QueueId::new();
-        let tail = QueueId::new();
-        s.put_raw(&key(META, bad, 0), b"{not json");
-        // A second chunk without a first one.
-        s.put_raw(&key(META, gap, 1), b"}");
-        // A key that is not ours at all.
-        s.put_raw(&[META, 1, 2, 3], b"x");
+        let good = msg(b"fine\r\n");
+        s.insert(&good).unwrap();
+        let (short, json, version) = (QueueId::new(), QueueId::new(), QueueId::new());
+        s.put_raw(&index_key(short), b"\x02abc");
+        let ptr = Pointer {
+            seq: 1,
+            body_offset: 0,
+            body_len: 0,
+            body_crc: 0,
+            record_len: 0,
+        };
+        s.put_raw(&index_key(json), &ptr.entry(b"{not json"));
         s.put_raw(
-            &key(META, tail, 0),
-            br#"{"v":99,"id":"01ARZ3NDEKTSV4RRFFQ69G5FAV"}"#,
+            &index_key(version),
+            &ptr.entry(format!(r#"{{"v":99,"id":"{version}"}}"#).as_bytes()),
         );
+        // A key that is not ours at all.
+        s.put_raw(&[INDEX, 1, 2, 3], b"x");
 
         let results: Vec<_> = s.scan().collect();
-        assert_eq!(results.len(), 4, "{results:?}");
-        assert!(results
-            .iter()
-            .all(|r| matches!(r, Err(StorageError::Corrupt { .. }))));
-        let ids: Vec<_> = results
-            .iter()
-            .filter_map(|r| match r {
-                Err(StorageError::Corrupt { id, .. }) => *id,
-                _ => None,
-            })
-            .collect();
-        assert!(ids.contains(&bad) && ids.contains(&gap) && ids.contains(&tail));
-        assert!(matches!(s.get(bad), Err(StorageError::Corrupt { .. })));
-        assert!(matches!(s.get(gap), Err(StorageError::Corrupt { .. })));
+        assert_eq!(results.len(), 5, "{results:?}");
+        assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1);
+        for id in [short, json, version] {
+            assert!(
+                matches!(s.get(id), Err(StorageError::Corrupt { .. })),
+                "{id}"
+            );
+        }
+        assert_eq!(s.get(good.id).unwrap().as_ref(), Some(&good));
+    }
+
+    #[test]
+    fn a_damaged_body_is_corrupt_not_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStorage::open(dir.path(), opts()).unwrap();
+        let m = msg(b"a body that will be damaged on disk\r\n");
+        s.insert(&m).unwrap();
+        s.sync().unwrap();
+        let v = s.inner.tree.get(index_key(m.id)).unwrap().unwrap();
+        let ptr = Pointer::decode(m.id, &v).unwrap();
+        let path = s.inner.seg_dir.join(segment::file_name(ptr.seq));
+        let f = OpenOptions::new().write(true).open(path).unwrap();
+        f.write_all_at(b"X", ptr.body_offset + 3).unwrap();
+        assert!(matches!(s.get(m.id), Err(StorageError::Corrupt { .. })));
+    }
+
+    /// Copies sled's files (not the segments) of an open spool whose index was just flushed:
+    /// what a crash at that moment leaves of sled.
+    fn copy_sled_files(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to.join("blobs")).unwrap();
+        for e in std::fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_file() {
+                std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+            }
+        }
+    }
+
+    fn copy_segments(from: &Path, to: &Path) {
+        let (from, to) = (from.join(SEGMENTS_DIR), to.join(SEGMENTS_DIR));
+        let _ = std::fs::remove_dir_all(&to);
+        std::fs::create_dir_all(&to).unwrap();
+        for e in std::fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+
+    #[test]
+    fn replay_after_a_crash_applies_what_sled_lost() {
+        let live = tempfile::tempdir().unwrap();
+        let image = tempfile::tempdir().unwrap();
+        let (a, b, c, d) = (msg(b"a\r\n"), msg(b"b\r\n"), msg(&[b'c'; 9000]), msg(b""));
+        let s = SledStorage::open(live.path(), opts()).unwrap();
+        s.insert_many(&[a.clone(), b.clone()]);
+        s.sync().unwrap();
+        s.checkpoint().unwrap();
+        // The crash image's sled and checkpoint file: as of this checkpoint.
+        copy_sled_files(live.path(), image.path());
+        copy_segments(live.path(), image.path());
+
+        // After the checkpoint: a new message, new states for one, a removal; all synced, none
+        // in sled's durable state (the image keeps the old sled files).
+        s.insert_many(&[c.clone(), d.clone()]);
+        let mut env = a.envelope.clone();
+        env.delay_warned = true;
+        assert!(s.update_envelope(a.id, &env).unwrap());
+        s.remove(b.id).unwrap();
+        s.sync().unwrap();
+        for f in std::fs::read_dir(live.path().join(SEGMENTS_DIR)).unwrap() {
+            let f = f.unwrap();
+            if f.file_name() != CHECKPOINT_FILE {
+                std::fs::copy(
+                    f.path(),
+                    image.path().join(SEGMENTS_DIR).join(f.file_name()),
+                )
+                .unwrap();
+            }
+        }
+        drop(s);
+
+        let r = SledStorage::open(image.path(), opts()).unwrap();
+        assert_eq!(r.len(), 3);
+        assert_eq!(r.get(b.id).unwrap(), None, "removal replayed");
+        assert_eq!(
+            r.get(a.id).unwrap().unwrap().envelope,
+            env,
+            "update replayed"
+        );
+        assert_eq!(r.get(c.id).unwrap().as_ref(), Some(&c));
+        assert_eq!(r.get(d.id).unwrap().as_ref(), Some(&d));
+        drop(r);
+        // The open checkpointed the replay: a second open replays nothing and agrees.
+        let r = SledStorage::open(image.path(), opts()).unwrap();
+        assert_eq!(r.len(), 3);
+        assert_eq!(r.get(c.id).unwrap().as_ref(), Some(&c));
+    }
+
+    #[test]
+    fn an_index_entry_whose_record_was_lost_is_dropped() {
+        let live = tempfile::tempdir().unwrap();
+        let image = tempfile::tempdir().unwrap();
+        let (a, b) = (msg(b"kept\r\n"), msg(b"never acknowledged\r\n"));
+        let s = SledStorage::open(live.path(), opts()).unwrap();
+        s.insert(&a).unwrap();
+        s.sync().unwrap();
+        s.checkpoint().unwrap();
+        copy_segments(live.path(), image.path());
+        // b's index entry reaches sled's files (its background flush could do this), but the
+        // crash takes b's record: the image has the segments as they were before it.
+        s.insert(&b).unwrap();
+        s.inner.db.flush().unwrap();
+        copy_sled_files(live.path(), image.path());
+        drop(s);
+
+        let r = SledStorage::open(image.path(), opts()).unwrap();
+        assert_eq!(r.get(b.id).unwrap(), None);
+        assert_eq!(r.get(a.id).unwrap().as_ref(), Some(&a));
+        let ids: Vec<_> = r.scan().map(|m| m.unwrap().id).collect();
+        assert_eq!(ids, vec![a.id]);
+    }
+
+    #[test]
+    fn full_segments_rotate_and_empty_ones_are_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStorage::open(dir.path(), opts()).unwrap();
+        let big = vec![b'x'; 1 << 20];
+        let msgs: Vec<_> = (0..80).map(|_| msg(&big)).collect();
+        for chunk in msgs.chunks(8) {
+            for r in s.insert_many(chunk) {
+                r.unwrap();
+            }
+            s.sync().unwrap();
+        }
+        assert!(s.segment_count() >= 3, "{} segments", s.segment_count());
+        let keep = &msgs[79];
+        for m in &msgs[..79] {
+            s.remove(m.id).unwrap();
+        }
+        s.sync().unwrap();
+        // The first checkpoint moves past the old segments; the next tick deletes them.
+        s.checkpoint().unwrap();
+        assert!(
+            s.segment_count() <= 2,
+            "{} segments left",
+            s.segment_count()
+        );
+        assert_eq!(s.get(keep.id).unwrap().as_ref(), Some(keep));
+        drop(s);
+        let s = SledStorage::open(dir.path(), opts()).unwrap();
+        assert_eq!(s.len(), 1);
+        assert_eq!(s.get(keep.id).unwrap().as_ref(), Some(keep));
+        let files = segment::list(&dir.path().join(SEGMENTS_DIR)).unwrap();
+        assert!(files.len() <= 3, "{files:?}");
+    }
+
+    #[test]
+    fn sparse_segments_are_compacted_and_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStorage::open(dir.path(), opts()).unwrap();
+        let big = vec![b'y'; 1 << 20];
+        // 35 MiB per segment: a batch never spans two.
+        let msgs: Vec<_> = (0..70).map(|_| msg(&big)).collect();
+        for chunk in msgs.chunks(5) {
+            s.insert_many(chunk);
+            s.sync().unwrap();
+        }
+        // The next insert finds the second segment full too.
+        let tail = msg(b"tail\r\n");
+        s.insert(&tail).unwrap();
+        // Keep one in ten, with new recipient states on one of them.
+        let kept: Vec<_> = msgs.iter().step_by(10).collect();
+        for m in &msgs {
+            if !kept.iter().any(|k| k.id == m.id) {
+                s.remove(m.id).unwrap();
+            }
+        }
+        let mut env = kept[0].envelope.clone();
+        env.delay_warned = true;
+        s.update_envelope(kept[0].id, &env).unwrap();
+        s.checkpoint().unwrap();
+        let before = s.segment_count();
+        assert!(before >= 3, "{before} segments");
+        s.compact_now();
+        s.checkpoint().unwrap();
+        assert!(
+            s.segment_count() < before,
+            "{} segments after compaction, {before} before",
+            s.segment_count()
+        );
+        assert_eq!(s.get(kept[0].id).unwrap().unwrap().envelope, env);
+        for k in &kept[1..] {
+            assert_eq!(s.get(k.id).unwrap().as_ref(), Some(*k));
+        }
+        drop(s);
+        let s = SledStorage::open(dir.path(), opts()).unwrap();
+        assert_eq!(s.len(), kept.len() + 1);
+        assert_eq!(s.get(tail.id).unwrap().as_ref(), Some(&tail));
+        assert_eq!(s.get(kept[0].id).unwrap().unwrap().envelope, env);
+        for k in &kept[1..] {
+            assert_eq!(s.get(k.id).unwrap().as_ref(), Some(*k));
+        }
+    }
+
+    #[test]
+    fn format_1_spool_is_carried_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (msg(&[b'x'; 20_000]), msg(b"small\r\n"));
+        {
+            // A format-1 spool: what tern before segment files left behind.
+            let db = sled::Config::new()
+                .path(dir.path())
+                .segment_size(SEGMENT_SIZE)
+                .open()
+                .unwrap();
+            let tree = db.open_tree(TREE).unwrap();
+            legacy::write(&tree, &a);
+            legacy::write(&tree, &b);
+            // A damaged one: metadata without its body chunks is dropped with an error.
+            let mut broken = msg(b"");
+            broken.body = Bytes::from_static(b"gone");
+            legacy::write(&tree, &broken);
+            tree.remove(legacy::key(legacy::BODY, broken.id, 0))
+                .unwrap();
+            db.flush().unwrap();
+        }
+        {
+            let s = SledStorage::open(dir.path(), opts()).unwrap();
+            assert_eq!(s.len(), 2);
+            assert_eq!(s.get(a.id).unwrap().as_ref(), Some(&a));
+            assert!(!legacy::any(&s.inner.tree));
+        }
+        let s = SledStorage::open(dir.path(), opts()).unwrap();
+        assert_eq!(s.len(), 2);
+        assert_eq!(s.get(b.id).unwrap().as_ref(), Some(&b));
     }
 }
