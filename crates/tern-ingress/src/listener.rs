@@ -8,8 +8,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::{Actor, Arbiter, Recipient};
-use tern_queue::Enqueue;
+use actix::{Actor, Arbiter};
+use tern_queue::QueueClient;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
@@ -43,7 +43,7 @@ pub struct Ingress {
 impl Ingress {
     /// Binds every listener (failing fast with the address in the error) and starts accepting.
     /// Must be called from within a running actix System.
-    pub fn start(settings: Settings, queue: Recipient<Enqueue>) -> Result<Self, IngressError> {
+    pub fn start(settings: Settings, queue: QueueClient) -> Result<Self, IngressError> {
         let mut bound = Vec::new();
         for spec in &settings.listeners {
             if spec.kind.implicit_tls() && settings.tls.is_none() {

@@ -8,11 +8,13 @@
 //! waiting for company.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, OnceLock};
 use std::thread::JoinHandle;
 
+use actix::Recipient;
+
 use serde::{Deserialize, Serialize};
-use tern_message::{InboundMessage, QueueId, SpoolError};
+use tern_message::{InboundMessage, SpoolError};
 use tokio::sync::oneshot;
 use tracing::{debug, debug_span, warn};
 
@@ -59,12 +61,38 @@ enum Request {
     Sync,
 }
 
+/// Messages made durable by one group commit, for the queue actor to index and deliver. Sent
+/// once per batch, before any of the batch's senders is answered, so anything a sender does
+/// through the actor after its answer finds the message indexed (one mailbox, in order).
+#[derive(actix::Message)]
+#[rtype(result = "()")]
+pub(crate) struct Committed(pub(crate) Vec<InboundMessage>);
+
 /// Handle on the committer thread. Dropping it lets the thread finish the requests already
 /// queued, then waits for it.
 pub(crate) struct Committer {
     tx: Option<mpsc::Sender<Request>>,
     thread: Option<JoinHandle<()>>,
     pub(crate) counters: Arc<CommitCounters>,
+    notify: Arc<OnceLock<Recipient<Committed>>>,
+}
+
+/// A cheap, cloneable way to submit messages from any thread (a session's arbiter).
+#[derive(Clone)]
+pub(crate) struct Submitter(mpsc::Sender<Request>);
+
+impl Submitter {
+    /// As [`Committer::submit`].
+    pub(crate) fn submit(
+        &self,
+        msg: InboundMessage,
+    ) -> Result<oneshot::Receiver<Result<(), SpoolError>>, SpoolError> {
+        let (reply, rx) = oneshot::channel();
+        self.0
+            .send(Request::Insert { msg, reply })
+            .map_err(|_| gone())?;
+        Ok(rx)
+    }
 }
 
 impl Committer {
@@ -74,30 +102,39 @@ impl Committer {
         // sending actor block its thread when full.
         let (tx, rx) = mpsc::channel();
         let counters = Arc::new(CommitCounters::default());
+        let notify = Arc::new(OnceLock::new());
         let thread = std::thread::Builder::new()
             .name("tern-spool-commit".into())
             .spawn({
                 let counters = counters.clone();
-                move || run(&*storage, rx, config, &counters)
+                let notify = notify.clone();
+                move || run(&*storage, rx, config, &counters, &notify)
             })?;
         Ok(Self {
             tx: Some(tx),
             thread: Some(thread),
             counters,
+            notify,
         })
     }
 
+    /// Where [`Committed`] goes. Set once, before the first message is submitted.
+    pub(crate) fn set_notify(&self, to: Recipient<Committed>) {
+        let _ = self.notify.set(to);
+    }
+
+    pub(crate) fn submitter(&self) -> Option<Submitter> {
+        self.tx.clone().map(Submitter)
+    }
+
     /// Queues `msg` for the next group commit. The receiver yields `Ok(())` once the message is
-    /// durable; if it is dropped unanswered, the committer died.
+    /// durable (and [`Committed`] is on its way to the actor); if it is dropped unanswered, the
+    /// committer died.
     pub(crate) fn submit(
         &self,
         msg: InboundMessage,
     ) -> Result<oneshot::Receiver<Result<(), SpoolError>>, SpoolError> {
-        let (reply, rx) = oneshot::channel();
-        let tx = self.tx.as_ref().ok_or_else(gone)?;
-        tx.send(Request::Insert { msg, reply })
-            .map_err(|_| gone())?;
-        Ok(rx)
+        self.submitter().ok_or_else(gone)?.submit(msg)
     }
 
     /// Asks for a sync soon, for writes made outside the committer (delivery state updates and
@@ -130,11 +167,12 @@ fn run(
     rx: mpsc::Receiver<Request>,
     config: CommitConfig,
     counters: &CommitCounters,
+    notify: &OnceLock<Recipient<Committed>>,
 ) {
     let _span = debug_span!("spool_committer").entered();
     let max_messages = config.max_batch_messages.max(1);
     let mut batch: Vec<(InboundMessage, Reply)> = Vec::with_capacity(max_messages);
-    let mut inserted: Vec<(QueueId, Reply)> = Vec::with_capacity(max_messages);
+    let mut inserted: Vec<(InboundMessage, Reply)> = Vec::with_capacity(max_messages);
 
     // Blocks for the first request of each batch; ends when every sender is gone.
     while let Ok(first) = rx.recv() {
@@ -167,9 +205,9 @@ fn run(
         let (msgs, replies): (Vec<InboundMessage>, Vec<Reply>) = batch.drain(..).unzip();
         let results = storage.insert_many(&msgs);
         debug_assert_eq!(results.len(), msgs.len());
-        for ((msg, reply), result) in msgs.iter().zip(replies).zip(results) {
+        for ((msg, reply), result) in msgs.into_iter().zip(replies).zip(results) {
             match result {
-                Ok(()) => inserted.push((msg.id, reply)),
+                Ok(()) => inserted.push((msg, reply)),
                 Err(e) => {
                     // Only this message fails; the rest of the batch goes on.
                     warn!(queue_id = %msg.id, error = %e, "spool insert failed");
@@ -191,7 +229,12 @@ fn run(
                     .committed
                     .fetch_add(inserted.len() as u64, Ordering::Relaxed);
                 debug!(committed = inserted.len(), "group commit done");
-                for (_, reply) in inserted.drain(..) {
+                let (msgs, replies): (Vec<InboundMessage>, Vec<Reply>) = inserted.drain(..).unzip();
+                match notify.get() {
+                    Some(to) => to.do_send(Committed(msgs)),
+                    None => warn!("committed messages with no queue actor to index them"),
+                }
+                for reply in replies {
                     // A dropped receiver means the session went away; the message stays
                     // spooled and will be delivered anyway.
                     let _ = reply.send(Ok(()));
@@ -204,8 +247,8 @@ fn run(
                     .failed
                     .fetch_add(inserted.len() as u64, Ordering::Relaxed);
                 let err = SpoolError::from(e);
-                for (id, reply) in inserted.drain(..) {
-                    debug!(queue_id = %id, "not acknowledged: sync failed");
+                for (msg, reply) in inserted.drain(..) {
+                    debug!(queue_id = %msg.id, "not acknowledged: sync failed");
                     let _ = reply.send(Err(err.clone()));
                 }
             }

@@ -14,6 +14,7 @@
 
 mod actor;
 pub mod admin;
+mod client;
 mod committer;
 mod delivery;
 pub mod events;
@@ -25,8 +26,10 @@ pub mod sled_storage;
 mod storage;
 
 pub use actor::{
-    spawn_queue, DeliveryCounters, Enqueue, GetStats, QueueActor, QueueConfig, QueueStats,
+    spawn_queue, spawn_queue_with_client, DeliveryCounters, Enqueue, GetStats, QueueActor,
+    QueueConfig, QueueStats,
 };
+pub use client::QueueClient;
 pub use committer::CommitConfig;
 pub use delivery::{AttachDelivery, AttachSuppression};
 pub use sled_storage::{SledOptions, SledStorage};

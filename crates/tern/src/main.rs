@@ -408,8 +408,9 @@ fn serve(config_file: Option<&Path>) -> Result<()> {
 
     let system = actix::System::new();
     system.block_on(async move {
-        let queue = tern_queue::spawn_queue(Arc::new(storage), queue_config)
-            .context("cannot recover the spool")?;
+        let (queue, queue_client) =
+            tern_queue::spawn_queue_with_client(Arc::new(storage), queue_config)
+                .context("cannot recover the spool")?;
         if let (Some(settings), Some(resolver)) = (delivery, resolver.clone()) {
             let dispatcher =
                 tern_delivery::spawn_delivery(settings, resolver, queue.clone().recipient());
@@ -423,7 +424,7 @@ fn serve(config_file: Option<&Path>) -> Result<()> {
         if policy_config.suppression {
             queue.do_send(tern_queue::AttachSuppression(policy.clone().recipient()));
         }
-        let ingress = Ingress::start(settings, queue.clone().recipient())?;
+        let ingress = Ingress::start(settings, queue_client)?;
         let http = HttpServer::new({
             let queue = queue.clone();
             let policy = policy.clone();

@@ -9,7 +9,6 @@ use bytes::{Bytes, BytesMut};
 use tern_message::{
     now_ms, BodyType, ClientInfo, Envelope, InboundMessage, QueueId, Recipient, SpoolError,
 };
-use tern_queue::Enqueue;
 use tern_smtp::address::{ForwardPath, ReversePath};
 use tern_smtp::command::{parse_command, Command, MailFrom, RcptTo};
 use tern_smtp::data::{BdatReceiver, DataLimits, DataOutcome, DataReceiver};
@@ -799,10 +798,10 @@ impl Session {
             body: Bytes::from(tx.body),
         };
         drop(_enter);
-        let result = self.shared.queue.send(Enqueue(message)).await;
+        let result = self.shared.queue.enqueue(message).await;
         let _enter = span.enter();
         match result {
-            Ok(Ok(id)) => {
+            Ok(id) => {
                 // The one line per accepted message an operator greps for (like Postfix's
                 // "queued"): who sent what, from where.
                 info!(
@@ -818,20 +817,16 @@ impl Session {
                 let text = format!("Ok: queued as {id}");
                 self.reply(250, code(2, 0, 0), &text);
             }
-            Ok(Err(SpoolError::DiskFull(reason))) => {
+            Err(SpoolError::DiskFull(reason)) => {
                 warn!(%reason, "spool refused message: disk full");
                 self.reply(452, code(4, 3, 1), "Error: insufficient system storage");
             }
-            Ok(Err(SpoolError::Storage(reason))) => {
+            Err(SpoolError::Storage(reason)) => {
                 warn!(%reason, "spool write failed");
                 self.reply(451, code(4, 3, 0), "Error: queue file write error");
             }
-            Ok(Err(SpoolError::Unavailable(reason))) => {
+            Err(SpoolError::Unavailable(reason)) => {
                 warn!(%reason, "queue unavailable");
-                self.reply(451, code(4, 3, 0), "Error: queue unavailable");
-            }
-            Err(e) => {
-                warn!(error = %e, "queue stage unreachable");
                 self.reply(451, code(4, 3, 0), "Error: queue unavailable");
             }
         }

@@ -2,9 +2,10 @@
 //!
 //! The actor lives on one of the ingress arbiters (one per core) and owns the connection for its
 //! whole life; the protocol loop runs as a future inside the actor's context, so everything it
-//! touches is single-threaded and needs no locks. The only cross-stage traffic is the typed,
-//! serializable [`Enqueue`] message to the queue stage, sent by address — the queue may be on
-//! another thread today and another node tomorrow.
+//! touches is single-threaded and needs no locks. The only cross-stage traffic is the finished
+//! message handed to the queue stage through a [`QueueClient`]: straight to the spool's
+//! committer in one process, or the typed, serializable `Enqueue` message to the queue actor's
+//! address when the queue is elsewhere.
 
 mod commands;
 mod io;
@@ -12,8 +13,8 @@ mod io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use actix::{Actor, ActorContext, ActorFutureExt, AsyncContext, Context, Recipient, WrapFuture};
-use tern_queue::Enqueue;
+use actix::{Actor, ActorContext, ActorFutureExt, AsyncContext, Context, WrapFuture};
+use tern_queue::QueueClient;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
@@ -24,7 +25,7 @@ use crate::settings::{ListenerSpec, Settings};
 pub(crate) struct Shared {
     pub settings: Settings,
     pub limiter: Arc<ConnectionLimiter>,
-    pub queue: Recipient<Enqueue>,
+    pub queue: QueueClient,
     pub tls: Option<TlsAcceptor>,
     /// Flips to `true` once: stop accepting, and answer every idle session 421 4.3.2.
     pub shutdown: tokio::sync::watch::Receiver<bool>,

@@ -1,0 +1,57 @@
+//! How a session hands a finished message to the queue stage.
+
+use actix::Recipient;
+use tern_message::{InboundMessage, QueueId, SpoolError};
+
+use crate::actor::Enqueue;
+use crate::committer::{gone, Submitter};
+
+/// The queue stage as a session sees it: `enqueue` resolves once the message is durable (the
+/// moment to answer `250`), or with the reason it is not.
+///
+/// Two routes, one contract. In one process the message goes straight to the spool's committer
+/// thread, and the queue actor learns of it with the rest of its group commit. Otherwise it is
+/// an [`Enqueue`] message to the queue actor's address (a plain serde type, so the actor may be
+/// on another node).
+#[derive(Clone)]
+pub struct QueueClient {
+    route: Route,
+}
+
+#[derive(Clone)]
+enum Route {
+    Local(Submitter),
+    Actor(Recipient<Enqueue>),
+}
+
+impl QueueClient {
+    pub(crate) fn local(submitter: Submitter) -> Self {
+        Self {
+            route: Route::Local(submitter),
+        }
+    }
+
+    /// Spools `msg`; `Ok` only once it is durable.
+    pub async fn enqueue(&self, msg: InboundMessage) -> Result<QueueId, SpoolError> {
+        let id = msg.id;
+        match &self.route {
+            Route::Local(s) => match s.submit(msg)?.await {
+                Ok(result) => result.map(|()| id),
+                // The committer dropped the reply unanswered: it is gone (panicked).
+                Err(_) => Err(gone()),
+            },
+            Route::Actor(r) => r
+                .send(Enqueue(msg))
+                .await
+                .map_err(|e| SpoolError::Unavailable(format!("queue stage unreachable: {e}")))?,
+        }
+    }
+}
+
+impl From<Recipient<Enqueue>> for QueueClient {
+    fn from(r: Recipient<Enqueue>) -> Self {
+        Self {
+            route: Route::Actor(r),
+        }
+    }
+}
