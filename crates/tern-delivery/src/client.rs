@@ -752,14 +752,20 @@ async fn with_timeout<T>(
 /// bare LF is doubled too, in case the server counts bare LF as a line end.
 pub fn dot_stuff(body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(body.len() + body.len() / 64 + 5);
-    let mut line_start = true;
-    for &b in body {
-        if line_start && b == b'.' {
-            out.push(b'.');
-        }
-        out.push(b);
-        line_start = b == b'\n';
+    // Copies whole runs between the dots to double (memchr for the line ends): relaying spends
+    // its CPU per byte here, and byte-by-byte pushing cost several percent of it.
+    let mut from = 0;
+    if body.first() == Some(&b'.') {
+        out.push(b'.');
     }
+    for nl in memchr::memchr_iter(b'\n', body) {
+        if body.get(nl + 1) == Some(&b'.') {
+            out.extend_from_slice(&body[from..=nl]);
+            out.push(b'.');
+            from = nl + 1;
+        }
+    }
+    out.extend_from_slice(&body[from..]);
     out.extend_from_slice(missing_line_end(body));
     out.extend_from_slice(b".\r\n");
     out
@@ -808,6 +814,33 @@ mod tests {
         assert_eq!(dot_stuff(b"cr\r"), b"cr\r\n.\r\n");
         assert_eq!(dot_stuff(b""), b".\r\n");
         assert_eq!(dot_stuff(b"a.b\r\n"), b"a.b\r\n.\r\n");
+        assert_eq!(dot_stuff(b"a\n.b\n."), b"a\n..b\n..\r\n.\r\n");
+    }
+
+    #[test]
+    fn dot_stuffing_matches_the_byte_by_byte_definition() {
+        fn reference(body: &[u8]) -> Vec<u8> {
+            let mut out = Vec::new();
+            let mut line_start = true;
+            for &b in body {
+                if line_start && b == b'.' {
+                    out.push(b'.');
+                }
+                out.push(b);
+                line_start = b == b'\n';
+            }
+            out.extend_from_slice(missing_line_end(body));
+            out.extend_from_slice(b".\r\n");
+            out
+        }
+        // Every string of up to 6 octets over the alphabet that matters.
+        let alphabet = [b'.', b'\r', b'\n', b'x'];
+        for len in 0..=6u32 {
+            for n in 0..4usize.pow(len) {
+                let body: Vec<u8> = (0..len).map(|i| alphabet[n / 4usize.pow(i) % 4]).collect();
+                assert_eq!(dot_stuff(&body), reference(&body), "{body:?}");
+            }
+        }
     }
 
     #[test]

@@ -35,10 +35,16 @@ pub const WHITESPACE_WINDOW: usize = 200;
 /// taken as 2 (a hard break needs room for the inserted space and at least one octet).
 pub fn fold_long_lines(content: &[u8], max: usize) -> Cow<'_, [u8]> {
     let max = max.max(2);
-    if !content
-        .split(|&b| b == b'\n')
-        .any(|line| content_len(line) > max)
-    {
+    // The usual answer is "no line is too long": find it with memchr, not byte by byte.
+    let mut start = 0;
+    let too_long = memchr::memchr_iter(b'\n', content)
+        .chain(std::iter::once(content.len()))
+        .any(|end| {
+            let long = content_len(&content[start..end]) > max;
+            start = end + 1;
+            long
+        });
+    if !too_long {
         return Cow::Borrowed(content);
     }
     let mut out = Vec::with_capacity(content.len() + content.len() / max * 3 + 3);
