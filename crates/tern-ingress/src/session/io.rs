@@ -179,9 +179,12 @@ where
                     None => break Flow::Continue,
                     Some(line) => {
                         deadline = Instant::now() + command_timeout;
+                        // Boxed, like the end-of-data steps below: their futures (SPF, DKIM
+                        // and DMARC checks, signing, password hashing) are kilobytes, and
+                        // inline they would make every idle session's future that large.
                         match std::mem::replace(&mut mode, Mode::Command) {
-                            Mode::Auth(step) => session.on_auth_line(step, line).await,
-                            _ => session.on_command_line(line).await,
+                            Mode::Auth(step) => Box::pin(session.on_auth_line(step, line)).await,
+                            _ => Box::pin(session.on_command_line(line)).await,
                         }
                     }
                 },
@@ -194,7 +197,7 @@ where
                     let outcome = receiver.outcome();
                     mode = Mode::Command;
                     deadline = Instant::now() + command_timeout;
-                    session.finish_data(outcome).await
+                    Box::pin(session.finish_data(outcome)).await
                 }
                 Mode::Bdat(receiver, last) => {
                     let last = *last;
@@ -205,7 +208,7 @@ where
                     }
                     mode = Mode::Command;
                     deadline = Instant::now() + command_timeout;
-                    session.finish_chunk(last).await
+                    Box::pin(session.finish_chunk(last)).await
                 }
             };
             match flow {
