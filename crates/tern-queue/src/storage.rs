@@ -36,10 +36,10 @@ pub trait Storage: Send + Sync + 'static {
     fn insert(&self, msg: &InboundMessage) -> Result<(), StorageError>;
 
     /// Inserts several messages, each one atomically as [`Storage::insert`] does, and returns one
-    /// result per message, in order. A backend may write them all as one unit (sled: one batch,
-    /// which costs about as much as a single-message batch); then a failure of that write fails
-    /// every message in it, while a message refused on its own (e.g. by the free-space guard)
-    /// fails alone.
+    /// result per message, in order. A backend may write them all as one unit (the segment
+    /// store: one `pwrite` of all their records); then a failure of that write fails every
+    /// message in it, while a message refused on its own (e.g. by the free-space guard) fails
+    /// alone.
     fn insert_many(&self, msgs: &[InboundMessage]) -> Vec<Result<(), StorageError>> {
         msgs.iter().map(|m| self.insert(m)).collect()
     }
@@ -86,7 +86,7 @@ pub enum StorageError {
     DiskFull(String),
     #[error("spool I/O error: {0}")]
     Io(io::Error),
-    /// Another process holds the spool (sled locks its log): two servers on one `data_dir`.
+    /// Another process holds the spool (sled locks its index): two servers on one `data_dir`.
     #[error(
         "the spool in {0} is in use by another process (another tern with the same data_dir?)"
     )]
