@@ -1,7 +1,7 @@
 //! A free-space guard in the spirit of Postfix's `queue_minfree`: refuse new messages while the
 //! spool's filesystem still has some room, so the session answers `452 4.3.1` and the disk never
-//! actually fills up (a full disk would also break sled's own log writes at a checkpoint, after which sled refuses
-//! every operation until restarted).
+//! actually fills up (a full disk would also break sled's own log writes at a checkpoint, after
+//! which sled refuses every operation until restarted).
 
 use std::ffi::CString;
 use std::io;
