@@ -104,6 +104,31 @@ pub(crate) fn body_crc(body: &[u8]) -> u32 {
     crc32fast::hash(body)
 }
 
+/// A record header's fields (its checksum not verified).
+pub(crate) struct Header {
+    pub(crate) kind: Kind,
+    pub(crate) id: QueueId,
+    pub(crate) meta_len: usize,
+    pub(crate) body_len: u64,
+    pub(crate) body_crc: u32,
+    pub(crate) head_crc: u32,
+}
+
+/// Decodes a header; `None` without the magic or with an unknown kind.
+pub(crate) fn parse_header(head: &[u8; HEADER_LEN]) -> Option<Header> {
+    if head[..4] != MAGIC {
+        return None;
+    }
+    Some(Header {
+        kind: Kind::from_byte(head[4])?,
+        id: QueueId::from_bytes(head[5..21].try_into().expect("16 bytes")),
+        meta_len: u32::from_le_bytes(head[21..25].try_into().expect("4 bytes")) as usize,
+        body_len: u64::from_le_bytes(head[25..33].try_into().expect("8 bytes")),
+        body_crc: u32::from_le_bytes(head[33..37].try_into().expect("4 bytes")),
+        head_crc: u32::from_le_bytes(head[37..41].try_into().expect("4 bytes")),
+    })
+}
+
 /// One record read back.
 #[derive(Debug)]
 pub(crate) struct Record {
@@ -162,14 +187,17 @@ impl Reader {
         if head[..4] != MAGIC {
             return self.stop(Some("no record header".into()));
         }
-        let Some(kind) = Kind::from_byte(head[4]) else {
+        let Some(Header {
+            kind,
+            id,
+            meta_len,
+            body_len,
+            body_crc,
+            head_crc,
+        }) = parse_header(&head)
+        else {
             return self.stop(Some(format!("unknown record kind {:#04x}", head[4])));
         };
-        let id = QueueId::from_bytes(head[5..21].try_into().expect("16 bytes"));
-        let meta_len = u32::from_le_bytes(head[21..25].try_into().expect("4 bytes")) as usize;
-        let body_len = u64::from_le_bytes(head[25..33].try_into().expect("8 bytes"));
-        let body_crc = u32::from_le_bytes(head[33..37].try_into().expect("4 bytes"));
-        let head_crc = u32::from_le_bytes(head[37..41].try_into().expect("4 bytes"));
         // Lengths come from a header whose checksum is not verified yet: bound them before
         // allocating, so garbage cannot ask for gigabytes.
         if meta_len > 64 << 20 || body_len > 1 << 32 {

@@ -42,9 +42,11 @@
 //! `Insert` sets the entry, `Update` replaces an existing entry's metadata, `Remove` deletes it.
 //! A damaged or short record ends its segment (a torn tail after a crash) and replay goes on
 //! with the next one. sled may have persisted index changes the segments never got (its
-//! background flusher runs every 500 ms): an entry pointing at or after P whose record replay
-//! did not find is a message that was never acknowledged, and is dropped; a removal or update
-//! sled kept but the segment lost only repeats a delivery attempt (at-least-once).
+//! background flusher runs every 500 ms): an entry pointing at or after P whose record is not
+//! whole where it points is a message that was never acknowledged, and is dropped (entries
+//! replay did not reach, after a damaged record, are kept when their record is whole); a
+//! removal or update sled kept but the segment lost only repeats a delivery attempt
+//! (at-least-once).
 //!
 //! **Segments are deleted** once they lie before the checkpoint and no index entry points into
 //! them (the live count per segment is kept in memory, counted from the index at open).
@@ -1099,8 +1101,8 @@ fn replay(
 }
 
 /// Counts the index entries per segment, and drops the entries that point past the checkpoint
-/// at a record the replay did not find (sled persisted the entry, the segment lost the record:
-/// the message was never acknowledged).
+/// at a record that is not there (sled persisted the entry, the segment lost the record: the
+/// message was never acknowledged).
 fn count_live(
     tree: &sled::Tree,
     segments: &mut BTreeMap<u64, Segment>,
@@ -1116,7 +1118,15 @@ fn count_live(
         let Ok(ptr) = Pointer::decode(id, &v) else {
             continue; // reported by scan and get
         };
-        if ptr.at_or_after(from) && !seen.contains(&(ptr.seq, ptr.record_offset())) {
+        // Past the checkpoint, an entry needs its record. Replay saw most of them; the others
+        // (after a damaged record that ended a segment's replay, or never written at all)
+        // are read where they point.
+        let unseen = ptr.at_or_after(from) && !seen.contains(&(ptr.seq, ptr.record_offset()));
+        if unseen
+            && !segments
+                .get(&ptr.seq)
+                .is_some_and(|s| record_intact(&s.file, id, &ptr))
+        {
             dangling.push(id);
             continue;
         }
@@ -1139,6 +1149,24 @@ fn count_live(
         );
     }
     Ok(())
+}
+
+/// Whether the insert record `ptr` points at is there, for `id`, with its body intact.
+fn record_intact(file: &File, id: QueueId, ptr: &Pointer) -> bool {
+    let mut head = [0u8; segment::HEADER_LEN];
+    if file.read_exact_at(&mut head, ptr.record_offset()).is_err() {
+        return false;
+    }
+    let parsed = segment::parse_header(&head);
+    if !parsed.is_some_and(|h| h.kind == Kind::Insert && h.id == id && h.body_len == ptr.body_len) {
+        return false;
+    }
+    let Ok(len) = usize::try_from(ptr.body_len) else {
+        return false;
+    };
+    let mut body = vec![0u8; len];
+    file.read_exact_at(&mut body, ptr.body_offset).is_ok()
+        && segment::body_crc(&body) == ptr.body_crc
 }
 
 impl Storage for SledStorage {
@@ -1420,6 +1448,40 @@ mod tests {
         assert_eq!(r.get(a.id).unwrap().as_ref(), Some(&a));
         let ids: Vec<_> = r.scan().map(|m| m.unwrap().id).collect();
         assert_eq!(ids, vec![a.id]);
+    }
+
+    #[test]
+    fn a_damaged_record_past_the_checkpoint_costs_only_its_own_message() {
+        let live = tempfile::tempdir().unwrap();
+        let image = tempfile::tempdir().unwrap();
+        let (a, b, c) = (msg(b"first\r\n"), msg(b"second\r\n"), msg(b"third\r\n"));
+        let s = SledStorage::open(live.path(), opts()).unwrap();
+        s.sync().unwrap();
+        s.checkpoint().unwrap();
+        s.insert_many(&[a.clone(), b.clone(), c.clone()]);
+        s.sync().unwrap();
+        // sled's files have all three entries (as after its background flush); the segment's
+        // first record then loses a bit of its body.
+        s.inner.db.flush().unwrap();
+        copy_sled_files(live.path(), image.path());
+        copy_segments(live.path(), image.path());
+        let v = s.inner.tree.get(index_key(a.id)).unwrap().unwrap();
+        let ptr = Pointer::decode(a.id, &v).unwrap();
+        drop(s);
+        let path = image
+            .path()
+            .join(SEGMENTS_DIR)
+            .join(segment::file_name(ptr.seq));
+        let f = OpenOptions::new().write(true).open(path).unwrap();
+        f.write_all_at(b"#", ptr.body_offset).unwrap();
+
+        // Replay stops at the damaged record; the two after it are still whole where the
+        // index points, so only the damaged one goes.
+        let r = SledStorage::open(image.path(), opts()).unwrap();
+        assert_eq!(r.get(a.id).unwrap(), None);
+        assert_eq!(r.get(b.id).unwrap().as_ref(), Some(&b));
+        assert_eq!(r.get(c.id).unwrap().as_ref(), Some(&c));
+        assert_eq!(r.len(), 2);
     }
 
     #[test]
