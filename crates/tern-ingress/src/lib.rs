@@ -1,8 +1,9 @@
 //! Tern's ingress stage: SMTP listeners and one session actor per connection.
 //!
-//! A session speaks SMTP (grammar from `tern-smtp`), enforces limits and relay policy, and sends
-//! each finished message to the queue stage as an `Enqueue` message; it answers `250` only when
-//! the queue confirms the message is durably stored.
+//! A session speaks SMTP (grammar from `tern-smtp`), enforces limits and relay policy, and hands
+//! each finished message to the queue stage through a `tern_queue::QueueClient` (straight to the
+//! spool's committer in one process, an `Enqueue` message to the queue actor otherwise); it
+//! answers `250` only when the queue confirms the message is durably stored.
 
 pub mod auth;
 pub mod limiter;
