@@ -330,3 +330,36 @@ fn held_messages_stay_out_of_the_schedule_until_released_even_across_recovery() 
         assert!(storage.get(normal).unwrap().is_none());
     });
 }
+
+#[test]
+fn both_queue_client_routes_spool_and_index_before_answering() {
+    // The local route answers from the committer thread and the actor learns of the message
+    // by `Committed`; the actor route goes through the mailbox. Either way, anything asked of
+    // the actor after the answer must already see the message.
+    let dir = tempfile::tempdir().unwrap();
+    let storage = Arc::new(SledStorage::open(dir.path(), opts()).unwrap());
+    let (ids, stats) = System::new().block_on({
+        let storage = storage.clone();
+        async move {
+            let (addr, local) =
+                tern_queue::spawn_queue_with_client(storage, QueueConfig::default()).unwrap();
+            let remote = tern_queue::QueueClient::from(addr.clone().recipient::<Enqueue>());
+            let mut ids = Vec::new();
+            for i in 0..50 {
+                let client = if i % 2 == 0 { &local } else { &remote };
+                let msg = message(100 + i);
+                let want = msg.id;
+                let id = client.enqueue(msg).await.expect("spooled");
+                assert_eq!(id, want);
+                let stats = addr.send(GetStats).await.unwrap();
+                assert_eq!(stats.messages, i as u64 + 1, "indexed before the answer");
+                ids.push(id);
+            }
+            (ids, addr.send(GetStats).await.unwrap())
+        }
+    });
+    assert_eq!(stats.committed, 50);
+    for id in ids {
+        assert!(storage.get(id).unwrap().is_some(), "{id} not in the spool");
+    }
+}
