@@ -51,6 +51,9 @@ pub struct SinkConfig {
     pub data_replies: Vec<String>,
     /// A pause before answering the end of the content (a slow server).
     pub data_delay: Duration,
+    /// When set, RSET gets this reply and the connection is then closed (a server that had
+    /// dropped an idle connection; e.g. `"421 4.4.2 idle too long"`).
+    pub rset_closes: Option<String>,
 }
 
 impl Default for SinkConfig {
@@ -72,6 +75,7 @@ impl Default for SinkConfig {
             mail_replies: vec!["250 2.1.0 ok".into()],
             data_replies: vec!["250 2.0.0 queued".into()],
             data_delay: Duration::ZERO,
+            rset_closes: None,
         }
     }
 }
@@ -580,6 +584,10 @@ impl Session<'_> {
                 "BDAT" => self.bdat(&arg)?,
                 "RSET" => {
                     self.finish(None, None);
+                    if let Some(r) = self.shared.cfg.rset_closes.clone() {
+                        self.reply(&r)?;
+                        return Ok(());
+                    }
                     self.reply("250 2.0.0 ok")?;
                 }
                 "NOOP" => self.reply("250 2.0.0 ok")?,

@@ -1261,3 +1261,45 @@ fn domains_with_the_same_mx_hosts_share_one_connection() {
         assert!(e["mx"].as_str().unwrap().ends_with(".site.test"), "{e}");
     }
 }
+
+#[test]
+fn a_reused_connection_the_server_dropped_is_replaced_without_deferring() {
+    // The sink answers every RSET with 421 and hangs up, as a server that closed an idle
+    // connection would look. tern's RSET rides in the next transaction's pipelined group, so
+    // it learns that only then: the transaction must go again on a new connection, at once,
+    // with nothing deferred.
+    let sink = Sink::start(SinkConfig {
+        rset_closes: Some("421 4.4.2 idle too long".into()),
+        ..SinkConfig::default()
+    });
+    let mut server = to_sink(TernServer::builder(), &sink).start();
+    let rcpts = many_rcpts("example.net", 120);
+    let refs: Vec<&str> = rcpts.iter().map(String::as_str).collect();
+    let token = unique_token();
+    submit(
+        &server,
+        "<a@client.test>",
+        &refs,
+        &message("a@client.test", "r0@example.net", &token),
+    );
+    let got = sink.wait_for_messages(3, WAIT);
+    server.wait_queued(0, WAIT);
+    let sizes: Vec<usize> = got.iter().map(|m| m.rcpts.len()).collect();
+    assert_eq!(sizes, [50, 50, 20]);
+    assert_eq!(sink.connections(), 3, "one new connection per dropped one");
+    let log = server.delivery_log_when(
+        "120 delivered lines",
+        |l| l.iter().filter(|e| e["event"] == "delivered").count() >= 120,
+        WAIT,
+    );
+    assert!(
+        log.iter().all(|e| e["event"] != "deferred"),
+        "nothing deferred: {:?}",
+        log.iter().find(|e| e["event"] == "deferred")
+    );
+    assert!(log
+        .iter()
+        .filter(|e| e["event"] == "delivered")
+        .all(|e| e["attempt"] == 1));
+    server.stop();
+}

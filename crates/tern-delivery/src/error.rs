@@ -40,6 +40,10 @@ pub enum DeliveryError {
     /// A previous error left this connection in an unknown state.
     #[error("connection unusable after an earlier error")]
     Broken,
+    /// The RSET that reopened a reused connection failed (the server had closed it, or
+    /// refused RSET): the transaction it led was not settled, and may be retried elsewhere.
+    #[error("reused connection failed at RSET: {0}")]
+    StaleConnection(String),
 }
 
 // Manual rather than `#[from]`, which would also make the cause the error's `source()`: the

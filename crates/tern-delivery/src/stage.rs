@@ -656,7 +656,16 @@ impl Worker {
                 }
             }
             let open = conn.as_mut().expect("connection is open");
-            let again = self.transaction(job, &batch, open, started).await;
+            let Some(again) = self.transaction(job, &batch, open, started).await else {
+                // The reused connection had gone stale: nothing was settled, so the same
+                // recipients go again, on a new connection (a fresh one cannot be stale).
+                debug!("reused connection failed at RSET; reconnecting");
+                *conn = None;
+                for p in batch.into_iter().rev() {
+                    todo.push_front(p);
+                }
+                continue;
+            };
             // Recipients the server had no room for in this transaction go first in the next,
             // on the same connection.
             for p in again.into_iter().rev() {
@@ -674,14 +683,15 @@ impl Worker {
     /// One MAIL/RCPT/DATA for the job's recipients at `positions`, reported to the queue, except
     /// the recipients answered "452 too many recipients" while others in the transaction were
     /// not: RFC 5321 §4.5.3.1.10 asks for those to be sent in a later transaction, so they are
-    /// returned to be sent again at once.
+    /// returned to be sent again at once. `None`, with nothing reported, when the reused
+    /// connection failed at its RSET before the transaction began.
     async fn transaction(
         &self,
         job: &DeliveryJob,
         positions: &[usize],
         open: &mut Open,
         started: u64,
-    ) -> Vec<usize> {
+    ) -> Option<Vec<usize>> {
         let indices: Vec<usize> = positions.iter().map(|&p| job.rcpt_index[p]).collect();
         let indices = &indices[..];
         // The common case (one transaction for the whole job) sends the job's own envelope.
@@ -712,6 +722,10 @@ impl Worker {
                         }
                     }
                     results
+                }
+                Err(DeliveryError::StaleConnection(why)) if open.sent > 0 => {
+                    debug!(%why, "stale connection");
+                    return None;
                 }
                 Err(e) => {
                     // The outcome is unknown (RFC 5321 §6.1 allows the duplicate a retry may
@@ -759,7 +773,7 @@ impl Worker {
                 finished_ms: now_ms(),
             },
         );
-        again
+        Some(again)
     }
 
     async fn connect(&self, domain: &str) -> Result<Open, NoConnection> {

@@ -39,6 +39,9 @@ const BODY: &[u8] = b"Subject: test\r\n\r\nhello\r\n";
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
+/// As a scripted reply: close the connection without answering.
+const CLOSE: &str = "<close>";
+
 /// What the server answers. Replies are complete wire text without the final CRLF.
 #[derive(Clone)]
 struct Script {
@@ -160,6 +163,9 @@ async fn serve(mut io: Box<dyn Io>, script: Script, record: Arc<Mutex<Record>>) 
             .iter()
             .find(|(p, _)| upper.starts_with(&p.to_ascii_uppercase()))
         {
+            if *r == CLOSE {
+                return;
+            }
             reply(&mut io, r).await;
             continue;
         }
@@ -1038,4 +1044,71 @@ async fn connects_over_ipv6_loopback() {
         .unwrap();
     assert!(delivered(&outcomes[0]));
     conn.quit().await;
+}
+
+#[tokio::test]
+async fn with_pipelining_the_rset_before_a_reused_transaction_rides_in_its_group() {
+    let script = Script::new(&["PIPELINING", "8BITMIME"]);
+    let (mut conn, record) = connected(script).await;
+    for rcpt in ["a@example.net", "b@example.net"] {
+        conn.reset().await.unwrap();
+        let outcomes = conn.send(&envelope(&[rcpt]), BODY).await.unwrap();
+        assert!(outcomes.iter().all(delivered), "{outcomes:?}");
+    }
+    conn.quit().await;
+    let rec = record.lock().unwrap();
+    assert_eq!(
+        rec.verbs(),
+        [
+            "EHLO client.test",
+            "RSET",
+            "MAIL FROM:<sender@example.org>",
+            "RCPT TO:<a@example.net>",
+            "DATA",
+            "RSET",
+            "MAIL FROM:<sender@example.org>",
+            "RCPT TO:<b@example.net>",
+            "DATA",
+            "QUIT",
+        ]
+    );
+    // Each RSET was answered with its group's MAIL already there: no round trip of its own.
+    assert!(rec.commands[1].1 && rec.commands[5].1, "{:?}", rec.commands);
+    assert_eq!(rec.data.len(), 2);
+}
+
+#[tokio::test]
+async fn a_refused_pipelined_rset_is_a_stale_connection_with_nothing_settled() {
+    let script = Script::new(&["PIPELINING"]).answer("RSET", "421 4.4.2 idle too long");
+    let (mut conn, _record) = connected(script).await;
+    let first = conn
+        .send(&envelope(&["a@example.net"]), BODY)
+        .await
+        .unwrap();
+    assert!(first.iter().all(delivered), "{first:?}");
+    conn.reset().await.unwrap();
+    match conn.send(&envelope(&["b@example.net"]), BODY).await {
+        Err(DeliveryError::StaleConnection(why)) => assert!(why.contains("421"), "{why}"),
+        other => panic!("expected a stale connection, got {other:?}"),
+    }
+    // The connection is done with.
+    assert!(matches!(
+        conn.send(&envelope(&["b@example.net"]), BODY).await,
+        Err(DeliveryError::Broken)
+    ));
+}
+
+#[tokio::test]
+async fn a_closed_connection_found_at_the_pipelined_rset_is_stale() {
+    // The server answers one message, then closes (as one with a short idle timeout would).
+    let script = Script::new(&["PIPELINING"]).answer("RSET", CLOSE);
+    let (mut conn, _record) = connected(script).await;
+    conn.send(&envelope(&["a@example.net"]), BODY)
+        .await
+        .unwrap();
+    conn.reset().await.unwrap();
+    assert!(matches!(
+        conn.send(&envelope(&["b@example.net"]), BODY).await,
+        Err(DeliveryError::StaleConnection(_))
+    ));
 }
