@@ -397,6 +397,15 @@ fn permanent_refusal_bounces_with_status_and_diagnostic_code() {
         WAIT,
     );
     assert!(events.iter().any(|e| e["event"] == "bounce-sent"));
+    // One "received" line per spooled message, the DSN (from <>) included.
+    let received: Vec<&str> = events
+        .iter()
+        .filter(|e| e["event"] == "received")
+        .filter_map(|e| e["queue_id"].as_str())
+        .collect();
+    let unique: std::collections::HashSet<&&str> = received.iter().collect();
+    assert_eq!(received.len(), 2, "the message and its DSN: {received:?}");
+    assert_eq!(unique.len(), 2, "{received:?}");
 }
 
 #[test]

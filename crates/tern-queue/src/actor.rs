@@ -16,7 +16,7 @@ use tern_message::{now_ms, DeliveryJob, InboundMessage, QueueId, SpoolError};
 use tracing::{info, info_span, warn, Instrument};
 
 use crate::client::QueueClient;
-use crate::committer::{gone, CommitConfig, Committed, Committer};
+use crate::committer::{durable, CommitConfig, Committed, Committer};
 use crate::delivery::Flight;
 use crate::events::{Event, EventLog};
 use crate::schedule::{self, DueIndex, RetryPolicy};
@@ -259,15 +259,7 @@ impl Handler<Enqueue> for QueueActor {
         let body_len = msg.body.len() as u64;
         let span = info_span!("enqueue", queue_id = %id, bytes = body_len);
         // The committer indexes the message here by `Committed` once it is durable.
-        let submitted = self.committer.submit(msg);
-        let wait = async move {
-            match submitted?.await {
-                Ok(result) => result.map(|()| id),
-                // The committer dropped the reply unanswered: it is gone (panicked).
-                Err(_) => Err(gone()),
-            }
-        }
-        .instrument(span);
+        let wait = durable(id, self.committer.submit(msg)).instrument(span);
         Box::pin(wait.into_actor(self))
     }
 }

@@ -4,7 +4,7 @@ use actix::Recipient;
 use tern_message::{InboundMessage, QueueId, SpoolError};
 
 use crate::actor::Enqueue;
-use crate::committer::{gone, Submitter};
+use crate::committer::{durable, Submitter};
 
 /// The queue stage as a session sees it: `enqueue` resolves once the message is durable (the
 /// moment to answer `250`), or with the reason it is not.
@@ -35,11 +35,7 @@ impl QueueClient {
     pub async fn enqueue(&self, msg: InboundMessage) -> Result<QueueId, SpoolError> {
         let id = msg.id;
         match &self.route {
-            Route::Local(s) => match s.submit(msg)?.await {
-                Ok(result) => result.map(|()| id),
-                // The committer dropped the reply unanswered: it is gone (panicked).
-                Err(_) => Err(gone()),
-            },
+            Route::Local(s) => durable(id, s.submit(msg)).await,
             Route::Actor(r) => r
                 .send(Enqueue(msg))
                 .await

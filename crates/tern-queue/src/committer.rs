@@ -14,7 +14,7 @@ use std::thread::JoinHandle;
 use actix::Recipient;
 
 use serde::{Deserialize, Serialize};
-use tern_message::{InboundMessage, SpoolError};
+use tern_message::{InboundMessage, QueueId, SpoolError};
 use tokio::sync::oneshot;
 use tracing::{debug, debug_span, warn};
 
@@ -143,6 +143,19 @@ impl Committer {
         if let Some(tx) = &self.tx {
             let _ = tx.send(Request::Sync);
         }
+    }
+}
+
+/// What a session waits for: the committer's answer to a submitted message, as the message's
+/// id once it is durable.
+pub(crate) async fn durable(
+    id: QueueId,
+    submitted: Result<oneshot::Receiver<Result<(), SpoolError>>, SpoolError>,
+) -> Result<QueueId, SpoolError> {
+    match submitted?.await {
+        Ok(result) => result.map(|()| id),
+        // The committer dropped the reply unanswered: it is gone (panicked).
+        Err(_) => Err(gone()),
     }
 }
 

@@ -20,7 +20,7 @@ use tern_message::{
 use tracing::{debug, info, warn};
 
 use crate::actor::QueueActor;
-use crate::committer::gone;
+use crate::committer::durable;
 use crate::events::Event;
 use crate::schedule::{self, Transition};
 use crate::storage::StorageError;
@@ -396,19 +396,12 @@ impl QueueActor {
     where
         F: FnOnce(&mut Self, bool, &mut Context<Self>) + 'static,
     {
-        let copy = dsn.clone();
-        let submitted = self.committer.submit(dsn);
-        let wait = async move {
-            match submitted?.await {
-                Ok(result) => result,
-                Err(_) => Err(gone()),
-            }
-        };
+        // Indexed and dispatched by the committer's `Committed`, like any message.
+        let wait = durable(dsn.id, self.committer.submit(dsn));
         ctx.spawn(wait.into_actor(self).map(move |result, act, ctx| {
             let ok = match result {
-                Ok(()) => {
+                Ok(_) => {
                     act.counters.dsn_sent += 1;
-                    act.accepted(copy, ctx);
                     true
                 }
                 Err(e) => {

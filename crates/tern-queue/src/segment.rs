@@ -80,23 +80,41 @@ pub(crate) fn list(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
     Ok(out)
 }
 
-/// Appends one record to `out`; returns the offset of its body relative to the record's start.
-pub(crate) fn encode(out: &mut Vec<u8>, kind: Kind, id: QueueId, meta: &[u8], body: &[u8]) -> u64 {
+/// What [`encode`] wrote.
+pub(crate) struct Encoded {
+    /// Offset of the body relative to the record's start.
+    pub(crate) body_offset: u64,
+    /// The body's CRC-32, as stored in the header.
+    pub(crate) body_crc: u32,
+}
+
+/// Appends one record to `out`.
+pub(crate) fn encode(
+    out: &mut Vec<u8>,
+    kind: Kind,
+    id: QueueId,
+    meta: &[u8],
+    body: &[u8],
+) -> Encoded {
     let start = out.len();
+    let crc = body_crc(body);
     out.reserve(HEADER_LEN + meta.len() + body.len());
     out.extend_from_slice(&MAGIC);
     out.push(kind.byte());
     out.extend_from_slice(&id.to_bytes());
     out.extend_from_slice(&(meta.len() as u32).to_le_bytes());
     out.extend_from_slice(&(body.len() as u64).to_le_bytes());
-    out.extend_from_slice(&crc32fast::hash(body).to_le_bytes());
+    out.extend_from_slice(&crc.to_le_bytes());
     let mut h = crc32fast::Hasher::new();
     h.update(&out[start + 4..]);
     h.update(meta);
     out.extend_from_slice(&h.finalize().to_le_bytes());
     out.extend_from_slice(meta);
     out.extend_from_slice(body);
-    (HEADER_LEN + meta.len()) as u64
+    Encoded {
+        body_offset: (HEADER_LEN + meta.len()) as u64,
+        body_crc: crc,
+    }
 }
 
 /// The CRC-32 `encode` stores for a body.
@@ -272,8 +290,9 @@ mod tests {
         let path = dir.path().join(file_name(7));
         let (a, b) = (QueueId::new(), QueueId::new());
         let mut buf = Vec::new();
-        let off = encode(&mut buf, Kind::Insert, a, b"{\"m\":1}", b"body bytes");
-        assert_eq!(off, (HEADER_LEN + 7) as u64);
+        let enc = encode(&mut buf, Kind::Insert, a, b"{\"m\":1}", b"body bytes");
+        assert_eq!(enc.body_offset, (HEADER_LEN + 7) as u64);
+        assert_eq!(enc.body_crc, body_crc(b"body bytes"));
         let second = buf.len() as u64;
         encode(&mut buf, Kind::Update, a, b"{\"m\":2}", b"");
         encode(&mut buf, Kind::Remove, b, b"", b"");
@@ -288,7 +307,7 @@ mod tests {
         let rec = r.next_record(&mut body).unwrap().unwrap();
         assert_eq!((rec.kind, rec.id, rec.offset), (Kind::Insert, a, 0));
         assert_eq!(body, b"body bytes");
-        assert_eq!(rec.body_offset(), off);
+        assert_eq!(rec.body_offset(), enc.body_offset);
         assert_eq!(rec.body_crc, body_crc(b"body bytes"));
         let rec = r.next_record(&mut body).unwrap().unwrap();
         assert_eq!(

@@ -204,6 +204,19 @@ impl Writer {
         }
     }
 
+    /// Appends an insert record for `id` to `pending`; returns where its body will be.
+    fn append_insert(&mut self, id: QueueId, meta: &[u8], body: &[u8]) -> Pointer {
+        let start = self.pending.len();
+        let enc = segment::encode(&mut self.pending, Kind::Insert, id, meta, body);
+        Pointer {
+            seq: self.seq,
+            body_offset: self.written + start as u64 + enc.body_offset,
+            body_len: body.len() as u64,
+            body_crc: enc.body_crc,
+            record_len: (self.pending.len() - start) as u64,
+        }
+    }
+
     /// Writes `pending` to the file. On failure nothing of it counts as written: the file is cut
     /// back to where it was, and the records stay pending.
     fn write_pending(&mut self) -> std::io::Result<()> {
@@ -489,15 +502,17 @@ impl SledStorage {
     }
 
     /// Makes the index durable in sled and records it, so a restart replays nothing; deletes
-    /// the segments no message needs any more. Runs by itself every few seconds.
-    pub fn checkpoint(&self) -> Result<(), StorageError> {
+    /// the segments no message needs any more. The maintenance thread does this by itself;
+    /// tests call it to get there at a known moment.
+    #[cfg(test)]
+    fn checkpoint(&self) -> Result<(), StorageError> {
         self.inner.checkpoint()?;
         self.inner.delete_unused_segments();
         Ok(())
     }
 
-    /// Number of segment files (for tests and tools).
-    pub fn segment_count(&self) -> usize {
+    #[cfg(test)]
+    fn segment_count(&self) -> usize {
         lock(&self.inner.segments).len()
     }
 
@@ -646,12 +661,16 @@ impl Inner {
                     Err(e) => error!(queue_id = %id, error = %e, "format-1 message unreadable"),
                 }
             }
-            for (m, r) in msgs.iter().zip(self.insert_many(&msgs)) {
+            for r in self.insert_many(&msgs) {
                 r?;
+            }
+            // The new records are durable before any old one goes: sled may persist the
+            // removals on its own at any moment, and a removal must never outlive the copy.
+            self.sync()?;
+            for m in &msgs {
                 legacy::remove(&self.tree, m.id)?;
                 moved += 1;
             }
-            self.sync()?;
         }
         let left = legacy::clear(&self.tree)?;
         if left > 0 {
@@ -765,16 +784,7 @@ impl Inner {
                 pointers.push(None);
                 continue;
             };
-            let start = w.pending.len();
-            let record_offset = w.written + start as u64;
-            let body_rel = segment::encode(&mut w.pending, Kind::Insert, msg.id, meta, &msg.body);
-            pointers.push(Some(Pointer {
-                seq: w.seq,
-                body_offset: record_offset + body_rel,
-                body_len: msg.body.len() as u64,
-                body_crc: segment::body_crc(&msg.body),
-                record_len: (w.pending.len() - start) as u64,
-            }));
+            pointers.push(Some(w.append_insert(msg.id, meta, &msg.body)));
         }
         if let Err(e) = w.write_pending() {
             // The earlier update/remove records stay pending; this batch's are dropped.
@@ -959,15 +969,7 @@ impl Inner {
         self.rotate_if_full(&mut w)?;
         let meta = &v[ENTRY_HEAD..];
         let start = w.pending.len();
-        let record_offset = w.written + start as u64;
-        let body_rel = segment::encode(&mut w.pending, Kind::Insert, rec.id, meta, body);
-        let new = Pointer {
-            seq: w.seq,
-            body_offset: record_offset + body_rel,
-            body_len: old.body_len,
-            body_crc: old.body_crc,
-            record_len: (w.pending.len() - start) as u64,
-        };
+        let new = w.append_insert(rec.id, meta, body);
         if let Err(e) = w.write_pending() {
             w.pending.truncate(start);
             return Err(e.into());
