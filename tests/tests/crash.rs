@@ -171,16 +171,18 @@ fn client_disconnect_mid_data_queues_nothing() {
 
 #[test]
 fn large_messages_across_segment_files_survive_sigkill_byte_for_byte() {
-    // 12 × 3 MB is more than one 32 MiB segment file, so the spool starts a new file (and a
+    // 12 messages of together 1.2 segment files, so the spool starts a new file (and a
     // checkpoint may or may not follow) before the kill: recovery has to find every body
     // whichever file it went to, and the index entries whichever state sled's files were in.
     let mut server = TernServer::start();
     let mut c = server.session();
     let mut sent = Vec::new();
+    let line_len = format!("message 11 line 00000 {}\r\n", "x".repeat(50)).len() as u64;
+    let lines = tern_queue::sled_storage::SEGMENT_FILE_BYTES * 12 / 10 / 12 / line_len;
     for k in 0..12 {
         let mut body = format!("Subject: big {k}\r\n\r\n");
-        for j in 0..40_000 {
-            body.push_str(&format!("message {k} line {j:05} {}\r\n", "x".repeat(50)));
+        for j in 0..lines {
+            body.push_str(&format!("message {k:02} line {j:05} {}\r\n", "x".repeat(50)));
         }
         let reply = c.send_mail("big@client.test", &["crash@elsewhere.test"], &body);
         sent.push((queued_id(&reply), body));
@@ -202,11 +204,14 @@ fn large_messages_across_segment_files_survive_sigkill_byte_for_byte() {
             server.stop();
         }
     }
+    let non_empty_segments = std::fs::read_dir(server.data_dir().join("spool/segments"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".seg"))
+        .filter(|e| e.metadata().is_ok_and(|m| m.len() > 0))
+        .count();
     assert!(
-        std::fs::read_dir(server.data_dir().join("spool/segments"))
-            .unwrap()
-            .filter_map(Result::ok)
-            .any(|e| e.file_name().to_string_lossy().ends_with(".seg")),
-        "segment files expected"
+        non_empty_segments >= 2,
+        "the bodies should span segment files, found {non_empty_segments}"
     );
 }

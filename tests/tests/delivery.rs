@@ -392,11 +392,17 @@ fn permanent_refusal_bounces_with_status_and_diagnostic_code() {
     assert!(!text.contains(&format!("body {token}")));
     server.wait_queued(0, WAIT);
     let events = server.delivery_log_when(
-        "a bounce-sent line",
-        |log| log.iter().any(|e| e["event"] == "bounce-sent"),
+        "a bounce-sent line and the DSN's received line",
+        |log| {
+            log.iter().any(|e| e["event"] == "bounce-sent")
+                && log.iter().filter(|e| e["event"] == "received").count() >= 2
+        },
         WAIT,
     );
     assert!(events.iter().any(|e| e["event"] == "bounce-sent"));
+    // A second "received" line for the DSN would come at once with the first.
+    std::thread::sleep(Duration::from_millis(200));
+    let events = server.delivery_log();
     // One "received" line per spooled message, the DSN (from <>) included.
     let received: Vec<&str> = events
         .iter()
@@ -936,6 +942,13 @@ fn recipients_refused_with_452_too_many_go_in_the_next_transaction_at_once() {
     assert_eq!(got[2].rcpts, ["r0@example.net"]);
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(sink.messages().len(), 3, "no extra transaction for a 4.3.1");
+    // A refused retry would not show as a message: count the transactions that tried it.
+    let tried_full = sink
+        .transactions()
+        .iter()
+        .filter(|t| t.rcpts.iter().any(|r| r.address == "full@example.net"))
+        .count();
+    assert_eq!(tried_full, 1, "full@ tried once, then deferred");
     server.stop();
 }
 
@@ -1044,10 +1057,7 @@ fn got_range(r: std::ops::Range<usize>) -> Vec<String> {
 #[test]
 fn a_route_sets_its_own_max_recipients_per_transaction() {
     let sink = Sink::start(SinkConfig::default());
-    let server = TernServer::builder()
-        .set("delivery.enabled", true)
-        .set("delivery.idle_timeout", "1s")
-        .route("*", Some(&sink.addr().to_string()), "none")
+    let server = to_sink(TernServer::builder(), &sink)
         .route_set("max_recipients_per_transaction", 2)
         .start();
     let rcpts = many_rcpts("example.net", 5);
@@ -1296,6 +1306,14 @@ fn a_reused_connection_the_server_dropped_is_replaced_without_deferring() {
     let sizes: Vec<usize> = got.iter().map(|m| m.rcpts.len()).collect();
     assert_eq!(sizes, [50, 50, 20]);
     assert_eq!(sink.connections(), 3, "one new connection per dropped one");
+    // Each dropped connection was one tern tried to reuse: an RSET ended it.
+    let rsets: Vec<usize> = sink
+        .commands()
+        .iter()
+        .filter(|c| c.verb == "RSET")
+        .map(|c| c.connection)
+        .collect();
+    assert_eq!(rsets, [1, 2], "{rsets:?}");
     let log = server.delivery_log_when(
         "120 delivered lines",
         |l| l.iter().filter(|e| e["event"] == "delivered").count() >= 120,

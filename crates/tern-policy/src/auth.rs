@@ -435,7 +435,8 @@ impl Authenticator {
 /// RFC 7489 §6.6.4: `pct=` below 100 applies the policy to that share of failing mail; the
 /// rest is treated one step more leniently (reject as quarantine, quarantine as none).
 fn sampled(policy: DmarcRecordPolicy, pct: u8) -> DmarcPolicy {
-    let applies = pct >= 100 || rand::random::<u8>() % 100 < pct;
+    // Uniform over 0..100: `random::<u8>() % 100` would favour 0..56 (256 = 2 × 100 + 56).
+    let applies = pct >= 100 || rand::Rng::gen_range(&mut rand::thread_rng(), 0..100u8) < pct;
     match (policy, applies) {
         (DmarcRecordPolicy::Reject, true) => DmarcPolicy::Reject,
         (DmarcRecordPolicy::Reject, false) | (DmarcRecordPolicy::Quarantine, true) => {
@@ -465,6 +466,14 @@ mod tests {
         );
         assert_eq!(sampled(DmarcRecordPolicy::Quarantine, 0), DmarcPolicy::None);
         assert_eq!(sampled(DmarcRecordPolicy::None, 100), DmarcPolicy::None);
+        // The share is pct: 10,000 draws at pct=50 and pct=10 land within ±5 points (about
+        // ten standard deviations; a biased draw gives 58.6% and 11.7%).
+        for (pct, want) in [(50u8, 5_000i32), (10, 1_000)] {
+            let hits = (0..10_000)
+                .filter(|_| sampled(DmarcRecordPolicy::Reject, pct) == DmarcPolicy::Reject)
+                .count() as i32;
+            assert!((hits - want).abs() < 500, "pct={pct}: {hits} of 10,000");
+        }
     }
 
     #[test]

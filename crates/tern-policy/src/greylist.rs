@@ -78,19 +78,13 @@ pub fn decide(entry: Option<Entry>, now_ms: u64, s: &GreylistSettings) -> (Decis
     let Some(e) = entry.filter(|e| !is_expired(e, now_ms, s)) else {
         return (wait(now_ms), fresh);
     };
-    if e.passed {
-        return (
-            Decision::Pass,
-            Entry {
-                last_ms: now_ms,
-                ..e
-            },
-        );
-    }
     let next = Entry {
         last_ms: now_ms,
         ..e
     };
+    if e.passed {
+        return (Decision::Pass, next);
+    }
     if now_ms.saturating_sub(e.first_ms) < ms(s.delay) {
         return (wait(e.first_ms), next);
     }

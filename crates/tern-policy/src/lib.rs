@@ -250,7 +250,7 @@ impl SpfVerdict {
         Self {
             spf: SpfRecord {
                 status: AuthStatus::TempError,
-                domain: sender.rsplit_once('@').map_or(helo, |(_, d)| d).to_string(),
+                domain: auth::spf_domain(sender, helo).to_string(),
             },
             verdict: Verdict::Accept,
         }
@@ -706,7 +706,8 @@ fn judge(
             _ => {}
         }
     }
-    if let Some(content) = content {
+    // A message DMARC already refused is not worth a MIME parse and the rules.
+    if let Some(content) = content.filter(|_| out.verdict == Verdict::Accept) {
         let score = content.rules.score(&req.message, report);
         out.headers.push_str(&score.header());
         if out.verdict == Verdict::Accept {
