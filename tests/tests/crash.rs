@@ -182,7 +182,10 @@ fn large_messages_across_segment_files_survive_sigkill_byte_for_byte() {
     for k in 0..12 {
         let mut body = format!("Subject: big {k}\r\n\r\n");
         for j in 0..lines {
-            body.push_str(&format!("message {k:02} line {j:05} {}\r\n", "x".repeat(50)));
+            body.push_str(&format!(
+                "message {k:02} line {j:05} {}\r\n",
+                "x".repeat(50)
+            ));
         }
         let reply = c.send_mail("big@client.test", &["crash@elsewhere.test"], &body);
         sent.push((queued_id(&reply), body));

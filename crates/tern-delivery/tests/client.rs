@@ -1080,7 +1080,7 @@ async fn with_pipelining_the_rset_before_a_reused_transaction_rides_in_its_group
 #[tokio::test]
 async fn a_refused_pipelined_rset_is_a_stale_connection_with_nothing_settled() {
     let script = Script::new(&["PIPELINING"]).answer("RSET", "421 4.4.2 idle too long");
-    let (mut conn, _record) = connected(script).await;
+    let (mut conn, record) = connected(script).await;
     let first = conn
         .send(&envelope(&["a@example.net"]), BODY)
         .await
@@ -1096,6 +1096,8 @@ async fn a_refused_pipelined_rset_is_a_stale_connection_with_nothing_settled() {
         conn.send(&envelope(&["b@example.net"]), BODY).await,
         Err(DeliveryError::Broken)
     ));
+    // No content went after the refused RSET: only the first message's.
+    assert_eq!(record.lock().unwrap().data.len(), 1);
 }
 
 #[tokio::test]
