@@ -20,6 +20,7 @@ mod delivery;
 pub mod events;
 mod free_space;
 mod legacy;
+mod prealloc;
 pub mod schedule;
 mod segment;
 pub mod sled_storage;

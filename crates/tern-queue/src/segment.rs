@@ -13,7 +13,8 @@
 //! before `head_crc`, then the metadata; `body_crc` that of the body. Two checksums because the
 //! body's is also kept in the index, so reading a body checks it without reading its metadata.
 //! A reader stops at the first record that is short or fails a check: after a crash, that is
-//! the torn tail of the segment that was being written.
+//! the torn tail of the segment that was being written. A header of zeros is the end too: a
+//! segment may be a zero-filled file written into (see `crate::prealloc`).
 
 use std::fs::File;
 use std::io::{self, BufReader, Read};
@@ -203,6 +204,11 @@ impl Reader {
             _ => {}
         }
         if head[..4] != MAGIC {
+            // Zeros are the unwritten rest of a zero-filled segment (crate::prealloc): the
+            // end, as the end of an appended file is.
+            if head.iter().all(|&b| b == 0) {
+                return self.stop(None);
+            }
             return self.stop(Some("no record header".into()));
         }
         let Some(Header {
@@ -283,6 +289,32 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    #[test]
+    fn the_zeros_of_a_zero_filled_file_are_its_end_not_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(file_name(3));
+        let a = QueueId::new();
+        let mut buf = Vec::new();
+        encode(&mut buf, Kind::Insert, a, b"{}", b"body");
+        let whole = buf.len();
+        buf.resize(whole + 4096, 0);
+        File::create(&path).unwrap().write_all(&buf).unwrap();
+        let mut r = Reader::open(&path, 0).unwrap();
+        let mut body = Vec::new();
+        assert_eq!(r.next_record(&mut body).unwrap().unwrap().id, a);
+        assert!(r.next_record(&mut body).unwrap().is_none());
+        assert_eq!(r.offset(), whole as u64);
+        assert_eq!(r.stopped, None, "zeros are no damage");
+
+        // A header that is not all zeros is still damage.
+        buf[whole + 9] = 1;
+        File::create(&path).unwrap().write_all(&buf).unwrap();
+        let mut r = Reader::open(&path, 0).unwrap();
+        r.next_record(&mut body).unwrap().unwrap();
+        assert!(r.next_record(&mut body).unwrap().is_none());
+        assert_eq!(r.stopped.as_deref(), Some("no record header"));
+    }
 
     #[test]
     fn records_round_trip_and_a_torn_tail_ends_the_segment() {

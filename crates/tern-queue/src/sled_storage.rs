@@ -78,6 +78,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::free_space::FreeSpaceGuard;
 use crate::legacy;
+use crate::prealloc::{self, Preallocator};
 use crate::segment::{self, Kind};
 use crate::storage::{io_is_disk_full, ScanIter, SpooledMeta, Storage, StorageError};
 
@@ -151,6 +152,8 @@ struct Inner {
     dir: PathBuf,
     seg_dir: PathBuf,
     free_space: FreeSpaceGuard,
+    /// Zero-filled files for new segments.
+    spare: Preallocator,
     /// Set when an `fsync`/`fdatasync` failed; see [`Inner::poison`].
     poisoned: Mutex<Option<String>>,
     /// The `blobs` directory's mtime after open; see [`Inner::sync_blobs`].
@@ -190,6 +193,9 @@ struct Writer {
     unsynced: Vec<Arc<File>>,
     /// Count of index changes, to tell whether a checkpoint has anything to do.
     changes: u64,
+    /// `file` was zero-filled ahead (see [`crate::prealloc`]): its length says nothing about
+    /// how much of it holds records.
+    preallocated: bool,
 }
 
 impl Writer {
@@ -242,6 +248,9 @@ struct Segment {
     /// Index entries pointing into this segment, and their records' bytes.
     live: u64,
     live_bytes: u64,
+    /// Bytes of records, when known (sealed in this run); else the file's length stands in,
+    /// which for a zero-filled file found at open overstates it.
+    used: Option<u64>,
     /// When it stopped being the active segment (for segments found at open: the open).
     sealed: Option<Instant>,
 }
@@ -252,6 +261,7 @@ impl Segment {
             file,
             live: 0,
             live_bytes: 0,
+            used: None,
             sealed,
         }
     }
@@ -586,6 +596,7 @@ impl Inner {
             fsync_dir(parent)?;
         }
         let free_space = FreeSpaceGuard::new(dir, opts.min_free_bytes)?;
+        let spare = Preallocator::start(&seg_dir, SEGMENT_FILE_BYTES)?;
         let blobs = dir.join("blobs");
         let blobs_mtime_at_open = std::fs::metadata(&blobs).and_then(|m| m.modified()).ok();
         // Blobs left by an earlier run (they should not exist) keep every checkpoint scanning.
@@ -612,6 +623,7 @@ impl Inner {
             dir: dir.to_path_buf(),
             seg_dir,
             free_space,
+            spare,
             poisoned: Mutex::new(None),
             blobs_mtime_at_open,
             blobs_seen: AtomicBool::new(blobs_seen),
@@ -623,6 +635,7 @@ impl Inner {
                 pending: Vec::new(),
                 unsynced: Vec::new(),
                 changes: 1,
+                preallocated: false,
             }),
             segments: Mutex::new(segments),
             checkpoint: Mutex::new(Checkpoint {
@@ -712,29 +725,55 @@ impl Inner {
         }
     }
 
-    /// Starts a new segment once the active one is full. Called with the writer locked and
-    /// nothing pending, so a record never spans two files.
+    /// Starts a new segment once the active one is full, or as soon as a zero-filled file is
+    /// ready while the active one is a plain file that has seen traffic (so a busy spool moves
+    /// to the cheaper commits at once instead of after 32 MiB). Called with the writer locked
+    /// and nothing pending, so a record never spans two files.
     fn rotate_if_full(&self, w: &mut Writer) -> Result<(), StorageError> {
-        if w.end() < SEGMENT_FILE_BYTES {
-            return Ok(());
+        let full = w.end() >= SEGMENT_FILE_BYTES;
+        let busy = w.preallocated || w.end() >= prealloc::PREPARE_AFTER;
+        if full || (busy && !w.preallocated && self.spare.is_ready()) {
+            self.rotate(w)?;
+            if busy {
+                // Have the next one ready by the time this one is full.
+                self.spare.want();
+            }
+        } else if busy && !w.preallocated {
+            self.spare.want();
         }
+        Ok(())
+    }
+
+    fn rotate(&self, w: &mut Writer) -> Result<(), StorageError> {
         w.write_pending()?;
         let seq = w.seq + 1;
-        let file = Arc::new(create_segment(&self.seg_dir, seq)?);
+        let path = self.seg_dir.join(segment::file_name(seq));
+        let (file, preallocated) = match self.spare.take(&path) {
+            Some(file) => {
+                // The new name must survive a crash as much as the records written into it.
+                fsync_dir(&self.seg_dir)?;
+                (file, true)
+            }
+            None => (create_segment(&self.seg_dir, seq)?, false),
+        };
+        let file = Arc::new(file);
         let old = std::mem::replace(&mut w.file, file.clone());
         if w.synced < w.written {
             w.unsynced.push(old);
         }
         let sealed = w.seq;
+        let used = w.written;
         w.seq = seq;
         w.written = 0;
         w.synced = 0;
+        w.preallocated = preallocated;
         let mut segs = lock(&self.segments);
         if let Some(s) = segs.get_mut(&sealed) {
             s.sealed = Some(Instant::now());
+            s.used = Some(used);
         }
         segs.insert(seq, Segment::new(file, None));
-        debug!(segment = seq, "new spool segment");
+        debug!(segment = seq, preallocated, "new spool segment");
         Ok(())
     }
 
@@ -931,7 +970,9 @@ impl Inner {
         let before = lock(&self.checkpoint).at.seq;
         let segs = lock(&self.segments);
         segs.range(..before).find_map(|(seq, s)| {
-            let size = s.file.metadata().map_or(0, |m| m.len());
+            let size = s
+                .used
+                .unwrap_or_else(|| s.file.metadata().map_or(0, |m| m.len()));
             let sparse = (s.live_bytes as f64) <= size as f64 * COMPACT_LIVE_FRACTION;
             let old = s.sealed.is_some_and(|t| t.elapsed() >= sealed_for);
             (s.live > 0 && sparse && old).then_some(*seq)
@@ -1426,6 +1467,78 @@ mod tests {
         let r = SledStorage::open(image.path(), opts()).unwrap();
         assert_eq!(r.len(), 3);
         assert_eq!(r.get(c.id).unwrap().as_ref(), Some(&c));
+    }
+
+    #[test]
+    fn a_busy_spool_moves_to_a_zero_filled_segment_and_replays_from_it() {
+        let live = tempfile::tempdir().unwrap();
+        let image = tempfile::tempdir().unwrap();
+        let s = SledStorage::open(live.path(), opts()).unwrap();
+        let (a, b) = (msg(&[b'a'; 600 << 10]), msg(&[b'b'; 600 << 10]));
+        s.insert_many(&[a.clone(), b.clone()]);
+        s.sync().unwrap();
+        assert!(!lock(&s.inner.writer).preallocated);
+        // Past PREPARE_AFTER a spare is asked for at the next commit...
+        let (c, d) = (msg(b"c\r\n"), msg(&[b'd'; 9000]));
+        s.insert(&c).unwrap();
+        s.sync().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !s.inner.spare.is_ready() {
+            assert!(Instant::now() < deadline, "no spare segment after 20 s");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // ...and the commit after it is ready goes to it.
+        s.insert(&d).unwrap();
+        s.sync().unwrap();
+        let (seq, file_len) = {
+            let w = lock(&s.inner.writer);
+            assert!(w.preallocated);
+            (w.seq, w.file.metadata().unwrap().len())
+        };
+        assert_eq!(seq, 2);
+        assert_eq!(file_len, SEGMENT_FILE_BYTES, "zero-filled to its full size");
+        s.checkpoint().unwrap();
+        copy_sled_files(live.path(), image.path());
+        copy_segments(live.path(), image.path());
+
+        // After the checkpoint, into the zero-filled file: a new message, new states, a
+        // removal; synced, and only in the segment (the image keeps the old sled files).
+        let e = msg(b"e\r\n");
+        s.insert(&e).unwrap();
+        let mut env = a.envelope.clone();
+        env.delay_warned = true;
+        assert!(s.update_envelope(a.id, &env).unwrap());
+        s.remove(b.id).unwrap();
+        s.sync().unwrap();
+        std::fs::copy(
+            live.path().join(SEGMENTS_DIR).join(segment::file_name(seq)),
+            image
+                .path()
+                .join(SEGMENTS_DIR)
+                .join(segment::file_name(seq)),
+        )
+        .unwrap();
+        drop(s);
+
+        let r = SledStorage::open(image.path(), opts()).unwrap();
+        assert_eq!(r.len(), 4);
+        assert_eq!(r.get(b.id).unwrap(), None, "removal replayed");
+        assert_eq!(
+            r.get(a.id).unwrap().unwrap().envelope,
+            env,
+            "update replayed"
+        );
+        for m in [&c, &d, &e] {
+            assert_eq!(r.get(m.id).unwrap().as_ref(), Some(m));
+        }
+        // The zero-filled segment was read to its last record, not beyond: the new active
+        // segment follows it.
+        assert_eq!(lock(&r.inner.writer).seq, seq + 1);
+        assert!(!image
+            .path()
+            .join(SEGMENTS_DIR)
+            .join(prealloc::SPARE_NAME)
+            .exists());
     }
 
     #[test]

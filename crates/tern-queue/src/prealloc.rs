@@ -1,0 +1,277 @@
+//! Zero-filled segment files, made ahead of need by a thread of their own.
+//!
+//! Why: on ext4 (and XFS), `fdatasync` after an append must also commit the file's new size and
+//! block allocation through the journal: a second device flush, and work on the journal thread.
+//! After an overwrite of blocks that are already written, it flushes the data alone. Measured on
+//! the 2-core development VM (ext4, virtio disk), a 7 KB write + `fdatasync`: append ≈ 165–190
+//! µs wall and 67–72 µs CPU in the caller; the same write into a zero-filled file ≈ 111–115 µs
+//! and 52–54 µs. `fallocate` alone does not help (166–174 µs): its unwritten extents still need a
+//! journalled conversion on the first write. Filling a 32 MiB file takes ≈ 26 ms (6 ms of writes,
+//! 20 ms `fdatasync`), so it is done on this thread, never on the committer's.
+//!
+//! The spare is prepared under a name no reader takes for a segment (`spare.tmp`), then renamed
+//! to its sequence number when the committer starts a new segment: a crash mid-fill leaves only
+//! a temporary file, deleted at the next open. Zeros read back as "no record here", which ends a
+//! segment's replay exactly as the end of an appended file does.
+//!
+//! An idle spool does not prepare one: the first spare is asked for once the active segment
+//! holds [`PREPARE_AFTER`] bytes, so a test or a quiet server never writes 32 MiB of zeros; from
+//! then on each spare taken asks for the next.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tracing::{debug, warn};
+
+/// The spare's name while it is being filled and until it is taken.
+pub(crate) const SPARE_NAME: &str = "spare.tmp";
+/// The active segment holds this much before the first spare is asked for.
+pub(crate) const PREPARE_AFTER: u64 = 1 << 20;
+/// Zeros are written this much at a time, so a stop is noticed within one chunk.
+const CHUNK: usize = 1 << 20;
+/// After a failed fill (disk full, say), requests are ignored this long: the committer goes on
+/// appending to plain files meanwhile, which only costs speed.
+const RETRY_AFTER: Duration = Duration::from_secs(30);
+
+#[derive(Default)]
+struct State {
+    ready: Option<File>,
+    wanted: bool,
+    stop: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    wake: Condvar,
+    /// `state.ready.is_some()`, readable without the lock on every commit.
+    ready: AtomicBool,
+    path: PathBuf,
+    size: u64,
+}
+
+/// Keeps (at most) one zero-filled file of `size` bytes ready in a directory.
+pub(crate) struct Preallocator {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Preallocator {
+    /// Starts the filling thread for `dir`, deleting a spare left by an earlier run (it may be
+    /// short: the run may have stopped mid-fill).
+    pub(crate) fn start(dir: &Path, size: u64) -> std::io::Result<Self> {
+        let path = dir.join(SPARE_NAME);
+        match std::fs::remove_file(&path) {
+            Ok(()) => debug!("removed a spare segment left by an earlier run"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            wake: Condvar::new(),
+            ready: AtomicBool::new(false),
+            path,
+            size,
+        });
+        let thread = std::thread::Builder::new()
+            .name("tern-spool-prep".into())
+            .spawn({
+                let shared = shared.clone();
+                move || run(&shared)
+            })?;
+        Ok(Self {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// Whether a spare can be taken now.
+    pub(crate) fn is_ready(&self) -> bool {
+        self.shared.ready.load(Ordering::Acquire)
+    }
+
+    /// Asks for a spare (no effect if one is ready or being made).
+    pub(crate) fn want(&self) {
+        let mut st = lock(&self.shared.state);
+        if st.ready.is_none() && !st.wanted {
+            st.wanted = true;
+            self.shared.wake.notify_one();
+        }
+    }
+
+    /// Takes the ready spare and renames it to `to`. `None` when none is ready (or the rename
+    /// failed, which is logged): the caller creates a plain file instead. The caller makes the
+    /// new name durable (`fsync` of the directory), as for a created file.
+    pub(crate) fn take(&self, to: &Path) -> Option<File> {
+        let file = {
+            let mut st = lock(&self.shared.state);
+            let file = st.ready.take()?;
+            self.shared.ready.store(false, Ordering::Release);
+            file
+        };
+        match std::fs::rename(&self.shared.path, to) {
+            Ok(()) => Some(file),
+            Err(e) => {
+                warn!(error = %e, to = %to.display(), "cannot rename the spare segment");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for Preallocator {
+    fn drop(&mut self) {
+        lock(&self.shared.state).stop = true;
+        self.shared.wake.notify_one();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn run(shared: &Shared) {
+    let mut failed_at: Option<Instant> = None;
+    loop {
+        {
+            let mut st = lock(&shared.state);
+            loop {
+                if st.stop {
+                    return;
+                }
+                let backing_off = failed_at.is_some_and(|t| t.elapsed() < RETRY_AFTER);
+                if st.wanted && !backing_off {
+                    break;
+                }
+                st = match failed_at.filter(|_| backing_off) {
+                    Some(t) => {
+                        let left = RETRY_AFTER.saturating_sub(t.elapsed());
+                        shared
+                            .wake
+                            .wait_timeout(st, left)
+                            .unwrap_or_else(|p| p.into_inner())
+                            .0
+                    }
+                    None => shared.wake.wait(st).unwrap_or_else(|p| p.into_inner()),
+                };
+            }
+        }
+        let started = Instant::now();
+        match fill(shared) {
+            Ok(Some(file)) => {
+                let mut st = lock(&shared.state);
+                st.ready = Some(file);
+                st.wanted = false;
+                shared.ready.store(true, Ordering::Release);
+                failed_at = None;
+                debug!(
+                    ms = started.elapsed().as_millis() as u64,
+                    "spare segment ready"
+                );
+            }
+            Ok(None) => return, // stopping
+            Err(e) => {
+                warn!(error = %e, path = %shared.path.display(), "cannot prepare a spare segment; new segments are plain files for now");
+                let _ = std::fs::remove_file(&shared.path);
+                failed_at = Some(Instant::now());
+            }
+        }
+    }
+}
+
+/// Writes the zero-filled file and makes it durable. `Ok(None)` if asked to stop meanwhile.
+fn fill(shared: &Shared) -> std::io::Result<Option<File>> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&shared.path)?;
+    let zeros = vec![0u8; CHUNK];
+    let mut at = 0u64;
+    while at < shared.size {
+        if lock(&shared.state).stop {
+            drop(file);
+            let _ = std::fs::remove_file(&shared.path);
+            return Ok(None);
+        }
+        let n = (shared.size - at).min(CHUNK as u64) as usize;
+        file.write_all_at(&zeros[..n], at)?;
+        at += n as u64;
+    }
+    // The blocks must be allocated and written on disk, not merely in the page cache, or the
+    // first commit into them would pay for the allocation after all.
+    file.sync_all()?;
+    Ok(Some(file))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wait_ready(p: &Preallocator) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !p.is_ready() {
+            assert!(Instant::now() < deadline, "no spare after 10 s");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn a_spare_is_made_only_when_wanted_and_is_all_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = Preallocator::start(dir.path(), 3 * CHUNK as u64 + 17).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!p.is_ready());
+        assert!(
+            !dir.path().join(SPARE_NAME).exists(),
+            "made without a request"
+        );
+
+        p.want();
+        wait_ready(&p);
+        let to = dir.path().join("0000000000000007.seg");
+        let file = p.take(&to).expect("a spare was ready");
+        assert!(!p.is_ready());
+        assert!(!dir.path().join(SPARE_NAME).exists());
+        let bytes = std::fs::read(&to).unwrap();
+        assert_eq!(bytes.len() as u64, 3 * CHUNK as u64 + 17);
+        assert!(bytes.iter().all(|&b| b == 0));
+        // The handle taken is the renamed file.
+        file.write_all_at(b"x", 0).unwrap();
+        assert_eq!(std::fs::read(&to).unwrap()[0], b'x');
+
+        // Nothing more without another request.
+        assert!(p.take(&dir.path().join("0000000000000008.seg")).is_none());
+        p.want();
+        wait_ready(&p);
+        assert!(p.take(&dir.path().join("0000000000000008.seg")).is_some());
+    }
+
+    #[test]
+    fn a_spare_left_by_an_earlier_run_is_removed_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(SPARE_NAME), b"half a fill").unwrap();
+        let p = Preallocator::start(dir.path(), CHUNK as u64).unwrap();
+        assert!(!dir.path().join(SPARE_NAME).exists());
+        assert!(!p.is_ready());
+    }
+
+    #[test]
+    fn stopping_mid_fill_leaves_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        // Large enough that the drop lands mid-fill on any disk.
+        let p = Preallocator::start(dir.path(), 1 << 40).unwrap();
+        p.want();
+        std::thread::sleep(Duration::from_millis(20));
+        drop(p);
+        assert!(!dir.path().join(SPARE_NAME).exists());
+    }
+}
