@@ -370,7 +370,7 @@ impl Session {
             };
             // A policy stage that does not answer in time must not let mail in unchecked.
             let unavailable = Verdict::Refuse(PolicyReply::unavailable());
-            if let Verdict::Refuse(r) = policy.ask(&policy.mail, check, unavailable).await {
+            if let Verdict::Refuse(r) = Box::pin(policy.ask(&policy.mail, check, unavailable)).await {
                 self.send_policy(r);
                 return Flow::Continue;
             }
@@ -383,7 +383,7 @@ impl Session {
                     helo: self.helo.clone().unwrap_or_default(),
                     sender: sender.clone(),
                 };
-                let answer = policy.spf(check).await;
+                let answer = Box::pin(policy.spf(check)).await;
                 if let Verdict::Refuse(r) = answer.verdict {
                     self.send_policy(r);
                     return Flow::Continue;
@@ -486,7 +486,7 @@ impl Session {
                             .then(|| canonical_ip(self.client.ip())),
                     };
                     let unavailable = Verdict::Refuse(PolicyReply::unavailable());
-                    verdict = policy.ask(&policy.rcpt, check, unavailable).await;
+                    verdict = Box::pin(policy.ask(&policy.rcpt, check, unavailable)).await;
                 }
                 match verdict {
                     Verdict::Accept => {}
@@ -731,7 +731,7 @@ impl Session {
                     spf: tx.spf.clone(),
                     message: Bytes::copy_from_slice(&tx.body[tx.trace_len..]),
                 };
-                let verdict = policy.content(check).await;
+                let verdict = Box::pin(policy.content(check)).await;
                 if let Verdict::Refuse(r) = verdict.verdict {
                     info!(id = %tx.id, reason = %r.text, "message refused: content checks");
                     self.send_policy(r);
@@ -752,7 +752,7 @@ impl Session {
             }
         }
         if let (Some(signer), true) = (self.settings().dkim.clone(), self.trusted()) {
-            match sign(signer, std::mem::take(&mut tx.body), tx.trace_len).await {
+            match Box::pin(sign(signer, std::mem::take(&mut tx.body), tx.trace_len)).await {
                 Ok(body) => tx.body = body,
                 Err(e) => {
                     // The body is gone with the failed task; the client may send again.
@@ -798,7 +798,7 @@ impl Session {
             body: Bytes::from(tx.body),
         };
         drop(_enter);
-        let result = self.shared.queue.enqueue(message).await;
+        let result = Box::pin(self.shared.queue.enqueue(message)).await;
         let _enter = span.enter();
         match result {
             Ok(id) => {
