@@ -503,6 +503,37 @@ fn a_message_held_in_flight_finishes_its_attempt_and_is_not_retried_until_releas
 }
 
 #[test]
+fn a_hold_placed_in_flight_survives_a_crash_before_the_attempt_ends() {
+    // The attempt never ends before the crash: the sink holds the DATA reply for a minute.
+    let sink = Sink::start(SinkConfig {
+        data_delay: Duration::from_secs(60),
+        ..SinkConfig::default()
+    });
+    let mut server = to_sink(TernServer::builder(), &sink)
+        .set_list("queue.retry_schedule", &["1s"])
+        .start();
+    let id = submit(&server, "alice@client.test", &["bob@example.net"], "slow");
+    let deadline = Instant::now() + WAIT;
+    while find(&queue_json(&server, &["list", "--state", "in-flight"]), &id).is_none() {
+        assert!(Instant::now() < deadline, "never in flight");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = queue_ok(&server, &["hold", &id]);
+    assert_eq!(out.trim(), format!("{id} held"));
+    // The state sync runs every 20 ms; then a crash while the attempt is still open.
+    std::thread::sleep(Duration::from_millis(300));
+    server.kill();
+    server.restart();
+
+    let list = queue_json(&server, &["list", "--state", "held"]);
+    let m = find(&list, &id).unwrap_or_else(|| panic!("hold lost in the crash: {list}"));
+    assert_eq!(m["hold"], "operator", "{m}");
+    // Held means not tried again: the crashed attempt is the only one the sink ever saw.
+    std::thread::sleep(Duration::from_millis(2_500));
+    assert_eq!(sink.connections(), 1, "retried while held");
+}
+
+#[test]
 fn delete_removes_a_message_and_unknown_ids_fail() {
     let server = TernServer::start();
     let keep = submit(&server, "alice@client.test", &["bob@example.net"], "keep");

@@ -421,29 +421,7 @@ impl Handler<HoldMessage> for QueueActor {
     fn handle(&mut self, req: HoldMessage, ctx: &mut Self::Context) -> Self::Result {
         let now = now_ms();
         let id = req.id;
-        if let Some(flight) = self.in_flight.get_mut(&id) {
-            // The round under way finishes (the remote servers may be taking it right now);
-            // the state written at its end carries the change, and a held one is not
-            // rescheduled.
-            let envelope = &mut flight.envelope;
-            let changed = if req.hold {
-                envelope.hold.is_none() && {
-                    envelope.hold = Some("operator".into());
-                    true
-                }
-            } else {
-                schedule::release(envelope, now)
-            };
-            if changed {
-                self.log_hold(id, req.hold, now);
-            }
-            return MessageResult(if changed {
-                HoldOutcome::Changed
-            } else {
-                HoldOutcome::Unchanged
-            });
-        }
-        let mut envelope = match self.storage.get(id) {
+        let mut stored = match self.storage.get(id) {
             Ok(Some(msg)) => msg.envelope,
             Ok(None) => return MessageResult(HoldOutcome::NotFound),
             Err(e) => {
@@ -451,30 +429,57 @@ impl Handler<HoldMessage> for QueueActor {
                 return MessageResult(HoldOutcome::Failed);
             }
         };
-        let changed = if req.hold {
-            envelope.hold.is_none() && {
-                envelope.hold = Some("operator".into());
-                true
-            }
-        } else {
-            schedule::release(&mut envelope, now)
+        // A round under way works on its own copy of the envelope (recipients marked in
+        // flight); that copy says whether anything changes, and the state written at the
+        // round's end carries the change (a held message is not rescheduled).
+        let mut flight = self.in_flight.get(&id).map(|f| f.envelope.clone());
+        let changed = match flight.as_mut() {
+            Some(live) => set_hold(live, req.hold, now),
+            None => set_hold(&mut stored, req.hold, now),
         };
         if !changed {
             return MessageResult(HoldOutcome::Unchanged);
         }
-        if let Err(e) = self.storage.update_envelope(id, &envelope) {
+        if flight.is_some() {
+            // The stored copy too, with its recipient states as they were: a crash before the
+            // round ends must not lose the operator's hold.
+            set_hold(&mut stored, req.hold, now);
+        }
+        if let Err(e) = self.storage.update_envelope(id, &stored) {
             warn!(queue_id = %id, error = %e, "cannot write the hold state");
             return MessageResult(HoldOutcome::Failed);
         }
         // Made durable by the next state sync (within 20 ms), like any delivery state.
         self.state_changed = true;
-        match schedule::next_due_ms(&envelope, now) {
-            Some(at) => self.index.due.schedule(id, at),
-            None => self.index.due.remove(id),
-        }
         self.log_hold(id, req.hold, now);
-        self.pump(ctx);
+        match flight {
+            Some(live) => {
+                if let Some(f) = self.in_flight.get_mut(&id) {
+                    f.envelope = live;
+                }
+            }
+            None => {
+                match schedule::next_due_ms(&stored, now) {
+                    Some(at) => self.index.due.schedule(id, at),
+                    None => self.index.due.remove(id),
+                }
+                self.pump(ctx);
+            }
+        }
         MessageResult(HoldOutcome::Changed)
+    }
+}
+
+/// The operator's hold (or release) applied to `envelope`; whether it changed anything.
+fn set_hold(envelope: &mut Envelope, hold: bool, now: u64) -> bool {
+    if hold {
+        if envelope.hold.is_some() {
+            return false;
+        }
+        envelope.hold = Some("operator".into());
+        true
+    } else {
+        schedule::release(envelope, now)
     }
 }
 

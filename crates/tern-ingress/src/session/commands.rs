@@ -370,7 +370,8 @@ impl Session {
             };
             // A policy stage that does not answer in time must not let mail in unchecked.
             let unavailable = Verdict::Refuse(PolicyReply::unavailable());
-            if let Verdict::Refuse(r) = Box::pin(policy.ask(&policy.mail, check, unavailable)).await {
+            if let Verdict::Refuse(r) = Box::pin(policy.ask(&policy.mail, check, unavailable)).await
+            {
                 self.send_policy(r);
                 return Flow::Continue;
             }
