@@ -218,6 +218,54 @@ fn dmarc_policies_with_aligned_and_unaligned_from() {
     );
 }
 
+#[test]
+fn failing_subdomain_mail_gets_the_organizational_sp_policy_unless_it_has_its_own_record() {
+    // RFC 7489 §6.6.3: a record found at the organizational domain applies its sp= to mail
+    // from a subdomain with no record of its own. SPF fails for every sender here and nothing
+    // is signed, so DMARC fails for all of them.
+    let fail = "v=spf1 ip4:192.0.2.1 -all";
+    let dns = TestDns::start(
+        zone()
+            .txt("_dmarc.sp-none.test", "v=DMARC1; p=reject; sp=none")
+            .txt("sp-none.test", fail)
+            .txt("sub.sp-none.test", fail)
+            .txt("_dmarc.sp-reject.test", "v=DMARC1; p=none; sp=reject")
+            .txt("sp-reject.test", fail)
+            .txt("sub.sp-reject.test", fail)
+            .txt("own.sp-reject.test", fail)
+            .txt("_dmarc.own.sp-reject.test", "v=DMARC1; p=none"),
+    );
+    let mut s = server(&dns, |b| b);
+    let mut c = stranger(&s);
+    let mut sent = |from: &str| send(&mut c, from, &message(from, "sp"));
+
+    // p=reject at the organizational domain itself...
+    sent("a@sp-none.test").expect("550", "5.7.1");
+    // ...but sp=none for its subdomain: accepted, reported as none.
+    let sub_none = queued_id(&sent("a@sub.sp-none.test"));
+    // p=none; sp=reject: the domain's own mail passes, its subdomain's is refused...
+    let org_none = queued_id(&sent("a@sp-reject.test"));
+    sent("a@sub.sp-reject.test").expect("550", "5.7.1");
+    // ...unless the subdomain publishes its own record, whose p= applies.
+    let own = queued_id(&sent("a@own.sp-reject.test"));
+    s.stop();
+
+    for (id, domain) in [
+        (&sub_none, "sub.sp-none.test"),
+        (&org_none, "sp-reject.test"),
+        (&own, "own.sp-reject.test"),
+    ] {
+        let (ar, _, _) = fields(&s, id);
+        assert!(
+            ar.contains(&format!(
+                "dmarc=fail header.from={domain} policy.dmarc=none"
+            )),
+            "{ar}"
+        );
+        assert_eq!(s.spooled_message(id).envelope.hold, None, "{domain}");
+    }
+}
+
 /// Runs tests/tools/dkimpy_tool.py.
 fn dkimpy(args: &[&str], input: &[u8]) -> Vec<u8> {
     let tool = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/dkimpy_tool.py");

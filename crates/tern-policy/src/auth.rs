@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use mail_auth::common::headers::HeaderWriter;
 use mail_auth::dmarc::verify::DmarcParameters;
-use mail_auth::dmarc::Policy as DmarcRecordPolicy;
+use mail_auth::dmarc::{Dmarc, Policy as DmarcRecordPolicy};
 use mail_auth::hickory_resolver::config::{
     NameServerConfig, NameServerConfigGroup, ResolveHosts, ResolverConfig, ResolverOpts,
 };
@@ -319,6 +319,29 @@ impl Authenticator {
         }
     }
 
+    /// The policy for mail from `from_domain` under `record` (RFC 7489 §6.6.3): `p=` when the
+    /// record is the From domain's own, `sp=` (which defaults to `p=`) when it is the
+    /// organizational domain's, found because the From domain has none. mail-auth 0.7 takes
+    /// `sp=` only when alignment passed through the organizational domain, so a failing
+    /// message from a subdomain got `p=`. Its tree walk has just asked for this name: a record
+    /// comes from the TXT cache, a "none" from the resolver's negative cache.
+    async fn record_policy(&self, from_domain: &str, record: &Dmarc) -> DmarcRecordPolicy {
+        if organizational_domain(from_domain) == from_domain {
+            return record.p;
+        }
+        let own = self
+            .inner
+            .txt_lookup::<Dmarc>(format!("_dmarc.{from_domain}."), Some(self.txt.as_ref()))
+            .await;
+        match own {
+            Err(mail_auth::Error::DnsRecordNotFound(_) | mail_auth::Error::InvalidRecordType) => {
+                record.sp
+            }
+            // Its own record, or a lookup failing now: the stricter reading.
+            _ => record.p,
+        }
+    }
+
     /// DKIM, ARC and DMARC over `message` (the content as received), and the
     /// Authentication-Results field reporting them and `spf`.
     pub async fn verify(
@@ -408,15 +431,15 @@ impl Authenticator {
                 AuthStatus::None
             };
             report.from_domain = out.domain().to_string();
+            let mut policy = out.policy();
             if let Some(record) = out.dmarc_record() {
-                report.dmarc_policy = sampled(out.policy(), record.pct);
+                policy = self.record_policy(out.domain(), record).await;
+                report.dmarc_policy = sampled(policy, record.pct);
             }
             if !report.from_domain.is_empty() {
                 dmarc_clause = format!(
                     ";\r\n\tdmarc={} header.from={} policy.dmarc={}",
-                    report.dmarc,
-                    report.from_domain,
-                    out.policy()
+                    report.dmarc, report.from_domain, policy
                 );
             }
         }
