@@ -223,6 +223,31 @@ fn implicit_mx_uses_the_domains_own_address() {
     );
 }
 
+#[test]
+fn each_job_looks_its_domain_up_once() {
+    // TTL 0: no resolver caches the answers, so the server counts every lookup made. The
+    // dispatcher's lookup (which finds the job's site) is the one the connection uses.
+    let sink = sink_on("127.0.0.29", SinkConfig::default());
+    let dns = TestDns::start(
+        TestZone::new()
+            .ttl(0)
+            .mx("once.test", 10, "mx.once.test")
+            .a("mx.once.test", ip("127.0.0.29")),
+    );
+    let server = TernServer::builder()
+        .deliver(dns.addr(), sink.addr().port())
+        .start();
+    submit(
+        &server,
+        "<a@client.test>",
+        &["<x@once.test>"],
+        &message("a@client.test", "x@once.test", &unique_token()),
+    );
+    assert_eq!(sink.wait_for_messages(1, WAIT)[0].rcpts, ["x@once.test"]);
+    server.wait_queued(0, WAIT);
+    assert_eq!(dns.queries("once.test", "MX"), 1, "MX lookups for one job");
+}
+
 /// DNS for a sender domain whose mail lands in `mailbox` (to collect DSNs) plus `extra`.
 fn zone_with_sender_mailbox(mailbox: &Sink, extra: TestZone) -> TestZone {
     let ip = match mailbox.addr().ip() {

@@ -143,8 +143,6 @@ struct Shared {
 struct Target {
     /// `None`: MX lookup of the job's domain.
     relay: Option<(String, u16)>,
-    /// Several domains with the same MX hosts share this destination (a site).
-    site: bool,
     tls: TlsPolicy,
     limits: DestinationLimits,
 }
@@ -189,36 +187,42 @@ impl Handler<DeliveryJob> for Dispatcher {
         let route = route_index.map(|i| &settings.routes[i]);
         let target = Target {
             relay: route.and_then(|r| r.relay.clone()),
-            site: false,
             tls: route.map_or(settings.tls, |r| r.tls),
             limits: route.map_or(settings.limits, |r| r.limits),
         };
         // Every domain sent to one smarthost shares its connections.
         if let Some((host, port)) = &target.relay {
             let key = format!("[{host}]:{port}");
-            self.send_to(key, target, job, ctx);
+            self.send_to(key, target, Routed { job, mx: None }, ctx);
             return;
         }
         // Every domain with the same MX hosts (a "site") shares its connections too. The
-        // worker makes the same lookup next, usually from the resolver's cache; the job waits
-        // for it outside the dispatcher's mailbox, so other jobs are not held up.
+        // lookup's answer travels with the job, so a worker that connects for it does not ask
+        // again; the job waits for it outside the dispatcher's mailbox, so other jobs are not
+        // held up.
         let resolver = self.shared.resolver.clone();
         let domain = job.domain.clone();
         let lookup = async move { resolver.resolve(&domain).await };
         ctx.spawn(lookup.into_actor(self).map(move |targets, act, ctx| {
-            let mut target = target;
-            let key = match targets {
-                Ok(targets) => {
-                    target.site = true;
-                    site_key(&targets, route_index)
-                }
-                // The worker meets the same error and reports it; a destination of its own
-                // keeps it from answering other domains' jobs (the dead-destination rule).
-                Err(_) => job.domain.clone(),
+            let (key, mx) = match targets {
+                Ok(targets) => (site_key(&targets, route_index), Ok(targets.into())),
+                // A destination of its own, so the failure never counts against the
+                // connections of domains that do resolve.
+                Err(e) => (job.domain.clone(), Err(dns_failure(&e, &job.domain))),
             };
-            act.send_to(key, target, job, ctx);
+            let routed = Routed { job, mx: Some(mx) };
+            act.send_to(key, target, routed, ctx);
         }));
     }
+}
+
+/// A job with the MX lookup made for it: `None` for a smarthost route (the worker looks the
+/// relay host up when it connects).
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Routed {
+    job: DeliveryJob,
+    mx: Option<Result<Arc<[MxTarget]>, NoConnection>>,
 }
 
 /// The destination key of domains whose MX hosts are `targets`: the host names, sorted, so
@@ -240,7 +244,7 @@ fn site_key(targets: &[MxTarget], route_index: Option<usize>) -> String {
 
 impl Dispatcher {
     /// Hands `job` to the destination `key`, creating it if needed.
-    fn send_to(&mut self, key: String, target: Target, job: DeliveryJob, ctx: &mut Context<Self>) {
+    fn send_to(&mut self, key: String, target: Target, job: Routed, ctx: &mut Context<Self>) {
         let addr = match self.destinations.get(&key) {
             Some(addr) if addr.connected() => addr.clone(),
             _ => {
@@ -320,7 +324,7 @@ pub struct Destination {
     target: Target,
     shared: Arc<Shared>,
     dispatcher: Addr<Dispatcher>,
-    queue: VecDeque<DeliveryJob>,
+    queue: VecDeque<Routed>,
     /// Workers waiting for a job, each with the channel to hand it over.
     idle: VecDeque<oneshot::Sender<Assigned>>,
     workers: usize,
@@ -331,7 +335,7 @@ pub struct Destination {
 }
 
 /// A job handed to a worker, with the time it may start (rate limit).
-type Assigned = (DeliveryJob, Option<Instant>);
+type Assigned = (Routed, Option<Instant>);
 
 impl Destination {
     /// The start time for the next message under `max_message_rate`.
@@ -391,10 +395,10 @@ impl Actor for Destination {
     }
 }
 
-impl Handler<DeliveryJob> for Destination {
+impl Handler<Routed> for Destination {
     type Result = ();
 
-    fn handle(&mut self, job: DeliveryJob, ctx: &mut Self::Context) {
+    fn handle(&mut self, job: Routed, ctx: &mut Self::Context) {
         self.queue.push_back(job);
         self.assign(ctx);
     }
@@ -486,9 +490,9 @@ impl Handler<Unreachable> for Destination {
             info!(dest = %self.key, jobs = self.queue.len(), reply = msg.result.reply(),
                 "destination unreachable: answering its queued jobs at once");
         }
-        for job in self.queue.drain(..) {
+        for routed in self.queue.drain(..) {
             let now = now_ms();
-            report(&self.shared, &job, &msg.result, None, now, now);
+            report(&self.shared, &routed.job, &msg.result, None, now, now);
         }
     }
 }
@@ -546,11 +550,10 @@ impl Open {
 }
 
 /// Why no connection could be opened.
+#[derive(Clone)]
 struct NoConnection {
     permanent: bool,
     reply: String,
-    /// The job's own domain did not resolve (rather than its hosts not answering).
-    dns: bool,
 }
 
 impl NoConnection {
@@ -575,7 +578,7 @@ impl Worker {
         let mut next = Some(first);
         let mut conn: Option<Open> = None;
         loop {
-            let (job, slot) = match next.take() {
+            let (routed, slot) = match next.take() {
                 Some(assigned) => assigned,
                 None => match self.dest.send(TakeJob).await {
                     Ok(NextJob::Job(assigned)) => *assigned,
@@ -591,9 +594,10 @@ impl Worker {
             if let Some(at) = slot {
                 tokio::time::sleep_until(at).await;
             }
+            let job = &routed.job;
             let span = info_span!("deliver", queue_id = %job.id, domain = %job.domain,
                 rcpts = job.rcpt_index.len(), attempt = job.attempt);
-            let keep = self.deliver(&job, &mut conn).instrument(span).await;
+            let keep = self.deliver(&routed, &mut conn).instrument(span).await;
             if !keep {
                 break;
             }
@@ -607,7 +611,8 @@ impl Worker {
     /// Delivers one job, reusing `conn` when it is open, in transactions of at most
     /// `max_recipients_per_transaction` recipients, each reported as soon as it ends. Returns
     /// false when the worker should stop (no host reachable).
-    async fn deliver(&self, job: &DeliveryJob, conn: &mut Option<Open>) -> bool {
+    async fn deliver(&self, routed: &Routed, conn: &mut Option<Open>) -> bool {
+        let job = &routed.job;
         let per = self.target.limits.max_recipients_per_transaction.max(1);
         // Positions in the job's recipient list still to send, in order.
         let mut todo: std::collections::VecDeque<usize> = (0..job.rcpt_index.len()).collect();
@@ -622,12 +627,15 @@ impl Worker {
                 }
             }
             if conn.is_none() {
-                match self.connect(&job.domain).await {
+                let connected = match &routed.mx {
+                    // The job's domain did not resolve: its own answer, not the destination's.
+                    Some(Err(failure)) => Err((failure.clone(), false)),
+                    Some(Ok(targets)) => self.connect(&job.domain, Some(targets)).await,
+                    None => self.connect(&job.domain, None).await,
+                };
+                match connected {
                     Ok(open) => *conn = Some(open),
-                    Err(failure) => {
-                        // In a site, one domain's DNS failure says nothing about the other
-                        // domains' jobs: only unreachable hosts are everyone's answer.
-                        let everyone = !(failure.dns && self.target.site);
+                    Err((failure, everyone)) => {
                         let result = failure.result();
                         info!(reply = result.reply(), "no connection");
                         // Every recipient not yet tried shares the answer, so the job is
@@ -650,8 +658,9 @@ impl Worker {
                         );
                         if everyone {
                             self.dest.do_send(Unreachable { result });
+                            return false;
                         }
-                        return false;
+                        return true;
                     }
                 }
             }
@@ -776,20 +785,37 @@ impl Worker {
         Some(again)
     }
 
-    async fn connect(&self, domain: &str) -> Result<Open, NoConnection> {
+    /// Opens a connection to the first of `mx` (the job's MX hosts, already looked up), or of
+    /// the route's relay host, that answers. On failure, also whether the failure is the whole
+    /// destination's (its hosts do not answer), not only this job's.
+    async fn connect(
+        &self,
+        domain: &str,
+        mx: Option<&Arc<[MxTarget]>>,
+    ) -> Result<Open, (NoConnection, bool)> {
         let settings = &self.shared.settings;
-        let (targets, port) = match &self.target.relay {
-            Some((host, port)) => (
-                self.shared
+        let relay;
+        let (targets, port): (&[MxTarget], u16) = match (&self.target.relay, mx) {
+            (Some((host, port)), _) => {
+                relay = self
+                    .shared
                     .resolver
                     .resolve_host(host)
                     .await
-                    .map(|t| vec![t]),
-                *port,
-            ),
-            None => (self.shared.resolver.resolve(domain).await, settings.port),
+                    .map_err(|e| (dns_failure(&e, host), true))?;
+                (std::slice::from_ref(&relay), *port)
+            }
+            (None, Some(mx)) => (mx, settings.port),
+            (None, None) => {
+                // Not reached: the dispatcher looks every MX-routed job up.
+                let reply = format!("4.4.3 {domain}: no MX lookup was made");
+                let failure = NoConnection {
+                    permanent: false,
+                    reply,
+                };
+                return Err((failure, false));
+            }
         };
-        let targets: Vec<MxTarget> = targets.map_err(|e| dns_failure(&e, domain))?;
         let mut cfg = settings.client.clone();
         cfg.tls = self.target.tls;
         let mut errors: Vec<(bool, String)> = Vec::new();
@@ -820,11 +846,7 @@ impl Worker {
             .pop()
             .map(|(_, r)| r)
             .unwrap_or_else(|| format!("4.4.4 no address to connect to for {domain}"));
-        Err(NoConnection {
-            permanent,
-            reply,
-            dns: false,
-        })
+        Err((NoConnection { permanent, reply }, true))
     }
 }
 
@@ -834,7 +856,6 @@ fn dns_failure(e: &DnsError, domain: &str) -> NoConnection {
     NoConnection {
         permanent: e.is_permanent(),
         reply: format!("{} {domain}: {e}", e.enhanced_code()),
-        dns: true,
     }
 }
 

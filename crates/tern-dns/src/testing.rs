@@ -23,14 +23,14 @@
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, UdpSocket};
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use hickory_server::authority::{Catalog, MessageResponseBuilder, ZoneType};
 use hickory_server::proto::op::{Header, ResponseCode};
 use hickory_server::proto::rr::rdata::{A, AAAA, MX, PTR, SOA, TXT};
-use hickory_server::proto::rr::{LowerName, Name, RData, Record};
+use hickory_server::proto::rr::{LowerName, Name, RData, Record, RecordType};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::store::in_memory::InMemoryAuthority;
 use hickory_server::ServerFuture;
@@ -46,6 +46,8 @@ pub const TEST_TTL: u32 = 300;
 pub struct TestZone {
     records: Vec<Record>,
     servfail: HashSet<LowerName>,
+    /// Overrides [`TEST_TTL`] for every record (not the negative TTL).
+    ttl: Option<u32>,
 }
 
 fn name(s: &str) -> Name {
@@ -58,6 +60,13 @@ impl TestZone {
     /// An empty zone: every name is NXDOMAIN.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Serves every record with this TTL instead of [`TEST_TTL`]; 0 keeps resolvers from
+    /// caching, so [`TestDns::queries`] counts every lookup the code makes.
+    pub fn ttl(mut self, ttl: u32) -> Self {
+        self.ttl = Some(ttl);
+        self
     }
 
     fn record(mut self, owner: &str, rdata: RData) -> Self {
@@ -136,10 +145,11 @@ fn reverse_name(ip: IpAddr) -> Name {
     n
 }
 
-/// Catalog plus the SERVFAIL list.
+/// Catalog plus the SERVFAIL list and the log of questions asked.
 struct Handler {
     catalog: Catalog,
     servfail: HashSet<LowerName>,
+    asked: Arc<Mutex<Vec<(LowerName, RecordType)>>>,
 }
 
 #[async_trait::async_trait]
@@ -149,6 +159,11 @@ impl RequestHandler for Handler {
         request: &Request,
         mut response_handle: R,
     ) -> ResponseInfo {
+        let query = request.query();
+        self.asked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((query.name().clone(), query.query_type()));
         if self.servfail.contains(request.query().name()) {
             let response = MessageResponseBuilder::from_message_request(request)
                 .error_msg(request.header(), ResponseCode::ServFail);
@@ -170,6 +185,7 @@ impl RequestHandler for Handler {
 /// same port). Stops when dropped.
 pub struct TestDns {
     addr: SocketAddr,
+    asked: Arc<Mutex<Vec<(LowerName, RecordType)>>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -215,14 +231,19 @@ impl TestDns {
             ),
             serial,
         );
-        for record in zone.records {
+        for mut record in zone.records {
+            if let Some(ttl) = zone.ttl {
+                record.set_ttl(ttl);
+            }
             authority.upsert_mut(record, serial);
         }
         let mut catalog = Catalog::new();
         catalog.upsert(LowerName::from(origin), Box::new(Arc::new(authority)));
+        let asked = Arc::new(Mutex::new(Vec::new()));
         let handler = Handler {
             catalog,
             servfail: zone.servfail,
+            asked: asked.clone(),
         };
 
         let (udp, tcp) = bind_pair();
@@ -257,6 +278,7 @@ impl TestDns {
         tracing::debug!(%addr, "test DNS server started");
         TestDns {
             addr,
+            asked,
             stop: Some(stop_tx),
             thread: Some(thread),
         }
@@ -265,6 +287,19 @@ impl TestDns {
     /// Where the server listens (UDP and TCP).
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// How many queries for `owner` of type `rtype` (e.g. `"MX"`) the server has answered.
+    pub fn queries(&self, owner: &str, rtype: &str) -> usize {
+        let owner = LowerName::from(name(owner));
+        let rtype = RecordType::from_str(rtype)
+            .unwrap_or_else(|e| panic!("bad record type {rtype:?}: {e}"));
+        self.asked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(n, t)| *n == owner && *t == rtype)
+            .count()
     }
 
     /// Stops the server and waits until its sockets are closed.
