@@ -492,38 +492,34 @@ impl Handler<Unreachable> for Destination {
         }
         for routed in self.queue.drain(..) {
             let now = now_ms();
-            report(&self.shared, &routed.job, &msg.result, None, now, now);
+            let job = &routed.job;
+            let results = job
+                .rcpt_index
+                .iter()
+                .map(|&i| (i, msg.result.clone()))
+                .collect();
+            report(&self.shared, job, results, None, now);
         }
     }
 }
 
+/// Tells the queue how some of `job`'s recipients fared: `results` pairs a recipient's index
+/// in the message's list with its result; the attempt ends now.
 fn report(
     shared: &Shared,
     job: &DeliveryJob,
-    result: &AttemptResult,
+    results: Vec<(usize, AttemptResult)>,
     remote: Option<RemoteHost>,
     started_ms: u64,
-    finished_ms: u64,
 ) {
-    let results = job
-        .rcpt_index
-        .iter()
-        .map(|&i| (i, result.clone()))
-        .collect();
-    send_report(
-        shared,
-        DeliveryReport {
-            id: job.id,
-            domain: job.domain.clone(),
-            results,
-            remote,
-            started_ms,
-            finished_ms,
-        },
-    );
-}
-
-fn send_report(shared: &Shared, report: DeliveryReport) {
+    let report = DeliveryReport {
+        id: job.id,
+        domain: job.domain.clone(),
+        results,
+        remote,
+        started_ms,
+        finished_ms: now_ms(),
+    };
     if let Err(e) = shared.report_to.try_send(report) {
         // Only when the queue is gone (shutting down): the recipients are still in the spool
         // in their earlier state and are retried after the restart.
@@ -645,17 +641,7 @@ impl Worker {
                             .chain(todo.iter())
                             .map(|&p| (job.rcpt_index[p], result.clone()))
                             .collect();
-                        send_report(
-                            &self.shared,
-                            DeliveryReport {
-                                id: job.id,
-                                domain: job.domain.clone(),
-                                results,
-                                remote: None,
-                                started_ms: started,
-                                finished_ms: now_ms(),
-                            },
-                        );
+                        report(&self.shared, job, results, None, started);
                         if everyone {
                             self.dest.do_send(Unreachable { result });
                             return false;
@@ -771,17 +757,7 @@ impl Worker {
                 ));
             }
         }
-        send_report(
-            &self.shared,
-            DeliveryReport {
-                id: job.id,
-                domain: job.domain.clone(),
-                results,
-                remote: Some(remote),
-                started_ms: started,
-                finished_ms: now_ms(),
-            },
-        );
+        report(&self.shared, job, results, Some(remote), started);
         Some(again)
     }
 

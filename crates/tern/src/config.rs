@@ -182,15 +182,9 @@ pub struct Limits {
     pub errors: u32,
     /// Most Received header fields before a message is refused as a loop.
     pub max_hops: usize,
-    #[serde(
-        serialize_with = "humantime_serde::serialize",
-        deserialize_with = "de_parsed::<_, Duration>"
-    )]
+    #[serde(with = "duration")]
     pub command_timeout: Duration,
-    #[serde(
-        serialize_with = "humantime_serde::serialize",
-        deserialize_with = "de_parsed::<_, Duration>"
-    )]
+    #[serde(with = "duration")]
     pub data_timeout: Duration,
 }
 
@@ -254,10 +248,7 @@ pub struct Queue {
     )]
     pub retry_schedule: Vec<Duration>,
     /// How long a message may stay queued before it bounces.
-    #[serde(
-        serialize_with = "humantime_serde::serialize",
-        deserialize_with = "de_parsed::<_, Duration>"
-    )]
+    #[serde(with = "duration")]
     pub max_lifetime: Duration,
     /// After this long in the queue the sender is told the message is
     /// delayed; `None` ("off", "0s", "0" or "" in the file) never warns.
@@ -414,10 +405,7 @@ pub struct Dns {
     /// Resolvers to ask; empty means the system's (/etc/resolv.conf).
     #[serde(deserialize_with = "de_nameservers")]
     pub nameservers: Vec<SocketAddr>,
-    #[serde(
-        serialize_with = "humantime_serde::serialize",
-        deserialize_with = "de_parsed::<_, Duration>"
-    )]
+    #[serde(with = "duration")]
     pub timeout: Duration,
 }
 
@@ -453,26 +441,14 @@ pub struct Delivery {
     /// `default_destination_recipient_limit`); more go in further
     /// transactions on the same connection.
     pub max_recipients_per_transaction: usize,
-    #[serde(
-        serialize_with = "humantime_serde::serialize",
-        deserialize_with = "de_parsed::<_, Duration>"
-    )]
+    #[serde(with = "duration")]
     pub connect_timeout: Duration,
-    #[serde(
-        serialize_with = "humantime_serde::serialize",
-        deserialize_with = "de_parsed::<_, Duration>"
-    )]
+    #[serde(with = "duration")]
     pub command_timeout: Duration,
-    #[serde(
-        serialize_with = "humantime_serde::serialize",
-        deserialize_with = "de_parsed::<_, Duration>"
-    )]
+    #[serde(with = "duration")]
     pub data_timeout: Duration,
     /// How long an idle outbound connection waits for more mail before QUIT.
-    #[serde(
-        serialize_with = "humantime_serde::serialize",
-        deserialize_with = "de_parsed::<_, Duration>"
-    )]
+    #[serde(with = "duration")]
     pub idle_timeout: Duration,
     /// PEM bundle of the certificate authorities trusted for routes with
     /// `tls = "required"`. The default is Debian's system bundle; when it
@@ -490,20 +466,14 @@ pub struct Policy {
     /// still work, and hard bounces are still recorded).
     pub enabled: bool,
     /// The longest a session waits for one verdict before applying the step's default.
-    #[serde(
-        serialize_with = "humantime_serde::serialize",
-        deserialize_with = "de_parsed::<_, Duration>"
-    )]
+    #[serde(with = "duration")]
     pub timeout: Duration,
     /// New connections per client address; `None` is unlimited.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub connect_rate: Option<Rate>,
     /// DNS blocklist zones checked at connect (`zen.spamhaus.org` style).
     pub dnsbl_zones: Vec<String>,
-    #[serde(
-        serialize_with = "humantime_serde::serialize",
-        deserialize_with = "de_parsed::<_, Duration>"
-    )]
+    #[serde(with = "duration")]
     pub dnsbl_timeout: Duration,
     pub helo_require_fqdn: bool,
     pub helo_reject_own_hostname: bool,
@@ -544,32 +514,20 @@ pub struct Policy {
     /// Greylist strangers at RCPT (triplets in `<data_dir>/greylist`).
     pub greylisting: bool,
     /// How long a new triplet must wait before a retry is accepted.
-    #[serde(
-        serialize_with = "humantime_serde::serialize",
-        deserialize_with = "de_parsed::<_, Duration>"
-    )]
+    #[serde(with = "duration")]
     pub greylist_delay: Duration,
     /// A retry later than this after the first attempt starts over.
-    #[serde(
-        serialize_with = "humantime_serde::serialize",
-        deserialize_with = "de_parsed::<_, Duration>"
-    )]
+    #[serde(with = "duration")]
     pub greylist_retry_window: Duration,
     /// How long a passed triplet is remembered since it was last seen.
-    #[serde(
-        serialize_with = "humantime_serde::serialize",
-        deserialize_with = "de_parsed::<_, Duration>"
-    )]
+    #[serde(with = "duration")]
     pub greylist_expiry: Duration,
     /// Reverse DNS required of clients at connect: `off`, `exists` (a PTR record) or
     /// `confirmed` (a PTR name whose A/AAAA is the client's address).
     #[serde(deserialize_with = "de_parsed::<_, ReverseDns>")]
     pub reverse_dns: ReverseDns,
     /// The most the reverse-DNS lookups of one connection may take (then 450 4.7.25).
-    #[serde(
-        serialize_with = "humantime_serde::serialize",
-        deserialize_with = "de_parsed::<_, Duration>"
-    )]
+    #[serde(with = "duration")]
     pub reverse_dns_timeout: Duration,
     /// The known recipients of `relay.domains` (one `user@domain` or `@domain` a line); empty:
     /// every address of those domains is accepted.
@@ -1838,6 +1796,22 @@ struct Parsed<T>(T);
 impl<'de, T: FromConfigStr> Deserialize<'de> for Parsed<T> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         d.deserialize_str(ParsedVisitor(PhantomData)).map(Parsed)
+    }
+}
+
+/// A duration key: written as `30s`/`5m`/`1h30m` (humantime), read through [`FromConfigStr`]
+/// so a bad value's error names the key.
+mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        humantime_serde::serialize(d, s)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        super::de_parsed(d)
     }
 }
 
