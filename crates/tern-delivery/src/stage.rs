@@ -193,7 +193,12 @@ impl Handler<DeliveryJob> for Dispatcher {
         // Every domain sent to one smarthost shares its connections.
         if let Some((host, port)) = &target.relay {
             let key = format!("[{host}]:{port}");
-            self.send_to(key, target, Routed { job, mx: None }, ctx);
+            let routed = Routed {
+                job,
+                mx: None,
+                at: Instant::now(),
+            };
+            self.send_to(key, target, routed, ctx);
             return;
         }
         // Every domain with the same MX hosts (a "site") shares its connections too. The
@@ -210,7 +215,11 @@ impl Handler<DeliveryJob> for Dispatcher {
                 // connections of domains that do resolve.
                 Err(e) => (job.domain.clone(), Err(dns_failure(&e, &job.domain))),
             };
-            let routed = Routed { job, mx: Some(mx) };
+            let routed = Routed {
+                job,
+                mx: Some(mx),
+                at: Instant::now(),
+            };
             act.send_to(key, target, routed, ctx);
         }));
     }
@@ -223,7 +232,14 @@ impl Handler<DeliveryJob> for Dispatcher {
 struct Routed {
     job: DeliveryJob,
     mx: Option<Result<Arc<[MxTarget]>, NoConnection>>,
+    /// When the lookup was made.
+    at: Instant,
 }
+
+/// A job's MX answer is used to connect for it until it is this old; after a longer wait in
+/// its destination's queue the worker looks the domain up again, so hosts or addresses that
+/// changed meanwhile are not tried (and their failure taken as the whole site's).
+const MX_ANSWER_FRESH: Duration = Duration::from_secs(60);
 
 /// The destination key of domains whose MX hosts are `targets`: the host names, sorted, so
 /// that the order and the preferences do not matter (KumoMTA's "site"), and the route when
@@ -626,8 +642,11 @@ impl Worker {
                 let connected = match &routed.mx {
                     // The job's domain did not resolve: its own answer, not the destination's.
                     Some(Err(failure)) => Err((failure.clone(), false)),
-                    Some(Ok(targets)) => self.connect(&job.domain, Some(targets)).await,
-                    None => self.connect(&job.domain, None).await,
+                    Some(Ok(targets)) if routed.at.elapsed() < MX_ANSWER_FRESH => {
+                        self.connect(&job.domain, Some(targets)).await
+                    }
+                    // A smarthost, or an answer grown old in the queue: look up now.
+                    _ => self.connect(&job.domain, None).await,
                 };
                 match connected {
                     Ok(open) => *conn = Some(open),
@@ -761,9 +780,9 @@ impl Worker {
         Some(again)
     }
 
-    /// Opens a connection to the first of `mx` (the job's MX hosts, already looked up), or of
-    /// the route's relay host, that answers. On failure, also whether the failure is the whole
-    /// destination's (its hosts do not answer), not only this job's.
+    /// Opens a connection to the first of `mx` (the job's MX hosts, already looked up; looked up
+    /// now when `None`), or of the route's relay host, that answers. On failure, also whether
+    /// the failure is the whole destination's (its hosts do not answer), not only this job's.
     async fn connect(
         &self,
         domain: &str,
@@ -771,6 +790,7 @@ impl Worker {
     ) -> Result<Open, (NoConnection, bool)> {
         let settings = &self.shared.settings;
         let relay;
+        let fresh;
         let (targets, port): (&[MxTarget], u16) = match (&self.target.relay, mx) {
             (Some((host, port)), _) => {
                 relay = self
@@ -783,13 +803,13 @@ impl Worker {
             }
             (None, Some(mx)) => (mx, settings.port),
             (None, None) => {
-                // Not reached: the dispatcher looks every MX-routed job up.
-                let reply = format!("4.4.3 {domain}: no MX lookup was made");
-                let failure = NoConnection {
-                    permanent: false,
-                    reply,
-                };
-                return Err((failure, false));
+                fresh = self
+                    .shared
+                    .resolver
+                    .resolve(domain)
+                    .await
+                    .map_err(|e| (dns_failure(&e, domain), false))?;
+                (&fresh[..], settings.port)
             }
         };
         let mut cfg = settings.client.clone();

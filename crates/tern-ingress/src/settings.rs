@@ -84,7 +84,7 @@ pub struct Settings {
     pub vrfy: VrfyPolicy,
     /// SASL user name → PHC password hash (argon2id).
     pub users: HashMap<String, String>,
-    /// Session arbiters (threads); 0 means one per CPU core.
+    /// Session arbiters (threads); 0 means one per CPU core but one (at least one).
     pub workers: usize,
     /// The validation stage; `None` runs without policy checks (tests of the SMTP layer).
     pub policy: Option<tern_policy::PolicyClient>,

@@ -320,15 +320,13 @@ impl Authenticator {
     }
 
     /// The policy for mail from `from_domain` under `record` (RFC 7489 §6.6.3): `p=` when the
-    /// record is the From domain's own, `sp=` (which defaults to `p=`) when it is the
-    /// organizational domain's, found because the From domain has none. mail-auth 0.7 takes
-    /// `sp=` only when alignment passed through the organizational domain, so a failing
-    /// message from a subdomain got `p=`. Its tree walk has just asked for this name: a record
-    /// comes from the TXT cache, a "none" from the resolver's negative cache.
+    /// record is the From domain's own, `sp=` (which defaults to `p=`) when it was found above
+    /// it (the organizational domain's, or a public suffix's, RFC 9091) because the From
+    /// domain has none. mail-auth 0.7 takes `sp=` only when alignment passed through the
+    /// organizational domain, so a failing message from a subdomain got `p=`. Its tree walk
+    /// has just asked for this name: a record comes from the TXT cache, a "none" from the
+    /// resolver's negative cache.
     async fn record_policy(&self, from_domain: &str, record: &Dmarc) -> DmarcRecordPolicy {
-        if organizational_domain(from_domain) == from_domain {
-            return record.p;
-        }
         let own = self
             .inner
             .txt_lookup::<Dmarc>(format!("_dmarc.{from_domain}."), Some(self.txt.as_ref()))
@@ -337,7 +335,7 @@ impl Authenticator {
             Err(mail_auth::Error::DnsRecordNotFound(_) | mail_auth::Error::InvalidRecordType) => {
                 record.sp
             }
-            // Its own record, or a lookup failing now: the stricter reading.
+            // Its own record; or a lookup failing now, when `p=` is what mail-auth found.
             _ => record.p,
         }
     }

@@ -57,6 +57,10 @@ pub(crate) struct Flight {
     remote: BTreeMap<usize, (String, bool)>,
     /// `tern queue delete` arrived while in flight: delete when the round ends (bounce?).
     pub(crate) delete: Option<bool>,
+    /// Every recipient is answered and the round's notification is being spooled; the
+    /// message stays in flight until then, so an operator's hold or delete meanwhile lands on
+    /// this copy, which is the one written.
+    finishing: bool,
 }
 
 /// The domain a recipient is routed by: the part after the last `@`, lowercased; a bare
@@ -240,6 +244,7 @@ impl QueueActor {
                 transitions: Vec::new(),
                 remote: BTreeMap::new(),
                 delete: None,
+                finishing: false,
             },
         );
         for job in jobs {
@@ -280,7 +285,7 @@ impl QueueActor {
 
     /// Applies a report's results; returns the id when its round is complete.
     fn apply_report(&mut self, report: DeliveryReport) -> Option<QueueId> {
-        let Some(flight) = self.in_flight.get_mut(&report.id) else {
+        let Some(flight) = self.in_flight.get_mut(&report.id).filter(|f| !f.finishing) else {
             warn!(queue_id = %report.id, "report for a message not in flight; ignored");
             return None;
         };
@@ -361,8 +366,28 @@ impl QueueActor {
         let Some(mut flight) = self.in_flight.remove(&id) else {
             return;
         };
-        self.in_flight_bytes -= flight.body.len() as u64;
         let now = now_ms();
+        let dsn = match flight.delete {
+            Some(_) => None,
+            None => self.notification(id, &mut flight, now),
+        };
+        let Some(dsn) = dsn else {
+            self.land(id, flight, true, ctx);
+            return;
+        };
+        flight.finishing = true;
+        self.in_flight.insert(id, flight);
+        self.send_dsn(dsn, ctx, move |act, ok, ctx| {
+            if let Some(flight) = act.in_flight.remove(&id) {
+                act.land(id, flight, ok, ctx);
+            }
+        });
+    }
+
+    /// The end of a round, out of flight: the deletion asked for meanwhile, or the new state
+    /// written (`notified`: the round's notification, if it needed one, is spooled).
+    fn land(&mut self, id: QueueId, flight: Flight, notified: bool, ctx: &mut Context<Self>) {
+        self.in_flight_bytes -= flight.body.len() as u64;
         if let Some(bounce) = flight.delete {
             let original = Original {
                 id,
@@ -372,22 +397,13 @@ impl QueueActor {
                 body: &flight.body,
             };
             self.delete_now(original, bounce, ctx);
-            return;
+        } else if notified {
+            self.persist(id, &flight.envelope, now_ms());
+        } else {
+            // The stored state still has these recipients due: they are tried (and
+            // reported) again instead of being final without a notification.
+            self.index.due.schedule(id, now_ms() + SUSPENDED_RECHECK_MS);
         }
-        let dsn = self.notification(id, &mut flight, now);
-        let Some(dsn) = dsn else {
-            self.persist(id, &flight.envelope, now);
-            return;
-        };
-        self.send_dsn(dsn, ctx, move |act, ok, _ctx| {
-            if ok {
-                act.persist(id, &flight.envelope, now_ms());
-            } else {
-                // The stored state still has these recipients due: they are tried (and
-                // reported) again instead of being final without a notification.
-                act.index.due.schedule(id, now_ms() + SUSPENDED_RECHECK_MS);
-            }
-        });
     }
 
     /// Spools a notification (through the group committer like any message), then runs `then`

@@ -16,7 +16,10 @@
 //!
 //! An idle spool does not prepare one: the first spare is asked for once the active segment
 //! holds [`PREPARE_AFTER`] bytes, so a test or a quiet server never writes 32 MiB of zeros; from
-//! then on each spare taken asks for the next.
+//! then on each spare taken asks for the next. A spare must fit above the spool's free-space
+//! reserve (`min_free_bytes`), like a message: a nearly full disk gets plain files, never a
+//! fill that runs into ENOSPC. A ready spare stays on disk (32 MiB) until it is taken or the
+//! next start deletes it.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -28,14 +31,16 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
 
+use crate::free_space::FreeSpaceGuard;
+
 /// The spare's name while it is being filled and until it is taken.
 pub(crate) const SPARE_NAME: &str = "spare.tmp";
 /// The active segment holds this much before the first spare is asked for.
 pub(crate) const PREPARE_AFTER: u64 = 1 << 20;
 /// Zeros are written this much at a time, so a stop is noticed within one chunk.
 const CHUNK: usize = 1 << 20;
-/// After a failed fill (disk full, say), requests are ignored this long: the committer goes on
-/// appending to plain files meanwhile, which only costs speed.
+/// After a failed fill (too little free space, say), requests are ignored this long: the
+/// committer goes on appending to plain files meanwhile, which only costs speed.
 const RETRY_AFTER: Duration = Duration::from_secs(30);
 
 #[derive(Default)]
@@ -43,6 +48,7 @@ struct State {
     ready: Option<File>,
     wanted: bool,
     stop: bool,
+    failed_at: Option<Instant>,
 }
 
 struct Shared {
@@ -52,6 +58,7 @@ struct Shared {
     ready: AtomicBool,
     path: PathBuf,
     size: u64,
+    free_space: Arc<FreeSpaceGuard>,
 }
 
 /// Keeps (at most) one zero-filled file of `size` bytes ready in a directory.
@@ -63,7 +70,11 @@ pub(crate) struct Preallocator {
 impl Preallocator {
     /// Starts the filling thread for `dir`, deleting a spare left by an earlier run (it may be
     /// short: the run may have stopped mid-fill).
-    pub(crate) fn start(dir: &Path, size: u64) -> std::io::Result<Self> {
+    pub(crate) fn start(
+        dir: &Path,
+        size: u64,
+        free_space: Arc<FreeSpaceGuard>,
+    ) -> std::io::Result<Self> {
         let path = dir.join(SPARE_NAME);
         match std::fs::remove_file(&path) {
             Ok(()) => debug!("removed a spare segment left by an earlier run"),
@@ -76,6 +87,7 @@ impl Preallocator {
             ready: AtomicBool::new(false),
             path,
             size,
+            free_space,
         });
         let thread = std::thread::Builder::new()
             .name("tern-spool-prep".into())
@@ -94,10 +106,12 @@ impl Preallocator {
         self.shared.ready.load(Ordering::Acquire)
     }
 
-    /// Asks for a spare (no effect if one is ready or being made).
+    /// Asks for a spare (no effect if one is ready or being made, or for a while after a fill
+    /// failed).
     pub(crate) fn want(&self) {
         let mut st = lock(&self.shared.state);
-        if st.ready.is_none() && !st.wanted {
+        let backing_off = st.failed_at.is_some_and(|t| t.elapsed() < RETRY_AFTER);
+        if st.ready.is_none() && !st.wanted && !backing_off {
             st.wanted = true;
             self.shared.wake.notify_one();
         }
@@ -138,39 +152,25 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 fn run(shared: &Shared) {
-    let mut failed_at: Option<Instant> = None;
     loop {
         {
             let mut st = lock(&shared.state);
-            loop {
-                if st.stop {
-                    return;
-                }
-                let backing_off = failed_at.is_some_and(|t| t.elapsed() < RETRY_AFTER);
-                if st.wanted && !backing_off {
-                    break;
-                }
-                st = match failed_at.filter(|_| backing_off) {
-                    Some(t) => {
-                        let left = RETRY_AFTER.saturating_sub(t.elapsed());
-                        shared
-                            .wake
-                            .wait_timeout(st, left)
-                            .unwrap_or_else(|p| p.into_inner())
-                            .0
-                    }
-                    None => shared.wake.wait(st).unwrap_or_else(|p| p.into_inner()),
-                };
+            while !st.wanted && !st.stop {
+                st = shared.wake.wait(st).unwrap_or_else(|p| p.into_inner());
+            }
+            if st.stop {
+                return;
             }
         }
         let started = Instant::now();
-        match fill(shared) {
+        let filled = fill(shared);
+        let mut st = lock(&shared.state);
+        st.wanted = false;
+        match filled {
             Ok(Some(file)) => {
-                let mut st = lock(&shared.state);
                 st.ready = Some(file);
-                st.wanted = false;
                 shared.ready.store(true, Ordering::Release);
-                failed_at = None;
+                st.failed_at = None;
                 debug!(
                     ms = started.elapsed().as_millis() as u64,
                     "spare segment ready"
@@ -180,7 +180,7 @@ fn run(shared: &Shared) {
             Err(e) => {
                 warn!(error = %e, path = %shared.path.display(), "cannot prepare a spare segment; new segments are plain files for now");
                 let _ = std::fs::remove_file(&shared.path);
-                failed_at = Some(Instant::now());
+                st.failed_at = Some(Instant::now());
             }
         }
     }
@@ -188,6 +188,10 @@ fn run(shared: &Shared) {
 
 /// Writes the zero-filled file and makes it durable. `Ok(None)` if asked to stop meanwhile.
 fn fill(shared: &Shared) -> std::io::Result<Option<File>> {
+    shared
+        .free_space
+        .admit(shared.size)
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -216,6 +220,10 @@ fn fill(shared: &Shared) -> std::io::Result<Option<File>> {
 mod tests {
     use super::*;
 
+    fn no_reserve(dir: &Path) -> Arc<FreeSpaceGuard> {
+        Arc::new(FreeSpaceGuard::new(dir, 0).unwrap())
+    }
+
     fn wait_ready(p: &Preallocator) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while !p.is_ready() {
@@ -227,7 +235,8 @@ mod tests {
     #[test]
     fn a_spare_is_made_only_when_wanted_and_is_all_zeros() {
         let dir = tempfile::tempdir().unwrap();
-        let p = Preallocator::start(dir.path(), 3 * CHUNK as u64 + 17).unwrap();
+        let p =
+            Preallocator::start(dir.path(), 3 * CHUNK as u64 + 17, no_reserve(dir.path())).unwrap();
         std::thread::sleep(Duration::from_millis(50));
         assert!(!p.is_ready());
         assert!(
@@ -259,16 +268,31 @@ mod tests {
     fn a_spare_left_by_an_earlier_run_is_removed_at_start() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(SPARE_NAME), b"half a fill").unwrap();
-        let p = Preallocator::start(dir.path(), CHUNK as u64).unwrap();
+        let p = Preallocator::start(dir.path(), CHUNK as u64, no_reserve(dir.path())).unwrap();
         assert!(!dir.path().join(SPARE_NAME).exists());
         assert!(!p.is_ready());
+    }
+
+    #[test]
+    fn no_spare_when_it_would_cut_into_the_free_space_reserve() {
+        let dir = tempfile::tempdir().unwrap();
+        // A reserve larger than any disk: the fill is refused before a byte is written.
+        let guard = Arc::new(FreeSpaceGuard::new(dir.path(), u64::MAX / 2).unwrap());
+        let p = Preallocator::start(dir.path(), CHUNK as u64, guard).unwrap();
+        p.want();
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!p.is_ready());
+        assert!(!dir.path().join(SPARE_NAME).exists());
+        // Backing off: a new request is not even taken.
+        p.want();
+        assert!(!lock(&p.shared.state).wanted);
     }
 
     #[test]
     fn stopping_mid_fill_leaves_no_file() {
         let dir = tempfile::tempdir().unwrap();
         // Large enough that the drop lands mid-fill on any disk.
-        let p = Preallocator::start(dir.path(), 1 << 40).unwrap();
+        let p = Preallocator::start(dir.path(), 1 << 40, no_reserve(dir.path())).unwrap();
         p.want();
         std::thread::sleep(Duration::from_millis(20));
         drop(p);

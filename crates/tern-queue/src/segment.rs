@@ -168,6 +168,24 @@ impl Record {
     }
 }
 
+/// Whether everything in `path` from `offset` on is zero bytes (the unwritten rest of a
+/// zero-filled segment). Read only where a replay ended on zeros before the end of a file.
+pub(crate) fn zeros_from(path: &Path, offset: u64) -> io::Result<bool> {
+    use std::io::Seek;
+    let mut file = File::open(path)?;
+    file.seek(io::SeekFrom::Start(offset))?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            return Ok(true);
+        }
+        if buf[..n].iter().any(|&b| b != 0) {
+            return Ok(false);
+        }
+    }
+}
+
 /// Reads a segment's records in order. Bodies are checked, then dropped unless asked for.
 pub(crate) struct Reader {
     file: BufReader<File>,
@@ -200,6 +218,8 @@ impl Reader {
         let mut head = [0u8; HEADER_LEN];
         match read_full(&mut self.file, &mut head)? {
             0 => return self.stop(None),
+            // The last few bytes of a zero-filled file.
+            n if n < HEADER_LEN && head[..n].iter().all(|&b| b == 0) => return self.stop(None),
             n if n < HEADER_LEN => return self.stop(Some(format!("{n}-byte partial header"))),
             _ => {}
         }
@@ -306,6 +326,16 @@ mod tests {
         assert!(r.next_record(&mut body).unwrap().is_none());
         assert_eq!(r.offset(), whole as u64);
         assert_eq!(r.stopped, None, "zeros are no damage");
+
+        // A zero tail shorter than a header is the end too.
+        let short = &buf[..whole + 7];
+        File::create(&path).unwrap().write_all(short).unwrap();
+        let mut r = Reader::open(&path, 0).unwrap();
+        r.next_record(&mut body).unwrap().unwrap();
+        assert!(r.next_record(&mut body).unwrap().is_none());
+        assert_eq!(r.stopped, None, "a short zero tail is no damage");
+        assert!(zeros_from(&path, whole as u64).unwrap());
+        assert!(!zeros_from(&path, 0).unwrap());
 
         // A header that is not all zeros is still damage.
         buf[whole + 9] = 1;

@@ -151,7 +151,7 @@ struct Inner {
     log_file: File,
     dir: PathBuf,
     seg_dir: PathBuf,
-    free_space: FreeSpaceGuard,
+    free_space: Arc<FreeSpaceGuard>,
     /// Zero-filled files for new segments.
     spare: Preallocator,
     /// Set when an `fsync`/`fdatasync` failed; see [`Inner::poison`].
@@ -471,14 +471,25 @@ fn write_checkpoint(seg_dir: &Path, at: Position) -> std::io::Result<()> {
 }
 
 fn create_segment(seg_dir: &Path, seq: u64) -> std::io::Result<File> {
+    let path = seg_dir.join(segment::file_name(seq));
     let file = OpenOptions::new()
         .read(true)
         .write(true)
         .create_new(true)
-        .open(seg_dir.join(segment::file_name(seq)))?;
+        .open(&path)?;
     // The new name must survive a crash as much as the records written into the file.
-    fsync_dir(seg_dir)?;
+    durable_name(seg_dir, &path)?;
     Ok(file)
+}
+
+/// `fsync`s the directory holding the new file `path`. On failure the file is removed again:
+/// nothing has been written into it, and its name would block the next attempt.
+fn durable_name(seg_dir: &Path, path: &Path) -> std::io::Result<()> {
+    fsync_dir(seg_dir).inspect_err(|_| {
+        if let Err(e) = std::fs::remove_file(path) {
+            warn!(path = %path.display(), error = %e, "cannot remove a segment file whose name is not durable");
+        }
+    })
 }
 
 impl SledStorage {
@@ -595,8 +606,8 @@ impl Inner {
         if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
             fsync_dir(parent)?;
         }
-        let free_space = FreeSpaceGuard::new(dir, opts.min_free_bytes)?;
-        let spare = Preallocator::start(&seg_dir, SEGMENT_FILE_BYTES)?;
+        let free_space = Arc::new(FreeSpaceGuard::new(dir, opts.min_free_bytes)?);
+        let spare = Preallocator::start(&seg_dir, SEGMENT_FILE_BYTES, free_space.clone())?;
         let blobs = dir.join("blobs");
         let blobs_mtime_at_open = std::fs::metadata(&blobs).and_then(|m| m.modified()).ok();
         // Blobs left by an earlier run (they should not exist) keep every checkpoint scanning.
@@ -732,30 +743,48 @@ impl Inner {
     fn rotate_if_full(&self, w: &mut Writer) -> Result<(), StorageError> {
         let full = w.end() >= SEGMENT_FILE_BYTES;
         let busy = w.preallocated || w.end() >= prealloc::PREPARE_AFTER;
-        if full || (busy && !w.preallocated && self.spare.is_ready()) {
-            self.rotate(w)?;
+        let seq = w.seq + 1;
+        let path = self.seg_dir.join(segment::file_name(seq));
+        if full {
+            w.write_pending()?;
+            match self.spare.take(&path) {
+                Some(file) => self.rotate_into(w, seq, file, true)?,
+                None => {
+                    let file = create_segment(&self.seg_dir, seq)?;
+                    self.rotate_into(w, seq, file, false)?;
+                }
+            }
             if busy {
                 // Have the next one ready by the time this one is full.
                 self.spare.want();
             }
         } else if busy && !w.preallocated {
+            // A plain file with traffic: move to a zero-filled one as soon as one is ready
+            // (a failed take just leaves the writer where it is).
+            if self.spare.is_ready() {
+                w.write_pending()?;
+                if let Some(file) = self.spare.take(&path) {
+                    self.rotate_into(w, seq, file, true)?;
+                }
+            }
             self.spare.want();
         }
         Ok(())
     }
 
-    fn rotate(&self, w: &mut Writer) -> Result<(), StorageError> {
-        w.write_pending()?;
-        let seq = w.seq + 1;
-        let path = self.seg_dir.join(segment::file_name(seq));
-        let (file, preallocated) = match self.spare.take(&path) {
-            Some(file) => {
-                // The new name must survive a crash as much as the records written into it.
-                fsync_dir(&self.seg_dir)?;
-                (file, true)
-            }
-            None => (create_segment(&self.seg_dir, seq)?, false),
-        };
+    /// Makes `file` (already named `seq`) the active segment; seals the previous one.
+    fn rotate_into(
+        &self,
+        w: &mut Writer,
+        seq: u64,
+        file: File,
+        preallocated: bool,
+    ) -> Result<(), StorageError> {
+        if preallocated {
+            // The new name must survive a crash as much as the records written into it.
+            let path = self.seg_dir.join(segment::file_name(seq));
+            durable_name(&self.seg_dir, &path)?;
+        }
         let file = Arc::new(file);
         let old = std::mem::replace(&mut w.file, file.clone());
         if w.synced < w.written {
@@ -1127,9 +1156,17 @@ fn replay(
                 }
             }
         }
+        let len = std::fs::metadata(path).map_or(0, |m| m.len());
+        if reader.stopped.is_none()
+            && reader.offset() < len
+            && !segment::zeros_from(path, reader.offset())?
+        {
+            // Zeros ended the read but the file goes on with something else: a zeroed block
+            // inside a segment, not the unwritten rest of a zero-filled one.
+            reader.stopped = Some("a block of zeros before more data".into());
+        }
         if let Some(why) = &reader.stopped {
             let last = i + 1 == found.len();
-            let len = std::fs::metadata(path).map_or(0, |m| m.len());
             let dropped = len.saturating_sub(reader.offset());
             if last {
                 info!(segment = seq, bytes = dropped, reason = %why,
@@ -1177,6 +1214,10 @@ fn count_live(
             Some(s) => {
                 s.live += 1;
                 s.live_bytes += ptr.record_len;
+                // Found at open, a segment's length may be a zero-filled file's 32 MiB: its
+                // size for compaction is where its last live record ends.
+                let end = ptr.body_offset + ptr.body_len;
+                s.used = Some(s.used.map_or(end, |u| u.max(end)));
             }
             None => missing += 1,
         }

@@ -103,7 +103,7 @@ pub struct Smtp {
     pub max_connections_per_ip: usize,
     #[serde(deserialize_with = "de_parsed::<_, BareLineEndings>")]
     pub bare_line_endings: BareLineEndings,
-    /// Worker threads; 0 means one per CPU core.
+    /// Session threads; 0 means one per CPU core but one (at least one).
     pub workers: usize,
     #[serde(deserialize_with = "de_parsed::<_, VrfyPolicy>")]
     pub vrfy: VrfyPolicy,

@@ -1,6 +1,6 @@
 //! One actor per SMTP connection.
 //!
-//! The actor lives on one of the ingress arbiters (one per core) and owns the connection for its
+//! The actor lives on one of the ingress arbiters (`smtp.workers`) and owns the connection for its
 //! whole life; the protocol loop runs as a future inside the actor's context, so everything it
 //! touches is single-threaded and needs no locks. The only cross-stage traffic is the finished
 //! message handed to the queue stage through a [`QueueClient`]: straight to the spool's
