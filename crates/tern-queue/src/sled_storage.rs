@@ -744,10 +744,10 @@ impl Inner {
         let full = w.end() >= SEGMENT_FILE_BYTES;
         let busy = w.preallocated || w.end() >= prealloc::PREPARE_AFTER;
         let seq = w.seq + 1;
-        let path = self.seg_dir.join(segment::file_name(seq));
+        let path = || self.seg_dir.join(segment::file_name(seq));
         if full {
             w.write_pending()?;
-            match self.spare.take(&path) {
+            match self.spare.take(&path()) {
                 Some(file) => self.rotate_into(w, seq, file, true)?,
                 None => {
                     let file = create_segment(&self.seg_dir, seq)?;
@@ -763,7 +763,7 @@ impl Inner {
             // (a failed take just leaves the writer where it is).
             if self.spare.is_ready() {
                 w.write_pending()?;
-                if let Some(file) = self.spare.take(&path) {
+                if let Some(file) = self.spare.take(&path()) {
                     self.rotate_into(w, seq, file, true)?;
                 }
             }
