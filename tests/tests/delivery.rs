@@ -65,6 +65,21 @@ fn submit_n(server: &TernServer, n: usize) -> Vec<String> {
         .collect()
 }
 
+/// Submits one message from a@client.test to r0@…r{n-1}@example.net; returns its queue id and
+/// its token (the body says `body <token>`).
+fn submit_to_many(server: &TernServer, n: usize) -> (String, String) {
+    let rcpts: Vec<String> = (0..n).map(|i| format!("<r{i}@example.net>")).collect();
+    let refs: Vec<&str> = rcpts.iter().map(String::as_str).collect();
+    let token = unique_token();
+    let id = submit(
+        server,
+        "<a@client.test>",
+        &refs,
+        &message("a@client.test", "r0@example.net", &token),
+    );
+    (id, token)
+}
+
 /// The parsed `message/delivery-status` fields of a DSN: (per-message, per-recipient groups).
 fn dsn_fields(raw: &[u8]) -> (String, Vec<HashMap<String, String>>) {
     let msg = MessageParser::default().parse(raw).expect("DSN parses");
@@ -894,11 +909,6 @@ fn max_messages_per_connection_opens_a_new_connection() {
     );
 }
 
-/// `n` recipients `r0@domain` … as RCPT arguments.
-fn many_rcpts(domain: &str, n: usize) -> Vec<String> {
-    (0..n).map(|i| format!("<r{i}@{domain}>")).collect()
-}
-
 #[test]
 fn recipients_refused_with_452_too_many_go_in_the_next_transaction_at_once() {
     // The server takes three recipients per transaction: the 4th and 5th get
@@ -926,15 +936,7 @@ fn recipients_refused_with_452_too_many_go_in_the_next_transaction_at_once() {
     let mut server = to_sink(TernServer::builder(), &sink)
         .set_list("queue.retry_schedule", &["1h"])
         .start();
-    let rcpts = many_rcpts("example.net", 5);
-    let refs: Vec<&str> = rcpts.iter().map(String::as_str).collect();
-    let token = unique_token();
-    submit(
-        &server,
-        "<a@client.test>",
-        &refs,
-        &message("a@client.test", "r0@example.net", &token),
-    );
+    submit_to_many(&server, 5);
     let got = sink.wait_for_messages(2, WAIT);
     let sets: Vec<Vec<String>> = got.iter().map(|m| m.rcpts.clone()).collect();
     assert_eq!(
@@ -981,15 +983,7 @@ fn recipients_refused_with_452_too_many_go_in_the_next_transaction_at_once() {
 fn recipients_over_the_limit_go_in_transactions_of_50_on_one_connection() {
     let sink = Sink::start(SinkConfig::default());
     let mut server = to_sink(TernServer::builder(), &sink).start();
-    let rcpts = many_rcpts("example.net", 120);
-    let refs: Vec<&str> = rcpts.iter().map(String::as_str).collect();
-    let token = unique_token();
-    let id = submit(
-        &server,
-        "<a@client.test>",
-        &refs,
-        &message("a@client.test", "r0@example.net", &token),
-    );
+    let (id, token) = submit_to_many(&server, 120);
     let got = sink.wait_for_messages(3, WAIT);
     server.wait_queued(0, WAIT);
     let sizes: Vec<usize> = got.iter().map(|m| m.rcpts.len()).collect();
@@ -1044,14 +1038,7 @@ fn a_refused_transaction_defers_only_its_own_recipients() {
         ..SinkConfig::default()
     });
     let server = to_sink(TernServer::builder(), &sink).start();
-    let rcpts = many_rcpts("example.net", 120);
-    let refs: Vec<&str> = rcpts.iter().map(String::as_str).collect();
-    submit(
-        &server,
-        "<a@client.test>",
-        &refs,
-        &message("a@client.test", "r0@example.net", &unique_token()),
-    );
+    submit_to_many(&server, 120);
     let got = sink.wait_for_messages(3, WAIT);
     server.wait_queued(0, WAIT);
     let sizes: Vec<usize> = got.iter().map(|m| m.rcpts.len()).collect();
@@ -1085,14 +1072,7 @@ fn a_route_sets_its_own_max_recipients_per_transaction() {
     let server = to_sink(TernServer::builder(), &sink)
         .route_set("max_recipients_per_transaction", 2)
         .start();
-    let rcpts = many_rcpts("example.net", 5);
-    let refs: Vec<&str> = rcpts.iter().map(String::as_str).collect();
-    submit(
-        &server,
-        "<a@client.test>",
-        &refs,
-        &message("a@client.test", "r0@example.net", &unique_token()),
-    );
+    submit_to_many(&server, 5);
     let got = sink.wait_for_messages(3, WAIT);
     server.wait_queued(0, WAIT);
     let sizes: Vec<usize> = got.iter().map(|m| m.rcpts.len()).collect();
@@ -1317,15 +1297,7 @@ fn a_reused_connection_the_server_dropped_is_replaced_without_deferring() {
         ..SinkConfig::default()
     });
     let mut server = to_sink(TernServer::builder(), &sink).start();
-    let rcpts = many_rcpts("example.net", 120);
-    let refs: Vec<&str> = rcpts.iter().map(String::as_str).collect();
-    let token = unique_token();
-    submit(
-        &server,
-        "<a@client.test>",
-        &refs,
-        &message("a@client.test", "r0@example.net", &token),
-    );
+    submit_to_many(&server, 120);
     let got = sink.wait_for_messages(3, WAIT);
     server.wait_queued(0, WAIT);
     let sizes: Vec<usize> = got.iter().map(|m| m.rcpts.len()).collect();

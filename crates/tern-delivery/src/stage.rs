@@ -193,12 +193,7 @@ impl Handler<DeliveryJob> for Dispatcher {
         // Every domain sent to one smarthost shares its connections.
         if let Some((host, port)) = &target.relay {
             let key = format!("[{host}]:{port}");
-            let routed = Routed {
-                job,
-                mx: None,
-                at: Instant::now(),
-            };
-            self.send_to(key, target, routed, ctx);
+            self.send_to(key, target, Routed { job, mx: None }, ctx);
             return;
         }
         // Every domain with the same MX hosts (a "site") shares its connections too. The
@@ -209,36 +204,45 @@ impl Handler<DeliveryJob> for Dispatcher {
         let domain = job.domain.clone();
         let lookup = async move { resolver.resolve(&domain).await };
         ctx.spawn(lookup.into_actor(self).map(move |targets, act, ctx| {
-            let (key, mx) = match targets {
-                Ok(targets) => (site_key(&targets, route_index), Ok(targets.into())),
-                // A destination of its own, so the failure never counts against the
-                // connections of domains that do resolve.
-                Err(e) => (job.domain.clone(), Err(dns_failure(&e, &job.domain))),
-            };
-            let routed = Routed {
-                job,
-                mx: Some(mx),
-                at: Instant::now(),
-            };
-            act.send_to(key, target, routed, ctx);
+            match targets {
+                Ok(targets) => {
+                    let key = site_key(&targets, route_index);
+                    let routed = Routed {
+                        job,
+                        mx: Some((targets, Instant::now())),
+                    };
+                    act.send_to(key, target, routed, ctx);
+                }
+                // The domain's own answer: nothing to connect to, so no destination either.
+                Err(e) => {
+                    let result = dns_failure(&e, &job.domain).result();
+                    info!(domain = %job.domain, reply = result.reply(), "no connection");
+                    let results = job
+                        .rcpt_index
+                        .iter()
+                        .map(|&i| (i, result.clone()))
+                        .collect();
+                    report(&act.shared, &job, results, None, now_ms());
+                }
+            }
         }));
     }
 }
 
-/// A job with the MX lookup made for it: `None` for a smarthost route (the worker looks the
-/// relay host up when it connects).
+/// A job with the MX lookup made for it, and when it was made: `None` for a smarthost route
+/// (the worker looks the relay host up when it connects).
 #[derive(Message)]
 #[rtype(result = "()")]
 struct Routed {
     job: DeliveryJob,
-    mx: Option<Result<Arc<[MxTarget]>, NoConnection>>,
-    /// When the lookup was made.
-    at: Instant,
+    mx: Option<(Vec<MxTarget>, Instant)>,
 }
 
 /// A job's MX answer is used to connect for it until it is this old; after a longer wait in
-/// its destination's queue the worker looks the domain up again, so hosts or addresses that
-/// changed meanwhile are not tried (and their failure taken as the whole site's).
+/// its destination's queue the worker looks the domain up again (answered from the resolver's
+/// cache while the records' TTLs last), so hosts or addresses that changed meanwhile are not
+/// tried and their failure taken as the whole site's. A fixed age because `MxTarget` carries
+/// no TTL.
 const MX_ANSWER_FRESH: Duration = Duration::from_secs(60);
 
 /// The destination key of domains whose MX hosts are `targets`: the host names, sorted, so
@@ -562,7 +566,6 @@ impl Open {
 }
 
 /// Why no connection could be opened.
-#[derive(Clone)]
 struct NoConnection {
     permanent: bool,
     reply: String,
@@ -640,9 +643,7 @@ impl Worker {
             }
             if conn.is_none() {
                 let connected = match &routed.mx {
-                    // The job's domain did not resolve: its own answer, not the destination's.
-                    Some(Err(failure)) => Err((failure.clone(), false)),
-                    Some(Ok(targets)) if routed.at.elapsed() < MX_ANSWER_FRESH => {
+                    Some((targets, at)) if at.elapsed() < MX_ANSWER_FRESH => {
                         self.connect(&job.domain, Some(targets)).await
                     }
                     // A smarthost, or an answer grown old in the queue: look up now.
@@ -786,7 +787,7 @@ impl Worker {
     async fn connect(
         &self,
         domain: &str,
-        mx: Option<&Arc<[MxTarget]>>,
+        mx: Option<&[MxTarget]>,
     ) -> Result<Open, (NoConnection, bool)> {
         let settings = &self.shared.settings;
         let relay;

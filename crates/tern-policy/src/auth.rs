@@ -327,6 +327,10 @@ impl Authenticator {
     /// has just asked for this name: a record comes from the TXT cache, a "none" from the
     /// resolver's negative cache.
     async fn record_policy(&self, from_domain: &str, record: &Dmarc) -> DmarcRecordPolicy {
+        // Most records have no sp= of their own (it defaults to p=): nothing to tell apart.
+        if record.sp == record.p {
+            return record.p;
+        }
         let own = self
             .inner
             .txt_lookup::<Dmarc>(format!("_dmarc.{from_domain}."), Some(self.txt.as_ref()))

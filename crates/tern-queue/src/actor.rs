@@ -301,7 +301,7 @@ impl QueueActor {
                 ..Event::default()
             });
         } else if self.can_dispatch() {
-            self.dispatch(id, Some(msg), now_ms());
+            self.dispatch(id, Some(msg), now_ms(), ctx);
         } else {
             self.index.due.schedule(id, now_ms());
             self.arm_timer(ctx);
@@ -334,19 +334,19 @@ pub fn spawn_queue_with_client(
     config: QueueConfig,
 ) -> Result<(Addr<QueueActor>, QueueClient), StorageError> {
     let actor = QueueActor::new(storage, config)?;
-    let submitter = actor.committer.submitter();
+    let submitter = actor
+        .committer
+        .submitter()
+        .ok_or_else(|| StorageError::Io(std::io::Error::other("spool committer is not running")))?;
+    let notify = actor.committer.notify_handle();
     let arbiter = Arbiter::new();
-    let addr = QueueActor::start_in_arbiter(&arbiter.handle(), move |ctx| {
-        // Before anything can be submitted: the committer reports every commit here.
-        actor.committer.set_notify(ctx.address().recipient());
-        actor
-    });
     // The arbiter keeps running after its handle is dropped; it stops with the System.
-    let client = match submitter {
-        Some(s) => QueueClient::local(s),
-        None => QueueClient::from(addr.clone().recipient::<Enqueue>()),
-    };
-    Ok((addr, client))
+    let addr = QueueActor::start_in_arbiter(&arbiter.handle(), move |_| actor);
+    // Before the client is handed out, not when the actor starts on its thread: a message
+    // committed in between would be acknowledged and never indexed. The mailbox takes the
+    // commits until then.
+    let _ = notify.set(addr.clone().recipient());
+    Ok((addr, QueueClient::local(submitter)))
 }
 
 #[cfg(test)]

@@ -9,10 +9,11 @@ use crate::committer::{durable, Submitter};
 /// The queue stage as a session sees it: `enqueue` resolves once the message is durable (the
 /// moment to answer `250`), or with the reason it is not.
 ///
-/// Two routes, one contract. In one process the message goes straight to the spool's committer
-/// thread, and the queue actor learns of it with the rest of its group commit. Otherwise it is
-/// an [`Enqueue`] message to the queue actor's address (a plain serde type, so the actor may be
-/// on another node).
+/// Two routes, one contract. `tern serve` uses the first: the message goes straight to the
+/// spool's committer thread, and the queue actor learns of it with the rest of its group
+/// commit. The second sends an [`Enqueue`] to the queue actor's address, for a caller that has
+/// only that address (a plain serde message: the route a remote session stage would take once
+/// messages cross nodes; nothing does yet).
 #[derive(Clone)]
 pub struct QueueClient {
     route: Route,

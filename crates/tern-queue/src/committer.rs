@@ -118,9 +118,9 @@ impl Committer {
         })
     }
 
-    /// Where [`Committed`] goes. Set once, before the first message is submitted.
-    pub(crate) fn set_notify(&self, to: Recipient<Committed>) {
-        let _ = self.notify.set(to);
+    /// Where [`Committed`] will go; set it (once) before the first message is submitted.
+    pub(crate) fn notify_handle(&self) -> Arc<OnceLock<Recipient<Committed>>> {
+        self.notify.clone()
     }
 
     pub(crate) fn submitter(&self) -> Option<Submitter> {

@@ -50,6 +50,9 @@ pub(crate) struct Flight {
     body: Bytes,
     /// Recipients (indices) not reported yet. A job may be answered in several reports (one
     /// per SMTP transaction), so the round ends with the last recipient, not the last report.
+    /// Empty while the message is still in flight: the round's notification is being spooled
+    /// (it stays in flight until then, so an operator's hold or delete meanwhile lands on this
+    /// copy, which is the one written).
     outstanding: BTreeSet<usize>,
     /// What happened to each recipient in this round, for the notification.
     transitions: Vec<(usize, Transition)>,
@@ -57,10 +60,6 @@ pub(crate) struct Flight {
     remote: BTreeMap<usize, (String, bool)>,
     /// `tern queue delete` arrived while in flight: delete when the round ends (bounce?).
     pub(crate) delete: Option<bool>,
-    /// Every recipient is answered and the round's notification is being spooled; the
-    /// message stays in flight until then, so an operator's hold or delete meanwhile lands on
-    /// this copy, which is the one written.
-    finishing: bool,
 }
 
 /// The domain a recipient is routed by: the part after the last `@`, lowercased; a bare
@@ -99,7 +98,7 @@ impl QueueActor {
                 break;
             }
             for id in ids {
-                self.dispatch(id, None, now);
+                self.dispatch(id, None, now, ctx);
             }
         }
         self.arm_timer(ctx);
@@ -131,7 +130,13 @@ impl QueueActor {
 
     /// Starts a delivery round for one message: its due recipients, grouped by domain, one job
     /// per domain. `msg` is the message when the caller has it in memory (just enqueued).
-    pub(crate) fn dispatch(&mut self, id: QueueId, msg: Option<InboundMessage>, now: u64) {
+    pub(crate) fn dispatch(
+        &mut self,
+        id: QueueId,
+        msg: Option<InboundMessage>,
+        now: u64,
+        ctx: &mut Context<Self>,
+    ) {
         if self.in_flight.contains_key(&id) {
             return;
         }
@@ -244,7 +249,6 @@ impl QueueActor {
                 transitions: Vec::new(),
                 remote: BTreeMap::new(),
                 delete: None,
-                finishing: false,
             },
         );
         for job in jobs {
@@ -271,21 +275,29 @@ impl QueueActor {
                         )
                     })
                     .collect();
-                self.apply_report(DeliveryReport {
+                let report = DeliveryReport {
                     id,
                     domain: job.domain,
                     results,
                     remote: None,
                     started_ms: now,
                     finished_ms: now,
-                });
+                };
+                // The last job answered this way ends the round like any report would.
+                if let Some(id) = self.apply_report(report) {
+                    self.finish(id, ctx);
+                }
             }
         }
     }
 
     /// Applies a report's results; returns the id when its round is complete.
     fn apply_report(&mut self, report: DeliveryReport) -> Option<QueueId> {
-        let Some(flight) = self.in_flight.get_mut(&report.id).filter(|f| !f.finishing) else {
+        let Some(flight) = self
+            .in_flight
+            .get_mut(&report.id)
+            .filter(|f| !f.outstanding.is_empty())
+        else {
             warn!(queue_id = %report.id, "report for a message not in flight; ignored");
             return None;
         };
@@ -375,7 +387,6 @@ impl QueueActor {
             self.land(id, flight, true, ctx);
             return;
         };
-        flight.finishing = true;
         self.in_flight.insert(id, flight);
         self.send_dsn(dsn, ctx, move |act, ok, ctx| {
             if let Some(flight) = act.in_flight.remove(&id) {

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::sled_storage::lock;
 use crate::storage::StorageError;
 
 /// How long a `statvfs` reading is trusted. One call costs a few microseconds, but the committer
@@ -59,7 +60,7 @@ impl FreeSpaceGuard {
         if self.min_free_bytes == 0 {
             return Ok(());
         }
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = lock(&self.state);
         let stale = state.checked_at.is_none_or(|t| t.elapsed() >= REFRESH);
         if stale {
             state.available = self.available_bytes()?;

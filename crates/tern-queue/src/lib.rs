@@ -3,8 +3,10 @@
 //! * [`Storage`] is the small storage interface; [`SledStorage`] implements it with message
 //!   bodies in append-only segment files and the index in sled 0.34.7, with the durability
 //!   argument in the [`sled_storage`] module documentation.
-//! * [`QueueActor`] receives [`Enqueue`] from sessions and answers only once the message is
-//!   durable. A committer thread groups concurrent messages so they share one flush.
+//! * Sessions hand messages to the spool through a [`QueueClient`]: straight to a committer
+//!   thread that groups concurrent messages so they share one flush, answering only once the
+//!   message is durable. The [`QueueActor`] indexes what was committed, schedules and drives
+//!   delivery, and also takes [`Enqueue`] from callers that have only its address.
 //! * [`schedule`] is the delivery scheduler's pure core (retry policy, recipient state
 //!   transitions, the due-time index), for the delivery milestone to drive from the actor.
 //!

@@ -25,7 +25,6 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -33,6 +32,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, warn};
 
 use crate::free_space::FreeSpaceGuard;
+use crate::sled_storage::lock;
 
 /// The spare's name while it is being filled and until it is taken.
 pub(crate) const SPARE_NAME: &str = "spare.tmp";
@@ -55,8 +55,6 @@ struct State {
 struct Shared {
     state: Mutex<State>,
     wake: Condvar,
-    /// `state.ready.is_some()`, readable without the lock on every commit.
-    ready: AtomicBool,
     path: PathBuf,
     size: u64,
     free_space: Arc<FreeSpaceGuard>,
@@ -85,7 +83,6 @@ impl Preallocator {
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             wake: Condvar::new(),
-            ready: AtomicBool::new(false),
             path,
             size,
             free_space,
@@ -102,39 +99,28 @@ impl Preallocator {
         })
     }
 
-    /// Whether a spare can be taken now.
-    pub(crate) fn is_ready(&self) -> bool {
-        self.shared.ready.load(Ordering::Acquire)
-    }
-
-    /// Asks for a spare (no effect if one is ready or being made, or for a while after a fill
-    /// failed).
-    pub(crate) fn want(&self) {
+    /// Takes the ready spare, renamed to `to`, and asks for the next one; `None` when none is
+    /// ready (then one is asked for, unless a fill failed a short while ago) or the rename
+    /// failed (logged). The caller makes the new name durable (`fsync` of the directory), as
+    /// for a created file.
+    pub(crate) fn take_or_want(&self, to: &Path) -> Option<File> {
         let mut st = lock(&self.shared.state);
+        let taken = st
+            .ready
+            .take()
+            .and_then(|file| match std::fs::rename(&self.shared.path, to) {
+                Ok(()) => Some(file),
+                Err(e) => {
+                    warn!(error = %e, to = %to.display(), "cannot rename the spare segment");
+                    None
+                }
+            });
         let backing_off = st.failed_at.is_some_and(|t| t.elapsed() < RETRY_AFTER);
-        if st.ready.is_none() && !st.wanted && !backing_off {
+        if !st.wanted && !backing_off {
             st.wanted = true;
             self.shared.wake.notify_one();
         }
-    }
-
-    /// Takes the ready spare and renames it to `to`. `None` when none is ready (or the rename
-    /// failed, which is logged): the caller creates a plain file instead. The caller makes the
-    /// new name durable (`fsync` of the directory), as for a created file.
-    pub(crate) fn take(&self, to: &Path) -> Option<File> {
-        let file = {
-            let mut st = lock(&self.shared.state);
-            let file = st.ready.take()?;
-            self.shared.ready.store(false, Ordering::Release);
-            file
-        };
-        match std::fs::rename(&self.shared.path, to) {
-            Ok(()) => Some(file),
-            Err(e) => {
-                warn!(error = %e, to = %to.display(), "cannot rename the spare segment");
-                None
-            }
-        }
+        taken
     }
 }
 
@@ -146,10 +132,6 @@ impl Drop for Preallocator {
             let _ = t.join();
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn run(shared: &Shared) {
@@ -170,7 +152,6 @@ fn run(shared: &Shared) {
         match filled {
             Ok(Some(file)) => {
                 st.ready = Some(file);
-                shared.ready.store(true, Ordering::Release);
                 st.failed_at = None;
                 debug!(
                     ms = started.elapsed().as_millis() as u64,
@@ -218,6 +199,13 @@ fn fill(shared: &Shared) -> std::io::Result<Option<File>> {
 }
 
 #[cfg(test)]
+impl Preallocator {
+    pub(crate) fn is_ready(&self) -> bool {
+        lock(&self.shared.state).ready.is_some()
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -245,12 +233,11 @@ mod tests {
             "made without a request"
         );
 
-        p.want();
-        wait_ready(&p);
+        // Nothing ready: no file, but a request.
         let to = dir.path().join("0000000000000007.seg");
-        let file = p.take(&to).expect("a spare was ready");
-        assert!(!p.is_ready());
-        assert!(!dir.path().join(SPARE_NAME).exists());
+        assert!(p.take_or_want(&to).is_none());
+        wait_ready(&p);
+        let file = p.take_or_want(&to).expect("a spare was ready");
         let bytes = std::fs::read(&to).unwrap();
         assert_eq!(bytes.len() as u64, 3 * CHUNK as u64 + 17);
         assert!(bytes.iter().all(|&b| b == 0));
@@ -258,11 +245,11 @@ mod tests {
         file.write_all_at(b"x", 0).unwrap();
         assert_eq!(std::fs::read(&to).unwrap()[0], b'x');
 
-        // Nothing more without another request.
-        assert!(p.take(&dir.path().join("0000000000000008.seg")).is_none());
-        p.want();
+        // Taking one asked for the next.
         wait_ready(&p);
-        assert!(p.take(&dir.path().join("0000000000000008.seg")).is_some());
+        assert!(p
+            .take_or_want(&dir.path().join("0000000000000008.seg"))
+            .is_some());
     }
 
     #[test]
@@ -280,23 +267,29 @@ mod tests {
         // A reserve larger than any disk: the fill is refused before a byte is written.
         let guard = Arc::new(FreeSpaceGuard::new(dir.path(), u64::MAX / 2).unwrap());
         let p = Preallocator::start(dir.path(), CHUNK as u64, guard).unwrap();
-        p.want();
+        let to = dir.path().join("0000000000000002.seg");
+        assert!(p.take_or_want(&to).is_none());
         std::thread::sleep(Duration::from_millis(100));
         assert!(!p.is_ready());
         assert!(!dir.path().join(SPARE_NAME).exists());
         // Backing off: a new request is not even taken.
-        p.want();
+        assert!(p.take_or_want(&to).is_none());
         assert!(!lock(&p.shared.state).wanted);
     }
 
     #[test]
     fn stopping_mid_fill_leaves_no_file() {
         let dir = tempfile::tempdir().unwrap();
-        // Large enough that the drop lands mid-fill on any disk.
-        let p = Preallocator::start(dir.path(), 1 << 40, no_reserve(dir.path())).unwrap();
-        p.want();
-        std::thread::sleep(Duration::from_millis(20));
+        let spare = dir.path().join(SPARE_NAME);
+        // 256 MiB: a fill that ignored the stop would finish and leave the file behind.
+        let p = Preallocator::start(dir.path(), 256 << 20, no_reserve(dir.path())).unwrap();
+        assert!(p.take_or_want(&dir.path().join("x.seg")).is_none());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !spare.exists() {
+            assert!(Instant::now() < deadline, "the fill never started");
+            std::thread::sleep(Duration::from_millis(1));
+        }
         drop(p);
-        assert!(!dir.path().join(SPARE_NAME).exists());
+        assert!(!spare.exists());
     }
 }

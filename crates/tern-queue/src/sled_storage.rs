@@ -35,8 +35,9 @@
 //! `Db::flush()` and `fdatasync`s sled's log file `db` (sled's `flush` uses `sync_file_range`,
 //! which persists neither the file size nor the drive's cache; see below), and only then
 //! replaces the checkpoint file (write, `fsync`, rename, `fsync` the directory). Every change is
-//! applied to sled before its record is appended, under one lock, and P is read under that lock,
-//! so every record before P is in sled's durable state once the flush returns.
+//! applied to sled and its record appended under one lock (an insert's record first, an
+//! update's or removal's index change first), and P is read under that lock, so every record
+//! before P is in sled's durable state once the flush returns.
 //!
 //! **Recovery** (at open) replays the records from the checkpoint on, in order, onto the index:
 //! `Insert` sets the entry, `Update` replaces an existing entry's metadata, `Remove` deletes it.
@@ -248,20 +249,22 @@ struct Segment {
     /// Index entries pointing into this segment, and their records' bytes.
     live: u64,
     live_bytes: u64,
-    /// Bytes of records, when known (sealed in this run); else the file's length stands in,
-    /// which for a zero-filled file found at open overstates it.
-    used: Option<u64>,
+    /// Its size for compaction: the bytes of records when it was sealed in this run, else (a
+    /// segment found at open) the file's length. For a zero-filled file that overstates it,
+    /// which costs at most one early compaction; understating it could pin a 32 MiB file for
+    /// as long as one message near its start stays queued.
+    used: u64,
     /// When it stopped being the active segment (for segments found at open: the open).
     sealed: Option<Instant>,
 }
 
 impl Segment {
-    fn new(file: Arc<File>, sealed: Option<Instant>) -> Self {
+    fn new(file: Arc<File>, used: u64, sealed: Option<Instant>) -> Self {
         Self {
             file,
             live: 0,
             live_bytes: 0,
-            used: None,
+            used,
             sealed,
         }
     }
@@ -428,7 +431,7 @@ fn fsync_dir(path: &Path) -> std::io::Result<()> {
     File::open(path)?.sync_all()
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding one of these locks leaves data that is still consistent enough to
     // read (counters, buffers); refusing every later operation would be worse.
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -620,13 +623,17 @@ impl Inner {
         let mut segments = BTreeMap::new();
         for (seq, path) in &found {
             let file = File::open(path)?;
-            segments.insert(*seq, Segment::new(Arc::new(file), Some(Instant::now())));
+            let len = file.metadata()?.len();
+            segments.insert(
+                *seq,
+                Segment::new(Arc::new(file), len, Some(Instant::now())),
+            );
         }
         count_live(&tree, &mut segments, checkpoint, &replayed.seen)?;
 
         let seq = found.last().map_or(1, |(s, _)| s + 1);
         let file = Arc::new(create_segment(&seg_dir, seq)?);
-        segments.insert(seq, Segment::new(file.clone(), None));
+        segments.insert(seq, Segment::new(file.clone(), 0, None));
         let inner = Inner {
             db,
             tree,
@@ -742,49 +749,31 @@ impl Inner {
     /// and nothing pending, so a record never spans two files.
     fn rotate_if_full(&self, w: &mut Writer) -> Result<(), StorageError> {
         let full = w.end() >= SEGMENT_FILE_BYTES;
-        let busy = w.preallocated || w.end() >= prealloc::PREPARE_AFTER;
+        if !full && (w.preallocated || w.end() < prealloc::PREPARE_AFTER) {
+            return Ok(());
+        }
+        // Full, or a plain file with traffic: the next file is a zero-filled one if one is
+        // ready (and the one after is asked for); else a plain one, only if this one is full.
+        w.write_pending()?;
         let seq = w.seq + 1;
-        let path = || self.seg_dir.join(segment::file_name(seq));
-        if full {
-            w.write_pending()?;
-            match self.spare.take(&path()) {
-                Some(file) => self.rotate_into(w, seq, file, true)?,
-                None => {
-                    let file = create_segment(&self.seg_dir, seq)?;
-                    self.rotate_into(w, seq, file, false)?;
-                }
+        let path = self.seg_dir.join(segment::file_name(seq));
+        match self.spare.take_or_want(&path) {
+            Some(file) => {
+                // The new name must survive a crash as much as the records written into it.
+                durable_name(&self.seg_dir, &path)?;
+                self.rotate_into(w, seq, file, true);
             }
-            if busy {
-                // Have the next one ready by the time this one is full.
-                self.spare.want();
+            None if full => {
+                let file = create_segment(&self.seg_dir, seq)?;
+                self.rotate_into(w, seq, file, false);
             }
-        } else if busy && !w.preallocated {
-            // A plain file with traffic: move to a zero-filled one as soon as one is ready
-            // (a failed take just leaves the writer where it is).
-            if self.spare.is_ready() {
-                w.write_pending()?;
-                if let Some(file) = self.spare.take(&path()) {
-                    self.rotate_into(w, seq, file, true)?;
-                }
-            }
-            self.spare.want();
+            None => {}
         }
         Ok(())
     }
 
     /// Makes `file` (already named `seq`) the active segment; seals the previous one.
-    fn rotate_into(
-        &self,
-        w: &mut Writer,
-        seq: u64,
-        file: File,
-        preallocated: bool,
-    ) -> Result<(), StorageError> {
-        if preallocated {
-            // The new name must survive a crash as much as the records written into it.
-            let path = self.seg_dir.join(segment::file_name(seq));
-            durable_name(&self.seg_dir, &path)?;
-        }
+    fn rotate_into(&self, w: &mut Writer, seq: u64, file: File, preallocated: bool) {
         let file = Arc::new(file);
         let old = std::mem::replace(&mut w.file, file.clone());
         if w.synced < w.written {
@@ -799,11 +788,10 @@ impl Inner {
         let mut segs = lock(&self.segments);
         if let Some(s) = segs.get_mut(&sealed) {
             s.sealed = Some(Instant::now());
-            s.used = Some(used);
+            s.used = used;
         }
-        segs.insert(seq, Segment::new(file, None));
+        segs.insert(seq, Segment::new(file, 0, None));
         debug!(segment = seq, preallocated, "new spool segment");
-        Ok(())
     }
 
     fn insert_many(&self, msgs: &[InboundMessage]) -> Vec<Result<(), StorageError>> {
@@ -999,10 +987,7 @@ impl Inner {
         let before = lock(&self.checkpoint).at.seq;
         let segs = lock(&self.segments);
         segs.range(..before).find_map(|(seq, s)| {
-            let size = s
-                .used
-                .unwrap_or_else(|| s.file.metadata().map_or(0, |m| m.len()));
-            let sparse = (s.live_bytes as f64) <= size as f64 * COMPACT_LIVE_FRACTION;
+            let sparse = (s.live_bytes as f64) <= s.used as f64 * COMPACT_LIVE_FRACTION;
             let old = s.sealed.is_some_and(|t| t.elapsed() >= sealed_for);
             (s.live > 0 && sparse && old).then_some(*seq)
         })
@@ -1159,7 +1144,7 @@ fn replay(
         let len = std::fs::metadata(path).map_or(0, |m| m.len());
         if reader.stopped.is_none()
             && reader.offset() < len
-            && !segment::zeros_from(path, reader.offset())?
+            && !segment::zeros_ahead(path, reader.offset())
         {
             // Zeros ended the read but the file goes on with something else: a zeroed block
             // inside a segment, not the unwritten rest of a zero-filled one.
@@ -1214,10 +1199,6 @@ fn count_live(
             Some(s) => {
                 s.live += 1;
                 s.live_bytes += ptr.record_len;
-                // Found at open, a segment's length may be a zero-filled file's 32 MiB: its
-                // size for compaction is where its last live record ends.
-                let end = ptr.body_offset + ptr.body_len;
-                s.used = Some(s.used.map_or(end, |u| u.max(end)));
             }
             None => missing += 1,
         }

@@ -363,3 +363,64 @@ fn both_queue_client_routes_spool_and_index_before_answering() {
         assert!(storage.get(id).unwrap().is_some(), "{id} not in the spool");
     }
 }
+
+/// A delivery stage that has stopped: its mailbox is closed.
+struct Gone;
+
+impl actix::Actor for Gone {
+    type Context = actix::Context<Self>;
+    fn started(&mut self, ctx: &mut Self::Context) {
+        use actix::ActorContext;
+        ctx.stop();
+    }
+}
+
+impl actix::Handler<tern_message::DeliveryJob> for Gone {
+    type Result = ();
+    fn handle(&mut self, _: tern_message::DeliveryJob, _: &mut Self::Context) {}
+}
+
+#[test]
+fn a_round_the_closed_delivery_stage_answered_ends_deferred_not_stuck_in_flight() {
+    use actix::Actor;
+    use tern_message::RecipientState;
+    let dir = tempfile::tempdir().unwrap();
+    let storage = Arc::new(SledStorage::open(dir.path(), opts()).unwrap());
+    let (id, stats) = System::new().block_on({
+        let storage = storage.clone();
+        async move {
+            let gone = Gone.start();
+            while gone.connected() {
+                actix_rt::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            let (addr, client) =
+                tern_queue::spawn_queue_with_client(storage, QueueConfig::default()).unwrap();
+            addr.send(tern_queue::AttachDelivery(gone.recipient()))
+                .await
+                .unwrap();
+            let id = client.enqueue(message(300)).await.expect("spooled");
+            // The round is answered "4.3.0 delivery stage unavailable" at once; wait for its end.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            loop {
+                let stats = addr.send(GetStats).await.unwrap();
+                if stats.in_flight == 0 || std::time::Instant::now() > deadline {
+                    break (id, stats);
+                }
+                actix_rt::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+    });
+    assert_eq!(stats.in_flight, 0, "the round never ended");
+    let stored = storage.get(id).unwrap().expect("still queued");
+    for r in &stored.envelope.recipients {
+        match &r.state {
+            RecipientState::Deferred { last_reply, .. } => {
+                assert!(
+                    last_reply.contains("delivery stage unavailable"),
+                    "{last_reply}"
+                )
+            }
+            other => panic!("{}: {other:?}", r.address),
+        }
+    }
+}
