@@ -468,6 +468,20 @@ impl TernServer {
         s
     }
 
+    /// Waits (up to 5 s) for a log line that `wanted` accepts and returns the whole log. The
+    /// server writes its log in batches a few milliseconds after the fact (tern::logging).
+    pub fn wait_for_log(&self, wanted: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let log = self.stderr();
+            if log.lines().any(&wanted) {
+                return log;
+            }
+            assert!(Instant::now() < deadline, "no such line in the log:\n{log}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// SIGKILL the server and reap it: no graceful shutdown, as after a crash.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

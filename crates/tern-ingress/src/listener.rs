@@ -36,6 +36,7 @@ pub struct Ingress {
     /// Actual bound addresses, in the order of `Settings::listeners` (port 0 resolved).
     pub local_addrs: Vec<(ListenerSpec, SocketAddr)>,
     pub limiter: Arc<ConnectionLimiter>,
+    /// The session threads this stage started (not one it was given: that one's owner stops it).
     arbiters: Vec<Arbiter>,
     shutdown: tokio::sync::watch::Sender<bool>,
 }
@@ -44,6 +45,16 @@ impl Ingress {
     /// Binds every listener (failing fast with the address in the error) and starts accepting.
     /// Must be called from within a running actix System.
     pub fn start(settings: Settings, queue: QueueClient) -> Result<Self, IngressError> {
+        Self::start_with(settings, queue, None)
+    }
+
+    /// [`Ingress::start`], with `first` as the first session thread: an arbiter that may run
+    /// other actors too (the binary's queue actor).
+    pub fn start_with(
+        settings: Settings,
+        queue: QueueClient,
+        mut first: Option<Arbiter>,
+    ) -> Result<Self, IngressError> {
         let mut bound = Vec::new();
         for spec in &settings.listeners {
             if spec.kind.implicit_tls() && settings.tls.is_none() {
@@ -76,7 +87,10 @@ impl Ingress {
 
         let mut arbiters = Vec::with_capacity(workers);
         for _ in 0..workers {
-            let arbiter = Arbiter::new();
+            let (arbiter, owned) = match first.take() {
+                Some(given) => (given, false),
+                None => (Arbiter::new(), true),
+            };
             for (spec, local, listener) in &bound {
                 let listener = listener.try_clone().map_err(|error| IngressError::Bind {
                     addr: *local,
@@ -87,7 +101,9 @@ impl Ingress {
                 let shared = shared.clone();
                 arbiter.spawn(accept_loop(listener, spec, shared));
             }
-            arbiters.push(arbiter);
+            if owned {
+                arbiters.push(arbiter);
+            }
         }
         Ok(Self {
             local_addrs: bound.into_iter().map(|(s, a, _)| (s, a)).collect(),
@@ -119,7 +135,7 @@ impl Ingress {
 }
 
 /// Session threads when `smtp.workers = 0`: one per core but one. The core left over runs the
-/// spool's committer, the queue and delivery arbiters and the kernel's share of loopback and
+/// spool's committer, the delivery arbiter and the kernel's share of loopback and
 /// disk work; sessions spread over every core instead fought those for it. Measured on 2
 /// cores (docs/benchmarks.md): one session thread against two, same throughput on accept,
 /// +8% end-to-end relay, 15% less CPU per message.

@@ -333,15 +333,24 @@ pub fn spawn_queue_with_client(
     storage: Arc<dyn Storage>,
     config: QueueConfig,
 ) -> Result<(Addr<QueueActor>, QueueClient), StorageError> {
+    // The arbiter keeps running after its handle is dropped; it stops with the System.
+    spawn_queue_with_client_on(storage, config, &Arbiter::new().handle())
+}
+
+/// [`spawn_queue_with_client`] on a given arbiter, one that may run other actors too (the
+/// binary puts the queue on the first session thread: see docs/architecture.md).
+pub fn spawn_queue_with_client_on(
+    storage: Arc<dyn Storage>,
+    config: QueueConfig,
+    arbiter: &ArbiterHandle,
+) -> Result<(Addr<QueueActor>, QueueClient), StorageError> {
     let actor = QueueActor::new(storage, config)?;
     let submitter = actor
         .committer
         .submitter()
         .ok_or_else(|| StorageError::Io(std::io::Error::other("spool committer is not running")))?;
     let notify = actor.committer.notify_handle();
-    let arbiter = Arbiter::new();
-    // The arbiter keeps running after its handle is dropped; it stops with the System.
-    let addr = QueueActor::start_in_arbiter(&arbiter.handle(), move |_| actor);
+    let addr = QueueActor::start_in_arbiter(arbiter, move |_| actor);
     // Before the client is handed out, not when the actor starts on its thread: a message
     // committed in between would be acknowledged and never indexed. The mailbox takes the
     // commits until then.

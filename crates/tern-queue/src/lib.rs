@@ -29,8 +29,8 @@ pub mod sled_storage;
 mod storage;
 
 pub use actor::{
-    spawn_queue, spawn_queue_with_client, DeliveryCounters, Enqueue, GetStats, QueueActor,
-    QueueConfig, QueueStats,
+    spawn_queue, spawn_queue_with_client, spawn_queue_with_client_on, DeliveryCounters, Enqueue,
+    GetStats, QueueActor, QueueConfig, QueueStats,
 };
 pub use client::QueueClient;
 pub use committer::CommitConfig;

@@ -1,5 +1,6 @@
 pub mod admin;
 pub mod config;
 pub mod dkim;
+pub mod logging;
 pub mod queue_cli;
 pub mod tls;

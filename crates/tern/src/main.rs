@@ -346,14 +346,36 @@ fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
     Ok(())
 }
 
-fn init_tracing() {
+/// Logs to stderr; batched (see `tern::logging`) unless stderr is a terminal. The guard flushes
+/// the batches when dropped.
+fn init_tracing() -> Option<tern::logging::FlushGuard> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TERN_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_ansi(terminal);
+    let batched = if terminal {
+        None
+    } else {
+        tern::logging::BatchedStderr::start().ok()
+    };
+    match batched {
+        Some((writer, guard)) => {
+            let hook_writer = writer.clone();
+            let previous = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                hook_writer.flush_now();
+                previous(info);
+            }));
+            builder.with_writer(writer).init();
+            Some(guard)
+        }
+        None => {
+            builder.with_writer(std::io::stderr).init();
+            None
+        }
+    }
 }
 
 fn spool_dir(data_dir: &Path) -> PathBuf {
@@ -362,7 +384,7 @@ fn spool_dir(data_dir: &Path) -> PathBuf {
 
 fn serve(config_file: Option<&Path>) -> Result<()> {
     let config = config::load(config_file)?;
-    init_tracing();
+    let _log = init_tracing();
     let data_dir = &config.server.data_dir;
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
@@ -408,9 +430,16 @@ fn serve(config_file: Option<&Path>) -> Result<()> {
 
     let system = actix::System::new();
     system.block_on(async move {
-        let (queue, queue_client) =
-            tern_queue::spawn_queue_with_client(Arc::new(storage), queue_config)
-                .context("cannot recover the spool")?;
+        // The queue actor shares the first session thread. On a thread of its own, every group
+        // commit woke that thread to index a handful of messages: a context switch per commit
+        // on a machine whose cores are busy with sessions (docs/benchmarks.md, session 6).
+        let first_sessions = actix::Arbiter::new();
+        let (queue, queue_client) = tern_queue::spawn_queue_with_client_on(
+            Arc::new(storage),
+            queue_config,
+            &first_sessions.handle(),
+        )
+        .context("cannot recover the spool")?;
         if let (Some(settings), Some(resolver)) = (delivery, resolver.clone()) {
             let dispatcher =
                 tern_delivery::spawn_delivery(settings, resolver, queue.clone().recipient());
@@ -424,7 +453,7 @@ fn serve(config_file: Option<&Path>) -> Result<()> {
         if policy_config.suppression {
             queue.do_send(tern_queue::AttachSuppression(policy.clone().recipient()));
         }
-        let ingress = Ingress::start(settings, queue_client)?;
+        let ingress = Ingress::start_with(settings, queue_client, Some(first_sessions))?;
         let http = HttpServer::new({
             let queue = queue.clone();
             let policy = policy.clone();
