@@ -277,6 +277,51 @@ fn flush_retries_a_deferred_message_now() {
 }
 
 #[test]
+fn a_domain_flush_hurries_only_that_domains_recipients() {
+    let later_then_ok = || vec!["451 4.3.0 later".to_string(), "250 2.1.5 ok".to_string()];
+    let sink = Sink::start(SinkConfig {
+        rcpt_replies: vec![
+            ("bob@example.net".into(), later_then_ok()),
+            ("carol@example.org".into(), later_then_ok()),
+        ],
+        ..SinkConfig::default()
+    });
+    let server = to_sink(TernServer::builder(), &sink).start();
+    let id = submit(
+        &server,
+        "alice@client.test",
+        &["bob@example.net", "carol@example.org"],
+        "domain flush",
+    );
+    server.wait_event("deferred", "bob@example.net", WAIT);
+    server.wait_event("deferred", "carol@example.org", WAIT);
+
+    let out = queue_ok(&server, &["flush", "--domain", "example.net"]);
+    assert_eq!(out.trim(), "1 message(s) scheduled for immediate delivery");
+    let got = sink.wait_for_messages(1, WAIT);
+    assert_eq!(got[0].rcpts, ["bob@example.net"]);
+    server.wait_event("delivered", "bob@example.net", WAIT);
+    // carol keeps her retry time (an hour away).
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(sink.messages().len(), 1);
+    let list = queue_json(&server, &["list"]);
+    let m = find(&list, &id).unwrap_or_else(|| panic!("{id} not listed: {list}"));
+    let states: Vec<(&str, &str)> = m["recipients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["address"].as_str().unwrap(), r["state"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("bob@example.net", "delivered"),
+            ("carol@example.org", "deferred")
+        ]
+    );
+}
+
+#[test]
 fn suspend_holds_a_domain_across_restarts_and_resume_delivers() {
     let sink = Sink::start(SinkConfig::default());
     let mut server = to_sink(TernServer::builder(), &sink).start();

@@ -144,6 +144,10 @@ pub struct QueueActor {
     pub(crate) in_flight_bytes: u64,
     /// Domains whose recipients are held (`tern queue suspend`).
     pub(crate) suspended: BTreeSet<String>,
+    /// Messages an operator flushed (`tern queue flush`): at their next dispatch, deferred
+    /// recipients (in the domain, when one is given) are due whatever their retry time. Kept
+    /// in memory only: a flush followed by a restart before the dispatch is lost.
+    pub(crate) flushed: HashMap<QueueId, Option<String>>,
     pub(crate) events: EventLog,
     /// The armed wake-up for the next due message: (when, timer).
     pub(crate) timer: Option<(u64, SpawnHandle)>,
@@ -203,6 +207,7 @@ impl QueueActor {
             corrupt,
             delivery: None,
             in_flight: HashMap::new(),
+            flushed: HashMap::new(),
             in_flight_bytes: 0,
             suspended,
             events,

@@ -2,10 +2,12 @@
 //! delete, hold/release a message, suspend/resume a domain, and counts by domain and state.
 //! Like Postfix's `mailq`, `postqueue -f`, `postsuper -d/-h/-H` and KumoMTA's `kcli`.
 //!
-//! Listing reads the spool's metadata (not the bodies), so it costs a scan; the in-memory state
-//! of messages in flight takes precedence over what is stored.
+//! Listing reads the spool's metadata (not the bodies), so it costs a scan, made on a blocking
+//! thread (the actor shares its thread with sessions); the in-memory state of messages in
+//! flight takes precedence over what is stored.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use actix::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -16,7 +18,7 @@ use crate::actor::{DeliveryCounters, QueueActor};
 use crate::delivery::{domain_of, save_suspended, Original};
 use crate::events::Event;
 use crate::schedule;
-use crate::storage::SpooledMeta;
+use crate::storage::{SpooledMeta, Storage};
 
 /// One recipient as `tern queue list/show` prints it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -155,13 +157,37 @@ fn state_name(state: &RecipientState, held: bool) -> &'static str {
     }
 }
 
+/// What a scan of the spool needs, taken from the actor so that the scan runs on a blocking
+/// thread: on a deep queue it reads every message's metadata (seconds for a million), and the
+/// actor shares its thread with SMTP sessions.
+struct ScanView {
+    storage: Arc<dyn Storage>,
+    /// The envelopes of the messages in flight, which take precedence over the stored ones.
+    in_flight: HashMap<QueueId, Envelope>,
+    hostname: String,
+}
+
 impl QueueActor {
+    fn scan_view(&self) -> ScanView {
+        ScanView {
+            storage: self.storage.clone(),
+            in_flight: self
+                .in_flight
+                .iter()
+                .map(|(id, flight)| (*id, flight.envelope.clone()))
+                .collect(),
+            hostname: self.config.hostname.clone(),
+        }
+    }
+}
+
+impl ScanView {
     /// Every spooled message's metadata with the in-flight envelope in place of the stored one.
     fn current(&self) -> impl Iterator<Item = SpooledMeta> + '_ {
         self.storage.scan().filter_map(|item| match item {
             Ok(mut meta) => {
-                if let Some(flight) = self.in_flight.get(&meta.id) {
-                    meta.envelope = flight.envelope.clone();
+                if let Some(envelope) = self.in_flight.get(&meta.id) {
+                    meta.envelope = envelope.clone();
                 }
                 Some(meta)
             }
@@ -171,11 +197,26 @@ impl QueueActor {
             }
         })
     }
+}
 
-    fn summarize(&self, meta: &SpooledMeta) -> MessageSummary {
-        let held = meta.envelope.hold.is_some();
-        let recipients = meta
-            .envelope
+/// Runs a scan on tokio's blocking pool; a scan that panicked answers `fallback`.
+async fn off_thread<T: Send + 'static>(
+    scan: impl FnOnce() -> T + Send + 'static,
+    fallback: T,
+) -> T {
+    match tokio::task::spawn_blocking(scan).await {
+        Ok(result) => result,
+        Err(e) => {
+            warn!(error = %e, "queue scan failed");
+            fallback
+        }
+    }
+}
+
+fn summarize(meta: &SpooledMeta, hostname: &str) -> MessageSummary {
+    let held = meta.envelope.hold.is_some();
+    let recipients =
+        meta.envelope
             .recipients
             .iter()
             .map(|r| {
@@ -192,7 +233,7 @@ impl QueueActor {
                 };
                 RecipientSummary {
                     address: r.address.clone(),
-                    domain: domain_of(&r.address, &self.config.hostname),
+                    domain: domain_of(&r.address, hostname),
                     state: state_name(&r.state, held).to_string(),
                     attempts,
                     next_attempt_ms: next.filter(|_| !held),
@@ -200,14 +241,13 @@ impl QueueActor {
                 }
             })
             .collect();
-        MessageSummary {
-            id: meta.id.to_string(),
-            sender: meta.envelope.sender.clone(),
-            arrived_ms: meta.arrived_ms,
-            size: meta.body_len,
-            hold: meta.envelope.hold.clone(),
-            recipients,
-        }
+    MessageSummary {
+        id: meta.id.to_string(),
+        sender: meta.envelope.sender.clone(),
+        arrived_ms: meta.arrived_ms,
+        size: meta.body_len,
+        hold: meta.envelope.hold.clone(),
+        recipients,
     }
 }
 
@@ -219,21 +259,25 @@ fn wanted(summary: &MessageSummary, domain: Option<&str>, state: Option<&str>) -
 }
 
 impl Handler<ListMessages> for QueueActor {
-    type Result = MessageResult<ListMessages>;
+    type Result = ResponseFuture<Vec<MessageSummary>>;
 
     fn handle(&mut self, req: ListMessages, _ctx: &mut Self::Context) -> Self::Result {
+        let view = self.scan_view();
         let limit = if req.limit == 0 {
             usize::MAX
         } else {
             req.limit
         };
-        let list = self
-            .current()
-            .map(|meta| self.summarize(&meta))
-            .filter(|s| wanted(s, req.domain.as_deref(), req.state.as_deref()))
-            .take(limit)
-            .collect();
-        MessageResult(list)
+        Box::pin(off_thread(
+            move || {
+                view.current()
+                    .map(|meta| summarize(&meta, &view.hostname))
+                    .filter(|s| wanted(s, req.domain.as_deref(), req.state.as_deref()))
+                    .take(limit)
+                    .collect()
+            },
+            Vec::new(),
+        ))
     }
 }
 
@@ -266,7 +310,7 @@ impl Handler<ShowMessage> for QueueActor {
             .position(|w| w == b"\r\n\r\n")
             .map_or(msg.body.len(), |p| p + 2);
         Some(MessageDetail {
-            summary: self.summarize(&meta),
+            summary: summarize(&meta, &self.config.hostname),
             client: msg.client,
             headers: String::from_utf8_lossy(&msg.body[..end]).into_owned(),
         })
@@ -274,52 +318,56 @@ impl Handler<ShowMessage> for QueueActor {
 }
 
 impl Handler<Flush> for QueueActor {
-    type Result = usize;
+    type Result = ResponseActFuture<Self, usize>;
 
-    fn handle(&mut self, req: Flush, ctx: &mut Self::Context) -> usize {
-        let now = now_ms();
+    /// Finds the waiting messages off the actor's thread, then marks them flushed and due now
+    /// (dispatch treats their deferred recipients as due). Stored retry times are left alone:
+    /// the attempt rewrites them anyway.
+    fn handle(&mut self, req: Flush, _ctx: &mut Self::Context) -> Self::Result {
         let domain = req
             .domain
             .map(|d| d.trim_end_matches('.').to_ascii_lowercase());
-        let hostname = self.config.hostname.clone();
-        let mut changed: Vec<(QueueId, Envelope)> = Vec::new();
-        for meta in self.current() {
-            // A held message waits for `release`, not for a flush.
-            if self.in_flight.contains_key(&meta.id) || meta.envelope.hold.is_some() {
-                continue;
-            }
-            let mut envelope = meta.envelope;
-            let mut touched = false;
-            for r in &mut envelope.recipients {
-                if domain
-                    .as_deref()
-                    .is_some_and(|d| domain_of(&r.address, &hostname) != d)
-                {
+        let view = self.scan_view();
+        let wanted_domain = domain.clone();
+        let scan = off_thread(
+            move || {
+                view.current()
+                    // A held message waits for `release`, not for a flush; one in flight is
+                    // being tried right now.
+                    .filter(|meta| {
+                        meta.envelope.hold.is_none() && !view.in_flight.contains_key(&meta.id)
+                    })
+                    .filter(|meta| {
+                        meta.envelope.recipients.iter().any(|r| {
+                            matches!(
+                                r.state,
+                                RecipientState::Pending | RecipientState::Deferred { .. }
+                            ) && wanted_domain
+                                .as_deref()
+                                .is_none_or(|d| domain_of(&r.address, &view.hostname) == d)
+                        })
+                    })
+                    .map(|meta| meta.id)
+                    .collect::<Vec<_>>()
+            },
+            Vec::new(),
+        );
+        Box::pin(scan.into_actor(self).map(move |ids, act, ctx| {
+            let now = now_ms();
+            let mut flushed = 0;
+            for id in ids {
+                // Delivered, deleted or dispatched since the scan: nothing to hurry.
+                if act.in_flight.contains_key(&id) || !act.index.by_id.contains_key(&id) {
                     continue;
                 }
-                if let RecipientState::Deferred {
-                    next_attempt_ms, ..
-                } = &mut r.state
-                {
-                    *next_attempt_ms = now;
-                    touched = true;
-                }
-                touched |= matches!(r.state, RecipientState::Pending);
+                act.flushed.insert(id, domain.clone());
+                act.index.due.schedule(id, now);
+                flushed += 1;
             }
-            if touched {
-                changed.push((meta.id, envelope));
-            }
-        }
-        for (id, envelope) in &changed {
-            if let Err(e) = self.storage.update_envelope(*id, envelope) {
-                warn!(queue_id = %id, error = %e, "flush: cannot update message");
-            }
-            self.index.due.schedule(*id, now);
-        }
-        self.state_changed |= !changed.is_empty();
-        info!(messages = changed.len(), domain = ?domain, "queue flushed");
-        self.pump(ctx);
-        changed.len()
+            info!(messages = flushed, domain = ?domain, "queue flushed");
+            act.pump(ctx);
+            flushed
+        }))
     }
 }
 
@@ -339,6 +387,7 @@ impl Handler<DeleteMessage> for QueueActor {
                 warn!(queue_id = %req.id, error = %e, "cannot read message to delete");
                 // Still removable: the operator may be deleting it because it is damaged.
                 self.index.remove(req.id);
+                self.flushed.remove(&req.id);
                 return self.storage.remove(req.id).is_ok();
             }
         };
@@ -385,7 +434,7 @@ impl Handler<SuspendDomain> for QueueActor {
 }
 
 impl Handler<Summarize> for QueueActor {
-    type Result = MessageResult<Summarize>;
+    type Result = ResponseFuture<QueueSummary>;
 
     fn handle(&mut self, _: Summarize, _ctx: &mut Self::Context) -> Self::Result {
         let mut summary = QueueSummary {
@@ -396,22 +445,28 @@ impl Handler<Summarize> for QueueActor {
             since_start: self.counters,
             ..QueueSummary::default()
         };
-        let hostname = self.config.hostname.clone();
-        for meta in self.current() {
-            let held = meta.envelope.hold.is_some();
-            summary.held += u64::from(held);
-            for r in &meta.envelope.recipients {
-                let state = state_name(&r.state, held).to_string();
-                *summary.by_state.entry(state.clone()).or_default() += 1;
-                *summary
-                    .by_domain
-                    .entry(domain_of(&r.address, &hostname))
-                    .or_default()
-                    .entry(state)
-                    .or_default() += 1;
-            }
-        }
-        MessageResult(summary)
+        let view = self.scan_view();
+        let fallback = summary.clone();
+        Box::pin(off_thread(
+            move || {
+                for meta in view.current() {
+                    let held = meta.envelope.hold.is_some();
+                    summary.held += u64::from(held);
+                    for r in &meta.envelope.recipients {
+                        let state = state_name(&r.state, held).to_string();
+                        *summary.by_state.entry(state.clone()).or_default() += 1;
+                        *summary
+                            .by_domain
+                            .entry(domain_of(&r.address, &view.hostname))
+                            .or_default()
+                            .entry(state)
+                            .or_default() += 1;
+                    }
+                }
+                summary
+            },
+            fallback,
+        ))
     }
 }
 

@@ -140,6 +140,7 @@ impl QueueActor {
         if self.in_flight.contains_key(&id) {
             return;
         }
+        let flushed = self.flushed.remove(&id);
         let msg = match msg {
             Some(msg) => msg,
             None => match self.storage.get(id) {
@@ -178,17 +179,22 @@ impl QueueActor {
         let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
         let mut held = false;
         for (i, rcpt) in envelope.recipients.iter().enumerate() {
+            let domain = domain_of(&rcpt.address, &self.config.hostname);
             let due = match &rcpt.state {
                 RecipientState::Pending | RecipientState::InFlight { .. } => true,
                 RecipientState::Deferred {
                     next_attempt_ms, ..
-                } => *next_attempt_ms <= now,
+                } => {
+                    *next_attempt_ms <= now
+                        || flushed
+                            .as_ref()
+                            .is_some_and(|only| only.as_ref().is_none_or(|d| *d == domain))
+                }
                 RecipientState::Delivered { .. } | RecipientState::Failed { .. } => false,
             };
             if !due {
                 continue;
             }
-            let domain = domain_of(&rcpt.address, &self.config.hostname);
             if self.suspended.contains(&domain) {
                 held = true;
                 continue;
@@ -634,6 +640,7 @@ impl QueueActor {
         let now = now_ms();
         let id = original.id;
         self.index.remove(id);
+        self.flushed.remove(&id);
         if let Err(e) = self.storage.remove(id) {
             warn!(queue_id = %id, error = %e, "cannot delete message");
             return;
