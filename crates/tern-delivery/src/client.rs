@@ -543,8 +543,9 @@ impl SmtpConnection {
                 }
             }
             // MAIL accepted without recipients, or DATA pipelined: a transaction may be open.
+            // With PIPELINING the RSET rides with the next transaction, as after a message.
             if mail_reply.is_positive_completion() || data_reply.is_some() {
-                self.rset().await?;
+                self.reset().await?;
             }
             return Ok(outcomes.into_iter().flatten().collect());
         }

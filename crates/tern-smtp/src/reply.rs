@@ -354,14 +354,17 @@ impl Capabilities {
 
     /// Whether the server announced `keyword` (case-insensitive).
     pub fn has(&self, keyword: &str) -> bool {
-        self.keywords.contains_key(&keyword.to_ascii_uppercase())
+        self.params(keyword).is_some()
     }
 
     /// The parameters announced with `keyword`, if it was announced.
     pub fn params(&self, keyword: &str) -> Option<&[String]> {
+        // A dozen keywords at most: a scan, not an uppercased copy of `keyword` per question
+        // (the delivery client asks several per message).
         self.keywords
-            .get(&keyword.to_ascii_uppercase())
-            .map(Vec::as_slice)
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(keyword))
+            .map(|(_, v)| v.as_slice())
     }
 
     /// The announced keywords, uppercased, in order.
