@@ -342,6 +342,26 @@ impl Sink {
         self.shared.state().connections
     }
 
+    /// Waits until at least `n` transactions ended (accepted or not; one left open ends with
+    /// the client's RSET, next MAIL or QUIT) and returns them all. Panics after `timeout`.
+    #[track_caller]
+    pub fn wait_for_transactions(&self, n: usize, timeout: Duration) -> Vec<Transaction> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let transactions = self.transactions();
+            if transactions.len() >= n {
+                return transactions;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "sink {}: expected {n} transaction(s) within {timeout:?}, got {}",
+                self.addr,
+                transactions.len()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Waits until at least `n` messages were accepted and returns them all. Panics after
     /// `timeout` with what did arrive (every transaction) if fewer did.
     #[track_caller]

@@ -542,11 +542,9 @@ impl SmtpConnection {
                     self.read_reply(self.data_timeout, "end of data").await?;
                 }
             }
-            // MAIL accepted without recipients, or DATA pipelined: a transaction may be open.
-            // With PIPELINING the RSET rides with the next transaction, as after a message.
-            if mail_reply.is_positive_completion() || data_reply.is_some() {
-                self.reset().await?;
-            }
+            // A transaction may still be open (MAIL accepted): the caller's `reset` before the
+            // next message clears it (with PIPELINING, in the next group), and QUIT needs none.
+            // No RSET of our own: its failure would turn the refusals above into an `Err`.
             return Ok(outcomes.into_iter().flatten().collect());
         }
 

@@ -115,7 +115,8 @@ impl Ingress {
 
     /// Graceful stop: no new connections; every session answers 421 4.3.2 at its next wait for
     /// input (a message being spooled finishes first and gets its reply); then, after at most
-    /// `grace`, the arbiters stop and take whatever is left with them.
+    /// `grace`, the arbiters this stage started stop and take whatever is left with them (the
+    /// sessions on an arbiter given to [`Ingress::start_with`] end when its owner stops it).
     pub async fn shutdown(&self, grace: Duration) {
         let _ = self.shutdown.send(true);
         let deadline = tokio::time::Instant::now() + grace;

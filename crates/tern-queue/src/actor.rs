@@ -145,9 +145,12 @@ pub struct QueueActor {
     /// Domains whose recipients are held (`tern queue suspend`).
     pub(crate) suspended: BTreeSet<String>,
     /// Messages an operator flushed (`tern queue flush`): at their next dispatch, deferred
-    /// recipients (in the domain, when one is given) are due whatever their retry time. Kept
-    /// in memory only: a flush followed by a restart before the dispatch is lost.
-    pub(crate) flushed: HashMap<QueueId, Option<String>>,
+    /// recipients (in these domains; `None`: all) are due whatever their retry time. Kept in
+    /// memory only: a flush followed by a restart before the dispatch is lost.
+    pub(crate) flushed: HashMap<QueueId, Option<BTreeSet<String>>>,
+    /// One spool scan (`list`, `stats`, `flush`) at a time: a poller on a deep queue must not
+    /// stack full-spool reads.
+    pub(crate) scans: Arc<tokio::sync::Semaphore>,
     pub(crate) events: EventLog,
     /// The armed wake-up for the next due message: (when, timer).
     pub(crate) timer: Option<(u64, SpawnHandle)>,
@@ -208,6 +211,7 @@ impl QueueActor {
             delivery: None,
             in_flight: HashMap::new(),
             flushed: HashMap::new(),
+            scans: Arc::new(tokio::sync::Semaphore::new(1)),
             in_flight_bytes: 0,
             suspended,
             events,

@@ -6,7 +6,7 @@
 //! thread (the actor shares its thread with sessions); the in-memory state of messages in
 //! flight takes precedence over what is stored.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use actix::prelude::*;
@@ -179,6 +179,21 @@ impl QueueActor {
             hostname: self.config.hostname.clone(),
         }
     }
+
+    /// Marks `id` flushed, for `domain` or (`None`) all, adding to an earlier mark.
+    fn mark_flushed(&mut self, id: QueueId, domain: Option<&str>) {
+        let mark = self
+            .flushed
+            .entry(id)
+            .or_insert_with(|| Some(BTreeSet::new()));
+        match (domain, mark.as_mut()) {
+            (None, _) => *mark = None,
+            (Some(d), Some(domains)) => {
+                domains.insert(d.to_string());
+            }
+            (Some(_), None) => {}
+        }
+    }
 }
 
 impl ScanView {
@@ -199,11 +214,14 @@ impl ScanView {
     }
 }
 
-/// Runs a scan on tokio's blocking pool; a scan that panicked answers `fallback`.
+/// Runs a scan on tokio's blocking pool once it has its turn (see `QueueActor::scans`); a scan
+/// that panicked answers `fallback`.
 async fn off_thread<T: Send + 'static>(
+    turns: Arc<tokio::sync::Semaphore>,
     scan: impl FnOnce() -> T + Send + 'static,
     fallback: T,
 ) -> T {
+    let _turn = turns.acquire_owned().await;
     match tokio::task::spawn_blocking(scan).await {
         Ok(result) => result,
         Err(e) => {
@@ -269,6 +287,7 @@ impl Handler<ListMessages> for QueueActor {
             req.limit
         };
         Box::pin(off_thread(
+            self.scans.clone(),
             move || {
                 view.current()
                     .map(|meta| summarize(&meta, &view.hostname))
@@ -330,6 +349,7 @@ impl Handler<Flush> for QueueActor {
         let view = self.scan_view();
         let wanted_domain = domain.clone();
         let scan = off_thread(
+            self.scans.clone(),
             move || {
                 view.current()
                     // A held message waits for `release`, not for a flush; one in flight is
@@ -360,7 +380,7 @@ impl Handler<Flush> for QueueActor {
                 if act.in_flight.contains_key(&id) || !act.index.by_id.contains_key(&id) {
                     continue;
                 }
-                act.flushed.insert(id, domain.clone());
+                act.mark_flushed(id, domain.as_deref());
                 act.index.due.schedule(id, now);
                 flushed += 1;
             }
@@ -448,6 +468,7 @@ impl Handler<Summarize> for QueueActor {
         let view = self.scan_view();
         let fallback = summary.clone();
         Box::pin(off_thread(
+            self.scans.clone(),
             move || {
                 for meta in view.current() {
                     let held = meta.envelope.hold.is_some();
@@ -548,5 +569,37 @@ impl QueueActor {
             reason: hold.then_some("operator"),
             ..Event::default()
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::actor::QueueConfig;
+    use crate::sled_storage::{SledOptions, SledStorage};
+
+    #[test]
+    fn flush_marks_add_up_and_all_domains_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = SledStorage::open(
+            dir.path(),
+            SledOptions {
+                min_free_bytes: 0,
+                ..SledOptions::default()
+            },
+        )
+        .unwrap();
+        let mut actor = QueueActor::new(Arc::new(storage), QueueConfig::default()).unwrap();
+        let (a, b) = (QueueId::new(), QueueId::new());
+        actor.mark_flushed(a, Some("one.test"));
+        actor.mark_flushed(a, Some("two.test"));
+        let domains: BTreeSet<String> = ["one.test", "two.test"].map(String::from).into();
+        assert_eq!(actor.flushed[&a], Some(domains));
+        // A flush of everything, then of one domain (a `resume`): still everything.
+        actor.mark_flushed(b, None);
+        actor.mark_flushed(b, Some("one.test"));
+        assert_eq!(actor.flushed[&b], None);
+        actor.mark_flushed(a, None);
+        assert_eq!(actor.flushed[&a], None);
     }
 }

@@ -25,6 +25,10 @@ use crate::events::Event;
 use crate::schedule::{self, Transition};
 use crate::storage::StorageError;
 
+/// Messages one [`QueueActor::pump`] turn dispatches at most (≈ 51,000 a second with the
+/// timer's 5 ms floor, above what delivery takes).
+const PUMP_TURN: usize = 256;
+
 /// How long a message whose only due recipients are in suspended domains waits before it is
 /// looked at again.
 const SUSPENDED_RECHECK_MS: u64 = 60_000;
@@ -92,11 +96,16 @@ impl QueueActor {
     /// timer for the next due time.
     pub(crate) fn pump(&mut self, ctx: &mut Context<Self>) {
         let now = now_ms();
-        while self.can_dispatch() {
-            let ids = self.index.due.take_due(now, 64);
+        // At most PUMP_TURN messages a turn (each a body read): the actor shares its thread
+        // with SMTP sessions, and a deep queue after a restart or a flush has up to
+        // `max_in_flight` due at once. The timer's floor brings the next turn in 5 ms.
+        let mut left = PUMP_TURN;
+        while left > 0 && self.can_dispatch() {
+            let ids = self.index.due.take_due(now, left.min(64));
             if ids.is_empty() {
                 break;
             }
+            left -= ids.len();
             for id in ids {
                 self.dispatch(id, None, now, ctx);
             }
@@ -179,22 +188,24 @@ impl QueueActor {
         let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
         let mut held = false;
         for (i, rcpt) in envelope.recipients.iter().enumerate() {
-            let domain = domain_of(&rcpt.address, &self.config.hostname);
             let due = match &rcpt.state {
                 RecipientState::Pending | RecipientState::InFlight { .. } => true,
                 RecipientState::Deferred {
                     next_attempt_ms, ..
                 } => {
                     *next_attempt_ms <= now
-                        || flushed
-                            .as_ref()
-                            .is_some_and(|only| only.as_ref().is_none_or(|d| *d == domain))
+                        || flushed.as_ref().is_some_and(|only| {
+                            only.as_ref().is_none_or(|domains| {
+                                domains.contains(&domain_of(&rcpt.address, &self.config.hostname))
+                            })
+                        })
                 }
                 RecipientState::Delivered { .. } | RecipientState::Failed { .. } => false,
             };
             if !due {
                 continue;
             }
+            let domain = domain_of(&rcpt.address, &self.config.hostname);
             if self.suspended.contains(&domain) {
                 held = true;
                 continue;

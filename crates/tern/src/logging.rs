@@ -6,8 +6,9 @@
 //! Here log lines are appended to a buffer, and a thread of their own writes the buffer out a
 //! few milliseconds after its first line, so a burst of lines costs one write. What this gives
 //! up: the lines of the last [`FLUSH_DELAY`] before a SIGKILL or a power cut (the spool, not
-//! the log, is the record of what was accepted; the delivery log file has the same window).
-//! A panic or a normal exit flushes first. On a terminal nothing is batched.
+//! the log, is the record of what was accepted; the delivery log file has a 20 ms window).
+//! A panic or a normal exit flushes first, and lines logged after the exit's flush are written
+//! at once. On a terminal nothing is batched.
 
 use std::io::{self, Write};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -21,6 +22,7 @@ pub const FLUSH_DELAY: Duration = Duration::from_millis(10);
 
 /// Past this many buffered bytes the writer stops batching and writes in the caller's thread,
 /// as an unbatched stderr would: a stuck reader slows logging down instead of growing memory.
+/// So does every line after the [`FlushGuard`] is dropped.
 const MAX_BUFFERED: usize = 4 << 20;
 
 #[derive(Default)]
@@ -136,7 +138,8 @@ pub struct LineSink<'a>(&'a Shared);
 impl Write for LineSink<'_> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         let mut state = self.0.state();
-        if state.buf.len() + data.len() > MAX_BUFFERED {
+        // Past the guard (late lines of a shutdown) there is no thread to write a batch.
+        if state.stopping || state.buf.len() + data.len() > MAX_BUFFERED {
             drop(state);
             let mut out = io::stderr().lock();
             self.0.flush_to(&mut out, &mut Vec::new())?;
@@ -221,6 +224,16 @@ mod tests {
         let expected: String = (0..100).map(|i| format!("line {i}\n")).collect();
         assert_eq!(String::from_utf8(chunks[0].clone()).unwrap(), expected);
         drop(guard);
+    }
+
+    #[test]
+    fn lines_after_the_guard_are_not_kept_in_the_buffer() {
+        let (writer, guard, _captured) = started();
+        drop(guard);
+        // Written straight to the real stderr (not captured): what matters is that nothing
+        // stays behind in a buffer no thread will write.
+        writeln!(writer.make_writer(), "after the end").unwrap();
+        assert!(writer.shared.state().buf.is_empty());
     }
 
     #[test]
