@@ -370,7 +370,7 @@ pub fn spawn_queue_with_client_on(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sled_storage::{index_key, SledOptions, SledStorage};
+    use crate::sled_storage::index_key;
     use tern_message::{ClientInfo, Envelope};
 
     fn msg(body: &'static [u8]) -> InboundMessage {
@@ -390,14 +390,7 @@ mod tests {
     #[test]
     fn recovery_skips_and_counts_damaged_records() {
         let dir = tempfile::tempdir().unwrap();
-        let storage = SledStorage::open(
-            dir.path(),
-            SledOptions {
-                min_free_bytes: 0,
-                ..SledOptions::default()
-            },
-        )
-        .unwrap();
+        let storage = crate::sled_storage::open_for_test(dir.path());
         storage.insert(&msg(b"hello\r\n")).unwrap();
         storage.insert(&msg(b"")).unwrap();
         storage.put_raw(&index_key(QueueId::new()), b"\xff garbage");

@@ -576,19 +576,11 @@ impl QueueActor {
 mod tests {
     use super::*;
     use crate::actor::QueueConfig;
-    use crate::sled_storage::{SledOptions, SledStorage};
 
     #[test]
     fn flush_marks_add_up_and_all_domains_wins() {
         let dir = tempfile::tempdir().unwrap();
-        let storage = SledStorage::open(
-            dir.path(),
-            SledOptions {
-                min_free_bytes: 0,
-                ..SledOptions::default()
-            },
-        )
-        .unwrap();
+        let storage = crate::sled_storage::open_for_test(dir.path());
         let mut actor = QueueActor::new(Arc::new(storage), QueueConfig::default()).unwrap();
         let (a, b) = (QueueId::new(), QueueId::new());
         actor.mark_flushed(a, Some("one.test"));

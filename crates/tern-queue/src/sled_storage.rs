@@ -1325,11 +1325,17 @@ impl Storage for SledStorage {
     }
 }
 
+/// A spool in `dir` for unit tests elsewhere in the crate: no free-space reserve.
+#[cfg(test)]
+pub(crate) fn open_for_test(dir: &Path) -> SledStorage {
+    SledStorage::open(dir, tests::opts()).expect("open a test spool")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn opts() -> SledOptions {
+    pub(super) fn opts() -> SledOptions {
         SledOptions {
             cache_bytes: 8 << 20,
             min_free_bytes: 0,
