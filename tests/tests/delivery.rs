@@ -42,6 +42,16 @@ fn submit(server: &TernServer, mail: &str, rcpts: &[&str], body: &str) -> String
     id
 }
 
+/// One message from `a@client.test` to `rcpt`, with a fresh token; returns its queue id.
+fn submit_one(server: &TernServer, rcpt: &str) -> String {
+    submit(
+        server,
+        "<a@client.test>",
+        &[&format!("<{rcpt}>")],
+        &message("a@client.test", rcpt, &unique_token()),
+    )
+}
+
 fn message(from: &str, to: &str, token: &str) -> String {
     format!(
         "From: <{from}>\nTo: <{to}>\nSubject: test {token}\nMessage-ID: <{token}@client.test>\n\nbody {token}\n"
@@ -206,12 +216,7 @@ fn mx_preference_order_and_fallback_to_the_next_mx() {
             .a("mx3.example.net", ip("127.0.0.4")),
     );
     let server = TernServer::builder().deliver(dns.addr(), port).start();
-    submit(
-        &server,
-        "<a@client.test>",
-        &["<bob@example.net>"],
-        &message("a@client.test", "bob@example.net", &unique_token()),
-    );
+    submit_one(&server, "bob@example.net");
     let got = mx2.wait_for_messages(1, WAIT);
     assert_eq!(got[0].rcpts, ["bob@example.net"]);
     let e = server.wait_event("delivered", "bob@example.net", WAIT);
@@ -226,12 +231,7 @@ fn implicit_mx_uses_the_domains_own_address() {
     let server = TernServer::builder()
         .deliver(dns.addr(), sink.addr().port())
         .start();
-    submit(
-        &server,
-        "<a@client.test>",
-        &["<x@implicit.test>"],
-        &message("a@client.test", "x@implicit.test", &unique_token()),
-    );
+    submit_one(&server, "x@implicit.test");
     assert_eq!(
         sink.wait_for_messages(1, WAIT)[0].rcpts,
         ["x@implicit.test"]
@@ -252,12 +252,7 @@ fn each_job_looks_its_domain_up_once() {
     let server = TernServer::builder()
         .deliver(dns.addr(), sink.addr().port())
         .start();
-    submit(
-        &server,
-        "<a@client.test>",
-        &["<x@once.test>"],
-        &message("a@client.test", "x@once.test", &unique_token()),
-    );
+    submit_one(&server, "x@once.test");
     assert_eq!(sink.wait_for_messages(1, WAIT)[0].rcpts, ["x@once.test"]);
     server.wait_queued(0, WAIT);
     assert_eq!(dns.queries("once.test", "MX"), 1, "MX lookups for one job");
@@ -363,12 +358,7 @@ fn temporary_failure_then_success_on_retry() {
         ..SinkConfig::default()
     });
     let server = to_sink(TernServer::builder(), &sink).start();
-    submit(
-        &server,
-        "<a@client.test>",
-        &["<later@example.net>"],
-        &message("a@client.test", "later@example.net", &unique_token()),
-    );
+    submit_one(&server, "later@example.net");
     let deferred = server.wait_event("deferred", "later@example.net", WAIT);
     assert_eq!(deferred["attempt"], 1);
     assert!(deferred["reply"].as_str().unwrap().starts_with("451"));
@@ -589,12 +579,7 @@ fn tls_required_to_a_server_without_starttls_defers_instead_of_plaintext() {
         .set("delivery.enabled", true)
         .route("*", Some(&sink.addr().to_string()), "required")
         .start();
-    submit(
-        &server,
-        "<a@client.test>",
-        &["<b@example.net>"],
-        &message("a@client.test", "b@example.net", &unique_token()),
-    );
+    submit_one(&server, "b@example.net");
     let e = server.wait_event("deferred", "b@example.net", WAIT);
     assert!(e["reply"].as_str().unwrap().starts_with("4.7.4"), "{e}");
     assert_eq!(sink.messages().len(), 0, "nothing may go in plaintext");
@@ -619,12 +604,7 @@ fn greeting_421_moves_on_to_the_next_mx() {
             .a("mx2.busy.test", ip("127.0.0.9")),
     );
     let server = TernServer::builder().deliver(dns.addr(), port).start();
-    submit(
-        &server,
-        "<a@client.test>",
-        &["<b@busy.test>"],
-        &message("a@client.test", "b@busy.test", &unique_token()),
-    );
+    submit_one(&server, "b@busy.test");
     good.wait_for_messages(1, WAIT);
     assert!(busy.connections() >= 1);
 }
@@ -1114,12 +1094,7 @@ fn at_most_five_addresses_are_tried_then_the_recipient_is_deferred() {
         .deliver(dns.addr(), port)
         .set_list("queue.retry_schedule", &["1h"])
         .start();
-    submit(
-        &server,
-        "<a@client.test>",
-        &["<x@many.test>"],
-        &message("a@client.test", "x@many.test", &unique_token()),
-    );
+    submit_one(&server, "x@many.test");
     let e = server.wait_event("deferred", "x@many.test", WAIT);
     let reply = e["reply"].as_str().unwrap();
     assert!(
@@ -1209,22 +1184,12 @@ fn an_idle_destination_is_retired_and_created_again_for_new_mail() {
             std::thread::sleep(Duration::from_millis(20));
         }
     };
-    submit(
-        &server,
-        "<a@client.test>",
-        &["<one@retire.test>"],
-        &message("a@client.test", "one@retire.test", &unique_token()),
-    );
+    submit_one(&server, "one@retire.test");
     sink.wait_for_messages(1, WAIT);
     retired(1);
     // Retired only once its connection was closed (after idle_timeout, 1 s).
     assert!(sink.closed_at(1).is_some());
-    submit(
-        &server,
-        "<a@client.test>",
-        &["<two@retire.test>"],
-        &message("a@client.test", "two@retire.test", &unique_token()),
-    );
+    submit_one(&server, "two@retire.test");
     let got = sink.wait_for_messages(2, WAIT);
     assert_eq!(got[1].rcpts, ["two@retire.test"]);
     server.wait_event("delivered", "two@retire.test", WAIT);
