@@ -171,14 +171,16 @@ fn client_disconnect_mid_data_queues_nothing() {
 
 #[test]
 fn large_messages_across_segment_files_survive_sigkill_byte_for_byte() {
-    // 12 messages of together 1.2 segment files, so the spool starts a new file (and a
+    // 12 messages of together 2.2 segment files, so the spool starts new files (and a
     // checkpoint may or may not follow) before the kill: recovery has to find every body
     // whichever file it went to, and the index entries whichever state sled's files were in.
+    // Whether the first file is a short plain one (the spool moves to a zero-filled file once
+    // one is ready) or a full one, the rest fills a file to the end: a rotation at full size.
     let mut server = TernServer::start();
     let mut c = server.session();
     let mut sent = Vec::new();
     let line_len = format!("message 11 line 00000 {}\r\n", "x".repeat(50)).len() as u64;
-    let lines = tern_queue::sled_storage::SEGMENT_FILE_BYTES * 12 / 10 / 12 / line_len;
+    let lines = tern_queue::sled_storage::SEGMENT_FILE_BYTES * 22 / 10 / 12 / line_len;
     for k in 0..12 {
         let mut body = format!("Subject: big {k}\r\n\r\n");
         for j in 0..lines {
@@ -207,21 +209,28 @@ fn large_messages_across_segment_files_survive_sigkill_byte_for_byte() {
             server.stop();
         }
     }
-    // Files that hold records (a zero-filled segment is 32 MiB from the start, records or not).
-    let non_empty_segments = std::fs::read_dir(server.data_dir().join("spool/segments"))
-        .unwrap()
-        .filter_map(Result::ok)
-        .filter(|e| e.file_name().to_string_lossy().ends_with(".seg"))
-        .filter(|e| {
-            let mut magic = [0u8; 4];
-            std::fs::File::open(e.path())
-                .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
-                .is_ok()
-                && &magic == b"TRN1"
-        })
-        .count();
+    // Files that hold records, in order, with their lengths (a zero-filled segment is 32 MiB
+    // from the start, records or not): at most 32 MiB of the 2.2 files can be in the first.
+    let mut with_records: Vec<(String, u64)> =
+        std::fs::read_dir(server.data_dir().join("spool/segments"))
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".seg"))
+            .filter(|e| {
+                let mut magic = [0u8; 4];
+                std::fs::File::open(e.path())
+                    .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+                    .is_ok()
+                    && &magic == b"TRN1"
+            })
+            .map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                (name, e.metadata().unwrap().len())
+            })
+            .collect();
+    with_records.sort();
     assert!(
-        non_empty_segments >= 2,
-        "the bodies should span segment files, found {non_empty_segments}"
+        with_records.len() >= 3,
+        "the bodies should span a full segment file, found {with_records:?}"
     );
 }

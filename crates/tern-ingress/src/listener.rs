@@ -138,8 +138,8 @@ impl Ingress {
 /// Session threads when `smtp.workers = 0`: one per core but one. The core left over runs the
 /// spool's committer, the delivery arbiter and the kernel's share of loopback and
 /// disk work; sessions spread over every core instead fought those for it. Measured on 2
-/// cores (docs/benchmarks.md): one session thread against two, same throughput on accept,
-/// +8% end-to-end relay, 15% less CPU per message.
+/// cores (docs/benchmarks.md): one session thread against two, the same throughput accepting
+/// and relaying, 12–15% less CPU per message.
 fn default_workers(cores: usize) -> usize {
     cores.saturating_sub(1).max(1)
 }

@@ -4,10 +4,10 @@
 //! block allocation (through the journal where there is one; the development VM's ext4 has
 //! none, and writes the inode and allocation blocks themselves). After an overwrite of blocks
 //! that are already written, it flushes the data alone. Measured on the 2-core development VM
-//! (ext4, virtio disk), a 7 KB write + `fdatasync`: append ≈ 165–190 µs wall and 67–72 µs CPU
-//! in the caller; the same write into a zero-filled file ≈ 111–115 µs and 52–54 µs.
-//! `fallocate` alone does not help (166–174 µs): its unwritten extents still need converting,
-//! a metadata write, on the first write. Filling a 32 MiB file takes ≈ 26 ms (6 ms of writes,
+//! (ext4, virtio disk; `bench/fsync_probe.py`), a 7 KB write + `fdatasync`: append
+//! ≈ 165–209 µs wall and 67–72 µs CPU in the caller; the same write into a zero-filled file
+//! ≈ 108–115 µs and 52–54 µs. `fallocate` alone helps less (154–174 µs): its unwritten extents
+//! still need converting, a metadata write, on the first write. Filling a 32 MiB file takes ≈ 26 ms (6 ms of writes,
 //! 20 ms `fdatasync`), so it is done on this thread, never on the committer's.
 //!
 //! The spare is prepared under a name no reader takes for a segment (`spare.tmp`), then renamed
