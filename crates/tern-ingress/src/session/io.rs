@@ -39,7 +39,13 @@ async fn serve(connection: Connection) {
         mut slot,
     } = connection;
     let _ = stream.set_nodelay(true);
-    let local = stream.local_addr().unwrap_or(listener.addr);
+    // A listener on a wildcard address is the only case where the connection's own address
+    // says more than the listener's (a getsockname per connection otherwise).
+    let local = if listener.addr.ip().is_unspecified() {
+        stream.local_addr().unwrap_or(listener.addr)
+    } else {
+        listener.addr
+    };
     let settings = &shared.settings;
     let mut rbuf = BytesMut::new();
 
