@@ -202,6 +202,7 @@ impl Handler<DeliveryJob> for Dispatcher {
         // held up.
         let resolver = self.shared.resolver.clone();
         let domain = job.domain.clone();
+        let started = now_ms();
         let lookup = async move { resolver.resolve(&domain).await };
         ctx.spawn(lookup.into_actor(self).map(move |targets, act, ctx| {
             match targets {
@@ -217,12 +218,8 @@ impl Handler<DeliveryJob> for Dispatcher {
                 Err(e) => {
                     let result = dns_failure(&e, &job.domain).result();
                     info!(domain = %job.domain, reply = result.reply(), "no connection");
-                    let results = job
-                        .rcpt_index
-                        .iter()
-                        .map(|&i| (i, result.clone()))
-                        .collect();
-                    report(&act.shared, &job, results, None, now_ms());
+                    let report = DeliveryReport::for_every_recipient(&job, result, started);
+                    send_report(&act.shared, report);
                 }
             }
         }));
@@ -511,14 +508,9 @@ impl Handler<Unreachable> for Destination {
                 "destination unreachable: answering its queued jobs at once");
         }
         for routed in self.queue.drain(..) {
-            let now = now_ms();
-            let job = &routed.job;
-            let results = job
-                .rcpt_index
-                .iter()
-                .map(|&i| (i, msg.result.clone()))
-                .collect();
-            report(&self.shared, job, results, None, now);
+            let report =
+                DeliveryReport::for_every_recipient(&routed.job, msg.result.clone(), now_ms());
+            send_report(&self.shared, report);
         }
     }
 }
@@ -540,6 +532,10 @@ fn report(
         started_ms,
         finished_ms: now_ms(),
     };
+    send_report(shared, report);
+}
+
+fn send_report(shared: &Shared, report: DeliveryReport) {
     if let Err(e) = shared.report_to.try_send(report) {
         // Only when the queue is gone (shutting down): the recipients are still in the spool
         // in their earlier state and are retried after the restart.

@@ -278,6 +278,25 @@ pub struct DeliveryReport {
     pub finished_ms: u64,
 }
 
+impl DeliveryReport {
+    /// One result for every recipient of `job` (nothing was connected to, or the stage could
+    /// not take the job), the attempt ending now.
+    pub fn for_every_recipient(job: &DeliveryJob, result: AttemptResult, started_ms: u64) -> Self {
+        DeliveryReport {
+            id: job.id,
+            domain: job.domain.clone(),
+            results: job
+                .rcpt_index
+                .iter()
+                .map(|&i| (i, result.clone()))
+                .collect(),
+            remote: None,
+            started_ms,
+            finished_ms: now_ms(),
+        }
+    }
+}
+
 /// Queue → validation: delivery to this address failed permanently with a "no such mailbox"
 /// class status (5.1.x): it goes on the suppression list.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, actix::Message)]

@@ -22,6 +22,10 @@ use crate::events::{Event, EventLog};
 use crate::schedule::{self, DueIndex, RetryPolicy};
 use crate::storage::{SpooledMeta, Storage, StorageError};
 
+/// Enqueue handling is quick (it hands off to the committer), but bursts of sessions should not
+/// park on actix's default 16-slot mailbox.
+const MAILBOX_CAPACITY: usize = 1024;
+
 /// How often delivery state changes (results, removals) are made durable and the delivery
 /// log's buffered lines are written out.
 const STATE_SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
@@ -175,7 +179,13 @@ impl QueueActor {
     /// Recovers the spool (scans it and indexes every message) and starts the committer thread.
     /// Damaged records are logged and counted but do not prevent start-up; an I/O error while
     /// scanning does, since the index would be incomplete.
-    pub fn new(storage: Arc<dyn Storage>, config: QueueConfig) -> Result<Self, StorageError> {
+    ///
+    /// `notify` is the actor's own mailbox, for the committer to hand it what it made durable.
+    pub(crate) fn new(
+        storage: Arc<dyn Storage>,
+        config: QueueConfig,
+        notify: Option<actix::Recipient<Committed>>,
+    ) -> Result<Self, StorageError> {
         let span = info_span!("spool_recovery");
         let _entered = span.enter();
         let mut index = SpoolIndex::default();
@@ -193,7 +203,7 @@ impl QueueActor {
         }
         let recovered = index.by_id.len() as u64;
         info!(recovered, bytes = index.bytes, corrupt, "spool recovered");
-        let committer = Committer::start(storage.clone(), config.commit)?;
+        let committer = Committer::start(storage.clone(), config.commit, notify)?;
         let (events, suspended) = match &config.data_dir {
             Some(dir) => (
                 EventLog::open(&dir.join("delivery.log"))?,
@@ -248,9 +258,6 @@ impl Actor for QueueActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        // Enqueue handling is quick (it hands off to the committer), but bursts of sessions
-        // should not park on a 16-slot mailbox.
-        ctx.set_mailbox_capacity(1024);
         // One tick for both: delivery state to the committer, log lines to the file. Neither
         // is worth a syscall per message on the accept path.
         ctx.run_interval(STATE_SYNC_INTERVAL, |act, _ctx| {
@@ -353,17 +360,17 @@ pub fn spawn_queue_with_client_on(
     config: QueueConfig,
     arbiter: &ArbiterHandle,
 ) -> Result<(Addr<QueueActor>, QueueClient), StorageError> {
-    let actor = QueueActor::new(storage, config)?;
-    let submitter = actor
-        .committer
-        .submitter()
-        .ok_or_else(|| StorageError::Io(std::io::Error::other("spool committer is not running")))?;
-    let notify = actor.committer.notify_handle();
-    let addr = QueueActor::start_in_arbiter(arbiter, move |_| actor);
-    // Before the client is handed out, not when the actor starts on its thread: a message
-    // committed in between would be acknowledged and never indexed. The mailbox takes the
-    // commits until then.
-    let _ = notify.set(addr.clone().recipient());
+    // The mailbox exists before the actor, so the committer is born knowing where commits go
+    // (what `Actor::start_in_arbiter` does, with the address taken first); it takes them
+    // until the actor runs on its thread.
+    let (tx, rx) = actix::dev::channel::channel(MAILBOX_CAPACITY);
+    let addr = Addr::new(tx);
+    let actor = QueueActor::new(storage, config, Some(addr.clone().recipient()))?;
+    let submitter = actor.committer.submitter();
+    arbiter.spawn_fn(move || {
+        let ctx = Context::with_receiver(rx);
+        actix::spawn(ctx.into_future(actor));
+    });
     Ok((addr, QueueClient::local(submitter)))
 }
 
@@ -394,7 +401,7 @@ mod tests {
         storage.insert(&msg(b"hello\r\n")).unwrap();
         storage.insert(&msg(b"")).unwrap();
         storage.put_raw(&index_key(QueueId::new()), b"\xff garbage");
-        let actor = QueueActor::new(Arc::new(storage), QueueConfig::default()).unwrap();
+        let actor = QueueActor::new(Arc::new(storage), QueueConfig::default(), None).unwrap();
         let stats = actor.stats();
         assert_eq!((stats.recovered, stats.corrupt), (2, 1));
         assert_eq!((stats.messages, stats.bytes), (2, 7));

@@ -581,7 +581,7 @@ mod tests {
     fn flush_marks_add_up_and_all_domains_wins() {
         let dir = tempfile::tempdir().unwrap();
         let storage = crate::sled_storage::open_for_test(dir.path());
-        let mut actor = QueueActor::new(Arc::new(storage), QueueConfig::default()).unwrap();
+        let mut actor = QueueActor::new(Arc::new(storage), QueueConfig::default(), None).unwrap();
         let (a, b) = (QueueId::new(), QueueId::new());
         actor.mark_flushed(a, Some("one.test"));
         actor.mark_flushed(a, Some("two.test"));

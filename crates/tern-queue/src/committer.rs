@@ -8,7 +8,7 @@
 //! waiting for company.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, OnceLock};
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 
 use actix::Recipient;
@@ -74,7 +74,6 @@ pub(crate) struct Committer {
     tx: Option<mpsc::Sender<Request>>,
     thread: Option<JoinHandle<()>>,
     pub(crate) counters: Arc<CommitCounters>,
-    notify: Arc<OnceLock<Recipient<Committed>>>,
 }
 
 /// A cheap, cloneable way to submit messages from any thread (a session's arbiter).
@@ -96,35 +95,38 @@ impl Submitter {
 }
 
 impl Committer {
-    pub(crate) fn start(storage: Arc<dyn Storage>, config: CommitConfig) -> std::io::Result<Self> {
+    /// Starts the thread; every batch it makes durable goes to `notify` (the queue actor's
+    /// mailbox, which takes messages before the actor runs) before any sender is answered.
+    /// `None` only for tests that commit nothing.
+    pub(crate) fn start(
+        storage: Arc<dyn Storage>,
+        config: CommitConfig,
+        notify: Option<Recipient<Committed>>,
+    ) -> std::io::Result<Self> {
         // Unbounded on purpose: every request has a session awaiting its reply, so the number in
         // flight is bounded by the number of sessions, and a bounded channel would make the
         // sending actor block its thread when full.
         let (tx, rx) = mpsc::channel();
         let counters = Arc::new(CommitCounters::default());
-        let notify = Arc::new(OnceLock::new());
         let thread = std::thread::Builder::new()
             .name("tern-spool-commit".into())
             .spawn({
                 let counters = counters.clone();
-                let notify = notify.clone();
-                move || run(&*storage, rx, config, &counters, &notify)
+                move || run(&*storage, rx, config, &counters, notify.as_ref())
             })?;
         Ok(Self {
             tx: Some(tx),
             thread: Some(thread),
             counters,
-            notify,
         })
     }
 
-    /// Where [`Committed`] will go; set it (once) before the first message is submitted.
-    pub(crate) fn notify_handle(&self) -> Arc<OnceLock<Recipient<Committed>>> {
-        self.notify.clone()
-    }
-
-    pub(crate) fn submitter(&self) -> Option<Submitter> {
-        self.tx.clone().map(Submitter)
+    pub(crate) fn submitter(&self) -> Submitter {
+        Submitter(
+            self.tx
+                .clone()
+                .expect("the sender is only taken when dropped"),
+        )
     }
 
     /// Queues `msg` for the next group commit. The receiver yields `Ok(())` once the message is
@@ -134,7 +136,7 @@ impl Committer {
         &self,
         msg: InboundMessage,
     ) -> Result<oneshot::Receiver<Result<(), SpoolError>>, SpoolError> {
-        self.submitter().ok_or_else(gone)?.submit(msg)
+        self.submitter().submit(msg)
     }
 
     /// Asks for a sync soon, for writes made outside the committer (delivery state updates and
@@ -201,7 +203,7 @@ fn run(
     rx: mpsc::Receiver<Request>,
     config: CommitConfig,
     counters: &CommitCounters,
-    notify: &OnceLock<Recipient<Committed>>,
+    notify: Option<&Recipient<Committed>>,
 ) {
     let _span = debug_span!("spool_committer").entered();
     yield_on_wakeup();
@@ -265,7 +267,7 @@ fn run(
                     .fetch_add(inserted.len() as u64, Ordering::Relaxed);
                 debug!(committed = inserted.len(), "group commit done");
                 let (msgs, replies): (Vec<InboundMessage>, Vec<Reply>) = inserted.drain(..).unzip();
-                match notify.get() {
+                match notify {
                     Some(to) => to.do_send(Committed(msgs)),
                     None => warn!("committed messages with no queue actor to index them"),
                 }
@@ -317,7 +319,7 @@ mod tests {
     fn the_committer_thread_does_not_preempt_on_wakeup() {
         let dir = tempfile::tempdir().unwrap();
         let storage = Arc::new(crate::sled_storage::open_for_test(dir.path()));
-        let committer = Committer::start(storage, CommitConfig::default()).unwrap();
+        let committer = Committer::start(storage, CommitConfig::default(), None).unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         loop {
             let policies = committer_policies();

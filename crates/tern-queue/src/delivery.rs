@@ -279,27 +279,10 @@ impl QueueActor {
                     SendError::Closed(job) => job,
                 };
                 warn!(queue_id = %id, "delivery stage unavailable; deferring");
-                let now = now_ms();
-                let results = job
-                    .rcpt_index
-                    .iter()
-                    .map(|&i| {
-                        (
-                            i,
-                            AttemptResult::Temporary {
-                                reply: "4.3.0 delivery stage unavailable".into(),
-                            },
-                        )
-                    })
-                    .collect();
-                let report = DeliveryReport {
-                    id,
-                    domain: job.domain,
-                    results,
-                    remote: None,
-                    started_ms: now,
-                    finished_ms: now,
+                let unavailable = AttemptResult::Temporary {
+                    reply: "4.3.0 delivery stage unavailable".into(),
                 };
+                let report = DeliveryReport::for_every_recipient(&job, unavailable, now_ms());
                 // The last job answered this way ends the round like any report would.
                 if let Some(id) = self.apply_report(report) {
                     self.finish(id, ctx);

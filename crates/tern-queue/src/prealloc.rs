@@ -115,12 +115,28 @@ impl Preallocator {
                     None
                 }
             });
+        self.want_locked(&mut st);
+        taken
+    }
+
+    /// Asks for a spare unless one is ready, being filled, or a fill failed a short while ago.
+    pub(crate) fn want(&self) {
+        let mut st = lock(&self.shared.state);
+        if st.ready.is_none() {
+            self.want_locked(&mut st);
+        }
+    }
+
+    fn want_locked(&self, st: &mut State) {
         let backing_off = st.failed_at.is_some_and(|t| t.elapsed() < RETRY_AFTER);
         if !st.wanted && !backing_off {
             st.wanted = true;
             self.shared.wake.notify_one();
         }
-        taken
+    }
+
+    pub(crate) fn is_ready(&self) -> bool {
+        lock(&self.shared.state).ready.is_some()
     }
 }
 
@@ -196,13 +212,6 @@ fn fill(shared: &Shared) -> std::io::Result<Option<File>> {
     // first commit into them would pay for the allocation after all.
     file.sync_all()?;
     Ok(Some(file))
-}
-
-#[cfg(test)]
-impl Preallocator {
-    pub(crate) fn is_ready(&self) -> bool {
-        lock(&self.shared.state).ready.is_some()
-    }
 }
 
 #[cfg(test)]

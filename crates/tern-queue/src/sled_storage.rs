@@ -752,6 +752,12 @@ impl Inner {
         if !full && (w.preallocated || w.end() < prealloc::PREPARE_AFTER) {
             return Ok(());
         }
+        if !full && !self.spare.is_ready() {
+            // A plain file with traffic and no spare yet: keep appending here meanwhile (only
+            // the committer takes the spare, so it cannot vanish between the check and the take).
+            self.spare.want();
+            return Ok(());
+        }
         // Full, or a plain file with traffic: the next file is a zero-filled one if one is
         // ready (and the one after is asked for); else a plain one, only if this one is full.
         w.write_pending()?;
