@@ -34,8 +34,11 @@ use tracing::{debug, warn};
 use crate::free_space::FreeSpaceGuard;
 use crate::sled_storage::lock;
 
-/// The spare's name while it is being filled and until it is taken.
+/// The spare's name while it is being filled.
 pub(crate) const SPARE_NAME: &str = "spare.tmp";
+/// Its name once it is complete and durable, until it is taken: a spare finished by an earlier
+/// run is used as it is, not written again.
+pub(crate) const READY_NAME: &str = "spare.ready";
 /// The active segment holds this much before the first spare is asked for.
 pub(crate) const PREPARE_AFTER: u64 = 1 << 20;
 /// Zeros are written this much at a time, so a stop is noticed within one chunk.
@@ -56,6 +59,7 @@ struct Shared {
     state: Mutex<State>,
     wake: Condvar,
     path: PathBuf,
+    ready_path: PathBuf,
     size: u64,
     free_space: Arc<FreeSpaceGuard>,
 }
@@ -67,8 +71,8 @@ pub(crate) struct Preallocator {
 }
 
 impl Preallocator {
-    /// Starts the filling thread for `dir`, deleting a spare left by an earlier run (it may be
-    /// short: the run may have stopped mid-fill).
+    /// Starts the filling thread for `dir`, deleting a spare an earlier run left half filled;
+    /// one it finished is ready at once.
     pub(crate) fn start(
         dir: &Path,
         size: u64,
@@ -76,14 +80,35 @@ impl Preallocator {
     ) -> std::io::Result<Self> {
         let path = dir.join(SPARE_NAME);
         match std::fs::remove_file(&path) {
-            Ok(()) => debug!("removed a spare segment left by an earlier run"),
+            Ok(()) => debug!("removed a half-filled spare segment left by an earlier run"),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
+        let ready_path = dir.join(READY_NAME);
+        let ready = match std::fs::metadata(&ready_path) {
+            // Renamed only after its zeros were synced, so whole and durable; a different
+            // size means another SEGMENT_FILE_BYTES made it.
+            Ok(m) if m.len() == size => Some(
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&ready_path)?,
+            ),
+            Ok(_) => {
+                std::fs::remove_file(&ready_path)?;
+                None
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
         let shared = Arc::new(Shared {
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                ready,
+                ..State::default()
+            }),
             wake: Condvar::new(),
             path,
+            ready_path,
             size,
             free_space,
         });
@@ -105,16 +130,16 @@ impl Preallocator {
     /// for a created file.
     pub(crate) fn take_or_want(&self, to: &Path) -> Option<File> {
         let mut st = lock(&self.shared.state);
-        let taken = st
-            .ready
-            .take()
-            .and_then(|file| match std::fs::rename(&self.shared.path, to) {
-                Ok(()) => Some(file),
-                Err(e) => {
-                    warn!(error = %e, to = %to.display(), "cannot rename the spare segment");
-                    None
-                }
-            });
+        let taken =
+            st.ready
+                .take()
+                .and_then(|file| match std::fs::rename(&self.shared.ready_path, to) {
+                    Ok(()) => Some(file),
+                    Err(e) => {
+                        warn!(error = %e, to = %to.display(), "cannot rename the spare segment");
+                        None
+                    }
+                });
         self.want_locked(&mut st);
         taken
     }
@@ -211,6 +236,9 @@ fn fill(shared: &Shared) -> std::io::Result<Option<File>> {
     // The blocks must be allocated and written on disk, not merely in the page cache, or the
     // first commit into them would pay for the allocation after all.
     file.sync_all()?;
+    // Only now may the next start take it as it is. (Whether the rename itself survives a
+    // crash does not matter: without it, the next start fills a new one.)
+    std::fs::rename(&shared.path, &shared.ready_path)?;
     Ok(Some(file))
 }
 
@@ -268,6 +296,35 @@ mod tests {
         let p = Preallocator::start(dir.path(), CHUNK as u64, no_reserve(dir.path())).unwrap();
         assert!(!dir.path().join(SPARE_NAME).exists());
         assert!(!p.is_ready());
+    }
+
+    #[test]
+    fn a_finished_spare_is_used_by_the_next_start_without_a_new_fill() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = CHUNK as u64 + 5;
+        let p = Preallocator::start(dir.path(), size, no_reserve(dir.path())).unwrap();
+        assert!(p.take_or_want(&dir.path().join("a.seg")).is_none());
+        wait_ready(&p);
+        drop(p);
+        let ready = dir.path().join(READY_NAME);
+        assert_eq!(std::fs::metadata(&ready).unwrap().len(), size);
+
+        let p = Preallocator::start(dir.path(), size, no_reserve(dir.path())).unwrap();
+        assert!(p.is_ready(), "the finished spare is ready at once");
+        assert!(!lock(&p.shared.state).wanted, "and no fill was asked for");
+        let to = dir.path().join("0000000000000003.seg");
+        p.take_or_want(&to).expect("taken");
+        assert!(!ready.exists());
+        let bytes = std::fs::read(&to).unwrap();
+        assert_eq!(bytes.len() as u64, size);
+        assert!(bytes.iter().all(|&b| b == 0));
+        drop(p);
+
+        // One of another size (SEGMENT_FILE_BYTES changed) is not used.
+        std::fs::write(&ready, b"short").unwrap();
+        let p = Preallocator::start(dir.path(), size, no_reserve(dir.path())).unwrap();
+        assert!(!p.is_ready());
+        assert!(!ready.exists());
     }
 
     #[test]
