@@ -184,6 +184,38 @@ fn smarthost_route_delivers_and_empties_the_queue() {
 }
 
 #[test]
+fn mail_to_the_bare_postmaster_goes_to_server_postmaster() {
+    let sink = Sink::start(SinkConfig::default());
+    let server = to_sink(TernServer::builder(), &sink)
+        .set("server.postmaster", "ops@example.net")
+        .start();
+    submit(
+        &server,
+        "<a@client.test>",
+        &["<Postmaster>", "<b@example.org>"],
+        &message("a@client.test", "postmaster", &unique_token()),
+    );
+    let got = sink.wait_for_messages(2, WAIT);
+    let mut rcpts: Vec<(String, Vec<String>)> = got
+        .iter()
+        .flat_map(|m| m.rcpts.iter().cloned().zip(m.rcpt_params.iter().cloned()))
+        .collect();
+    rcpts.sort();
+    // The original recipient travels as ORCPT (the sink offers DSN), so a DSN names it.
+    assert_eq!(
+        rcpts,
+        [
+            ("b@example.org".to_string(), vec![]),
+            (
+                "ops@example.net".to_string(),
+                vec!["ORCPT=rfc822;postmaster".to_string()]
+            ),
+        ]
+    );
+    server.wait_queued(0, WAIT);
+}
+
+#[test]
 fn connection_reused_for_many_messages_to_one_destination() {
     let sink = Sink::start(SinkConfig::default());
     let server = to_sink(TernServer::builder(), &sink)

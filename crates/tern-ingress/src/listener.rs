@@ -97,7 +97,11 @@ impl Ingress {
                     kind: spec.kind.name(),
                     error,
                 })?;
-                let spec = spec.clone();
+                // The bound address (port 0 resolved): sessions take it as their own address.
+                let spec = ListenerSpec {
+                    addr: *local,
+                    ..spec.clone()
+                };
                 let shared = shared.clone();
                 arbiter.spawn(accept_loop(listener, spec, shared));
             }

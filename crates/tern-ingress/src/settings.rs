@@ -61,6 +61,9 @@ pub enum VrfyPolicy {
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub hostname: String,
+    /// The address mail to the bare `<postmaster>` is accepted for (`server.postmaster`);
+    /// `None` keeps `postmaster`, which delivery treats as `postmaster@<hostname>`.
+    pub postmaster: Option<String>,
     pub listeners: Vec<ListenerSpec>,
     /// Always present in practice: `tern serve` generates a self-signed certificate when none is
     /// configured, so STARTTLS works out of the box.

@@ -367,10 +367,26 @@ pub fn spawn_queue_with_client_on(
     let addr = Addr::new(tx);
     let actor = QueueActor::new(storage, config, Some(addr.clone().recipient()))?;
     let submitter = actor.committer.submitter();
-    arbiter.spawn_fn(move || {
-        let ctx = Context::with_receiver(rx);
-        actix::spawn(ctx.into_future(actor));
+    // Held here too, so that a closure the arbiter refuses does not drop the actor: its
+    // committer would wait for its thread, which waits for `submitter` to go.
+    let slot = Arc::new(std::sync::Mutex::new(Some(actor)));
+    let started = arbiter.spawn_fn({
+        let slot = slot.clone();
+        move || {
+            let actor = slot.lock().ok().and_then(|mut a| a.take());
+            if let Some(actor) = actor {
+                let ctx = Context::with_receiver(rx);
+                actix::spawn(ctx.into_future(actor));
+            }
+        }
     });
+    if !started {
+        drop(submitter);
+        drop(slot);
+        return Err(StorageError::Io(std::io::Error::other(
+            "the queue's arbiter is not running",
+        )));
+    }
     Ok((addr, QueueClient::local(submitter)))
 }
 

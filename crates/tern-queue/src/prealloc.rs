@@ -10,17 +10,18 @@
 //! still need converting, a metadata write, on the first write. Filling a 32 MiB file takes ≈ 26 ms (6 ms of writes,
 //! 20 ms `fdatasync`), so it is done on this thread, never on the committer's.
 //!
-//! The spare is prepared under a name no reader takes for a segment (`spare.tmp`), then renamed
-//! to its sequence number when the committer starts a new segment: a crash mid-fill leaves only
-//! a temporary file, deleted at the next open. Zeros read back as "no record here", which ends a
+//! The spare is prepared under a name no reader takes for a segment (`spare.tmp`), renamed
+//! `spare.ready` once its zeros are synced, and renamed to its sequence number when the
+//! committer starts a new segment: a crash mid-fill leaves only a temporary file, deleted at
+//! the next open, and a finished spare is used by the next start as it is. Zeros read back as "no record here", which ends a
 //! segment's replay exactly as the end of an appended file does.
 //!
 //! An idle spool does not prepare one: the first spare is asked for once the active segment
 //! holds [`PREPARE_AFTER`] bytes, so a test or a quiet server never writes 32 MiB of zeros; from
 //! then on each spare taken asks for the next. A spare must fit above the spool's free-space
 //! reserve (`min_free_bytes`), like a message: a nearly full disk gets plain files, never a
-//! fill that runs into ENOSPC. A ready spare stays on disk (32 MiB) until it is taken or the
-//! next start deletes it.
+//! fill that runs into ENOSPC. A ready spare stays on disk (32 MiB) until it is taken, across
+//! restarts too.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;

@@ -753,8 +753,9 @@ impl Inner {
             return Ok(());
         }
         if !full && !self.spare.is_ready() {
-            // A plain file with traffic and no spare yet: keep appending here meanwhile (only
-            // the committer takes the spare, so it cannot vanish between the check and the take).
+            // A plain file with traffic and no spare yet: keep appending here meanwhile. (The
+            // spare is only taken under the writer lock, held here, so a ready one cannot
+            // vanish between the check and the take.)
             self.spare.want();
             return Ok(());
         }

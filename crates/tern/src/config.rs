@@ -74,6 +74,10 @@ pub struct Server {
     pub hostname: String,
     /// Queue, spool and generated TLS material live here.
     pub data_dir: PathBuf,
+    /// Where mail to the bare `<postmaster>` goes (an address whose mailbox someone reads):
+    /// Tern has no local mailboxes. Empty: `postmaster@<hostname>`, delivered like any mail
+    /// for the hostname's domain.
+    pub postmaster: String,
 }
 
 impl Default for Server {
@@ -81,6 +85,7 @@ impl Default for Server {
         Self {
             hostname: system_hostname(),
             data_dir: PathBuf::from("tern-data"),
+            postmaster: String::new(),
         }
     }
 }
@@ -791,6 +796,15 @@ impl Config {
         }
         if self.server.data_dir.as_os_str().is_empty() {
             return fail("server.data_dir", "must not be empty".into());
+        }
+        let postmaster = &self.server.postmaster;
+        if !postmaster.is_empty() {
+            if let Err(e) = tern_smtp::address::Address::parse(postmaster) {
+                return fail(
+                    "server.postmaster",
+                    format!("{postmaster:?} is not a mailbox (user@domain): {e}"),
+                );
+            }
         }
 
         let smtp = &self.smtp;
@@ -2299,6 +2313,10 @@ mod tests {
         file_error(
             "[smtp]\nlisten = []\nsubmission_listen = []\nsubmissions_listen = [\"0.0.0.0:465\"]\n[server]\nhostname = \"\"\n",
             &["server.hostname:", "empty"],
+        );
+        file_error(
+            "[server]\npostmaster = \"root\"\n",
+            &["server.postmaster:", "\"root\" is not a mailbox"],
         );
         file_error(
             "[limits]\ncommand_line = 100\n",

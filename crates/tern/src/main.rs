@@ -687,6 +687,7 @@ fn ingress_settings(config: &Config, tls: Arc<rustls::ServerConfig>) -> Settings
     let limits = &config.limits;
     Settings {
         hostname: config.server.hostname.clone(),
+        postmaster: Some(config.server.postmaster.clone()).filter(|p| !p.is_empty()),
         listeners,
         tls: Some(tls),
         relay: tern_policy::relay::RelayRules::new(

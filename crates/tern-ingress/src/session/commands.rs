@@ -428,8 +428,17 @@ impl Session {
             self.reply(555, code(5, 5, 4), "Error: RCPT parameters require EHLO");
             return Flow::Continue;
         }
+        let mut orcpt = rcpt.orcpt;
         let address = match &rcpt.recipient {
-            ForwardPath::Postmaster => "postmaster".to_string(),
+            ForwardPath::Postmaster => match &self.settings().postmaster {
+                // Like an alias: the envelope names the mailbox that is read, and DSNs
+                // still show what the client wrote (RFC 3461 §4.2, ORCPT).
+                Some(to) => {
+                    orcpt.get_or_insert_with(|| "rfc822;postmaster".to_string());
+                    to.clone()
+                }
+                None => "postmaster".to_string(),
+            },
             ForwardPath::Address(address) => {
                 if !address.is_ascii() && !smtputf8 {
                     self.reply(
@@ -464,7 +473,7 @@ impl Session {
         // greylisting to strangers only.
         let submitter = self.trusted();
         if let Some(policy) = self.shared.settings.policy.clone() {
-            if address != "postmaster" {
+            if rcpt.recipient != ForwardPath::Postmaster {
                 // The suppression list is read here (a sled lookup); only the recipient rate
                 // needs the policy actor.
                 let mut verdict = if submitter {
@@ -512,7 +521,7 @@ impl Session {
         tx.recipients.push(Recipient {
             address,
             notify: rcpt.notify,
-            orcpt: rcpt.orcpt,
+            orcpt,
             state: Default::default(),
         });
         self.reply(250, code(2, 1, 5), "Ok");

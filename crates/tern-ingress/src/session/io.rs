@@ -40,7 +40,7 @@ async fn serve(connection: Connection) {
     } = connection;
     let _ = stream.set_nodelay(true);
     // A listener on a wildcard address is the only case where the connection's own address
-    // says more than the listener's (a getsockname per connection otherwise).
+    // says more than the listener's bound one (a getsockname per connection otherwise).
     let local = if listener.addr.ip().is_unspecified() {
         stream.local_addr().unwrap_or(listener.addr)
     } else {
