@@ -20,13 +20,16 @@ start=$(date +%s)
 # --- system packages -------------------------------------------------------------------------
 # swaks: a real SMTP client for the swaks tests; postfix: smtp-source/smtp-sink (benchmarks and
 # the postfix-tools test); python3 + pip for the Python suites; openssl: dkimpy makes its RSA
-# test keys with it (tests/python/test_dkim.py).
+# test keys with it (tests/python/test_dkim.py); mount (below).
 need=()
 command -v swaks >/dev/null 2>&1 || need+=(swaks)
 command -v smtp-source >/dev/null 2>&1 || need+=(postfix)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
+# mount/umount: the disk-full tests mount a small tmpfs (present on Debian, but a trimmed image
+# may lack them).
+command -v mount >/dev/null 2>&1 || need+=(mount)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "missing packages: ${need[*]} (run as root, or install them)" >&2

@@ -13,8 +13,8 @@
 //! The spare is prepared under a name no reader takes for a segment (`spare.tmp`), renamed
 //! `spare.ready` once its zeros are synced, and renamed to its sequence number when the
 //! committer starts a new segment: a crash mid-fill leaves only a temporary file, deleted at
-//! the next open, and a finished spare is used by the next start as it is. Zeros read back as "no record here", which ends a
-//! segment's replay exactly as the end of an appended file does.
+//! the next open, and a finished spare is used by the next start as it is. Zeros read back as
+//! "no record here", which ends a segment's replay exactly as the end of an appended file does.
 //!
 //! An idle spool does not prepare one: the first spare is asked for once the active segment
 //! holds [`PREPARE_AFTER`] bytes, so a test or a quiet server never writes 32 MiB of zeros; from
