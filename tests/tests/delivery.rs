@@ -290,6 +290,39 @@ fn each_job_looks_its_domain_up_once() {
     assert_eq!(dns.queries("once.test", "MX"), 1, "MX lookups for one job");
 }
 
+#[test]
+fn an_mx_answer_older_than_mx_max_age_is_looked_up_again() {
+    // TTL 0, so the DNS server counts every lookup. One message per connection at 2 per
+    // second: the 2nd and 3rd jobs wait about 0.5 s and 1 s in their destination's queue,
+    // longer than mx_max_age, so each is looked up again before its connection. With the
+    // default age, a job costs one lookup (each_job_looks_its_domain_up_once).
+    let sink = sink_on("127.0.0.31", SinkConfig::default());
+    let dns = TestDns::start(
+        TestZone::new()
+            .ttl(0)
+            .mx("stale.test", 10, "mx.stale.test")
+            .a("mx.stale.test", ip("127.0.0.31")),
+    );
+    let server = TernServer::builder()
+        .deliver(dns.addr(), sink.addr().port())
+        .set("delivery.max_message_rate", "2/s")
+        .set("delivery.max_messages_per_connection", 1)
+        .set("delivery.mx_max_age", "200ms")
+        .start();
+    for i in 0..3 {
+        submit_one(&server, &format!("r{i}@stale.test"));
+    }
+    sink.wait_for_messages(3, WAIT);
+    server.wait_queued(0, WAIT);
+    let lookups = dns.queries("stale.test", "MX");
+    // 3 by the dispatcher, one per job; at least the two throttled jobs again (the first
+    // too if the machine was slow to connect for it).
+    assert!(
+        (5..=6).contains(&lookups),
+        "{lookups} MX lookups for 3 jobs, 2 of them throttled past mx_max_age"
+    );
+}
+
 /// DNS for a sender domain whose mail lands in `mailbox` (to collect DSNs) plus `extra`.
 fn zone_with_sender_mailbox(mailbox: &Sink, extra: TestZone) -> TestZone {
     let ip = match mailbox.addr().ip() {
@@ -891,6 +924,8 @@ fn an_unreachable_destination_answers_every_queued_job_at_once() {
     assert_eq!(deferred.len(), 5, "{log:#?}");
     for e in &deferred {
         assert_eq!(e["attempt"], 1, "{e}");
+        // The queued jobs' attempt began when the stage took them, not when the answer came.
+        assert!(e["latency_ms"].as_u64().unwrap() > 0, "{e}");
         assert!(
             e["reply"]
                 .as_str()

@@ -109,6 +109,12 @@ pub struct DeliverySettings {
     /// At most this many addresses are tried per connection attempt (Postfix
     /// `smtp_mx_address_limit` is 5).
     pub max_addresses: usize,
+    /// A job's MX answer is used to connect for it until it is this old; after a longer wait
+    /// in its destination's queue the worker looks the domain up again (answered from the
+    /// resolver's cache while the records' TTLs last), so hosts or addresses that changed
+    /// meanwhile are not tried and their failure taken as the whole site's. An age of its own
+    /// because `MxTarget` carries no TTL.
+    pub mx_max_age: Duration,
 }
 
 impl DeliverySettings {
@@ -121,6 +127,7 @@ impl DeliverySettings {
             routes: Vec::new(),
             idle_timeout: Duration::from_secs(5),
             max_addresses: 5,
+            mx_max_age: Duration::from_secs(60),
         }
     }
 
@@ -193,7 +200,12 @@ impl Handler<DeliveryJob> for Dispatcher {
         // Every domain sent to one smarthost shares its connections.
         if let Some((host, port)) = &target.relay {
             let key = format!("[{host}]:{port}");
-            self.send_to(key, target, Routed { job, mx: None }, ctx);
+            let routed = Routed {
+                job,
+                mx: None,
+                since_ms: now_ms(),
+            };
+            self.send_to(key, target, routed, ctx);
             return;
         }
         // Every domain with the same MX hosts (a "site") shares its connections too. The
@@ -211,6 +223,7 @@ impl Handler<DeliveryJob> for Dispatcher {
                     let routed = Routed {
                         job,
                         mx: Some((targets, Instant::now())),
+                        since_ms: started,
                     };
                     act.send_to(key, target, routed, ctx);
                 }
@@ -233,14 +246,10 @@ impl Handler<DeliveryJob> for Dispatcher {
 struct Routed {
     job: DeliveryJob,
     mx: Option<(Vec<MxTarget>, Instant)>,
+    /// When the dispatcher took the job: its attempt's start for a report made without a
+    /// connection of its own (the destination found unreachable while it waited).
+    since_ms: u64,
 }
-
-/// A job's MX answer is used to connect for it until it is this old; after a longer wait in
-/// its destination's queue the worker looks the domain up again (answered from the resolver's
-/// cache while the records' TTLs last), so hosts or addresses that changed meanwhile are not
-/// tried and their failure taken as the whole site's. A fixed age because `MxTarget` carries
-/// no TTL.
-const MX_ANSWER_FRESH: Duration = Duration::from_secs(60);
 
 /// The destination key of domains whose MX hosts are `targets`: the host names, sorted, so
 /// that the order and the preferences do not matter (KumoMTA's "site"), and the route when
@@ -508,8 +517,11 @@ impl Handler<Unreachable> for Destination {
                 "destination unreachable: answering its queued jobs at once");
         }
         for routed in self.queue.drain(..) {
-            let report =
-                DeliveryReport::for_every_recipient(&routed.job, msg.result.clone(), now_ms());
+            let report = DeliveryReport::for_every_recipient(
+                &routed.job,
+                msg.result.clone(),
+                routed.since_ms,
+            );
             send_report(&self.shared, report);
         }
     }
@@ -639,7 +651,7 @@ impl Worker {
             }
             if conn.is_none() {
                 let connected = match &routed.mx {
-                    Some((targets, at)) if at.elapsed() < MX_ANSWER_FRESH => {
+                    Some((targets, at)) if at.elapsed() < self.shared.settings.mx_max_age => {
                         self.connect(&job.domain, Some(targets)).await
                     }
                     // A smarthost, or an answer grown old in the queue: look up now.

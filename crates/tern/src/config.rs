@@ -455,6 +455,10 @@ pub struct Delivery {
     /// How long an idle outbound connection waits for more mail before QUIT.
     #[serde(with = "duration")]
     pub idle_timeout: Duration,
+    /// How old the MX answer a job was routed with may be when a connection
+    /// is opened for it; an older one is looked up again.
+    #[serde(with = "duration")]
+    pub mx_max_age: Duration,
     /// PEM bundle of the certificate authorities trusted for routes with
     /// `tls = "required"`. The default is Debian's system bundle; when it
     /// is missing (and the key was left at its default), required TLS
@@ -596,6 +600,7 @@ impl Default for Delivery {
             command_timeout: Duration::from_secs(5 * 60),
             data_timeout: Duration::from_secs(10 * 60),
             idle_timeout: Duration::from_secs(5),
+            mx_max_age: Duration::from_secs(60),
             tls_ca_file: PathBuf::from(SYSTEM_CA_FILE),
         }
     }
@@ -1102,6 +1107,7 @@ impl Config {
             ("delivery.command_timeout", d.command_timeout),
             ("delivery.data_timeout", d.data_timeout),
             ("delivery.idle_timeout", d.idle_timeout),
+            ("delivery.mx_max_age", d.mx_max_age),
         ] {
             if t.is_zero() {
                 return fail(key, "must be greater than 0".into());
@@ -1941,6 +1947,7 @@ mod tests {
         assert_eq!(d.max_connections, 10);
         assert_eq!(d.max_messages_per_connection, 100);
         assert_eq!(d.max_message_rate, None);
+        assert_eq!(d.mx_max_age, Duration::from_secs(60));
         assert_eq!(d.connect_timeout, Duration::from_secs(30));
         assert_eq!(d.command_timeout, Duration::from_secs(300));
         assert_eq!(d.data_timeout, Duration::from_secs(600));
@@ -2842,6 +2849,7 @@ mod tests {
                 "[delivery]\nidle_timeout = \"0s\"\n",
                 "delivery.idle_timeout:",
             ),
+            ("[delivery]\nmx_max_age = \"0s\"\n", "delivery.mx_max_age:"),
             ("[queue]\nretry_schedule = []\n", "queue.retry_schedule:"),
             (
                 "[queue]\nretry_schedule = [\"1m\", \"0s\"]\n",

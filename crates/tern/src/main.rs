@@ -634,6 +634,7 @@ fn delivery_settings(config: &Config) -> Result<DeliverySettings> {
     settings.port = d.port;
     settings.limits = limits;
     settings.idle_timeout = d.idle_timeout;
+    settings.mx_max_age = d.mx_max_age;
     settings.routes = config
         .routes
         .iter()
