@@ -369,6 +369,67 @@ fn dkimpy_signatures_and_arc_seals_verify() {
 }
 
 #[test]
+fn dns_failures_in_dkim_key_and_dmarc_record_lookups_are_temperror_not_fail() {
+    // Each domain's SPF fails from the client's address, so DMARC rests on DKIM.
+    // dkim-temp.test (p=reject): its key's name answers SERVFAIL. dmarc-temp.test: its DMARC
+    // record's name answers SERVFAIL. reject.test: a signature whose key does not exist
+    // (NXDOMAIN), the permanent case, for contrast.
+    let keys = tempfile::tempdir().unwrap();
+    let key = keys.path().join("k.pem");
+    let key = key.to_str().unwrap();
+    dkimpy(&["keygen", key], b"");
+    let dns = TestDns::start(
+        zone()
+            .txt("dkim-temp.test", "v=spf1 ip4:192.0.2.1 -all")
+            .txt("_dmarc.dkim-temp.test", "v=DMARC1; p=reject")
+            .servfail("s1._domainkey.dkim-temp.test")
+            .txt("dmarc-temp.test", "v=spf1 ip4:192.0.2.1 -all")
+            .servfail("_dmarc.dmarc-temp.test"),
+    );
+    let mut s = server(&dns, |b| b);
+    let mut c = stranger(&s);
+    let sign = |from: &str, domain: &str| {
+        let plain = message(from, "signed");
+        String::from_utf8(dkimpy(&["sign", "s1", domain, key], plain.as_bytes())).unwrap()
+    };
+    // A key that cannot be fetched for now: not a DMARC failure, so p=reject does not refuse.
+    let key_servfail = queued_id(&send(
+        &mut c,
+        "alice@dkim-temp.test",
+        &sign("alice@dkim-temp.test", "dkim-temp.test"),
+    ));
+    let record_servfail = queued_id(&send(
+        &mut c,
+        "a@dmarc-temp.test",
+        &message("a@dmarc-temp.test", "unsigned"),
+    ));
+    // A key that does not exist is a permanent error: DMARC fails, p=reject refuses.
+    send(
+        &mut c,
+        "a@spf-pass.test",
+        &sign("a@reject.test", "reject.test"),
+    )
+    .expect("550", "5.7.1");
+    s.stop();
+
+    let (ar, _, _) = fields(&s, &key_servfail);
+    assert!(
+        ar.contains("dkim=temperror") && ar.contains("header.i=@dkim-temp.test"),
+        "{ar}"
+    );
+    assert!(
+        ar.contains("dmarc=temperror header.from=dkim-temp.test"),
+        "{ar}"
+    );
+    assert_eq!(s.spooled_message(&key_servfail).envelope.hold, None);
+    let (ar, _, _) = fields(&s, &record_servfail);
+    assert!(
+        ar.contains("dmarc=temperror header.from=dmarc-temp.test"),
+        "{ar}"
+    );
+}
+
+#[test]
 fn content_rules_score_hold_and_refuse() {
     let dir = tempfile::tempdir().unwrap();
     let rules = dir.path().join("rules.toml");

@@ -20,11 +20,12 @@ use mail_auth::dmarc::{Dmarc, Policy as DmarcRecordPolicy};
 use mail_auth::hickory_resolver::config::{
     NameServerConfig, NameServerConfigGroup, ResolveHosts, ResolverConfig, ResolverOpts,
 };
+use mail_auth::hickory_resolver::proto::op::ResponseCode;
 use mail_auth::hickory_resolver::proto::xfer::Protocol;
 use mail_auth::spf::verify::SpfParameters;
 use mail_auth::{
-    AuthenticatedMessage, AuthenticationResults, DkimResult, DmarcResult, MessageAuthenticator,
-    Parameters, ResolverCache, SpfOutput, SpfResult, Txt,
+    AuthenticatedMessage, AuthenticationResults, DkimOutput, DkimResult, DmarcResult,
+    MessageAuthenticator, Parameters, ResolverCache, SpfOutput, SpfResult, Txt,
 };
 use serde::{Deserialize, Serialize};
 
@@ -319,6 +320,20 @@ impl Authenticator {
         }
     }
 
+    /// Whether the DMARC record of `from_domain` (its own, or its organizational domain's)
+    /// could not be looked up: mail-auth 0.7 reads a SERVFAIL there as "no record", which
+    /// would take a broken zone's mail out of its own policy; RFC 7489 §6.6.3 makes a
+    /// temporary DNS error a reason to stop with `temperror`. Asked only when no record was
+    /// found; the resolver's negative cache answers for zones that have none.
+    async fn dmarc_lookup_failed(&self, from_domain: &str) -> bool {
+        if from_domain.is_empty() {
+            return false;
+        }
+        let org = organizational_domain(from_domain);
+        self.lookup_failed(&format!("_dmarc.{from_domain}")).await
+            || (org != from_domain && self.lookup_failed(&format!("_dmarc.{org}")).await)
+    }
+
     /// The policy for mail from `from_domain` under `record` (RFC 7489 §6.6.3): `p=` when the
     /// record is the From domain's own, `sp=` (which defaults to `p=`) when it was found above
     /// it (the organizational domain's, or a public suffix's, RFC 9091) because the From
@@ -367,13 +382,17 @@ impl Authenticator {
             );
             return report;
         };
-        let dkim = if checks.dkim {
+        let verified = if checks.dkim {
             self.inner
                 .verify_dkim(Parameters::new(&msg).with_txt_cache(self.txt.as_ref()))
                 .await
         } else {
             Vec::new()
         };
+        let dkim: Vec<DkimOutput<'_>> = verified
+            .iter()
+            .map(key_lookup_failure_is_temporary)
+            .collect();
         report.dkim = if dkim.iter().any(|o| o.result() == &DkimResult::Pass) {
             AuthStatus::Pass
         } else {
@@ -428,7 +447,13 @@ impl Authenticator {
             } else if is(|r| matches!(r, DmarcResult::PermError(_))) {
                 AuthStatus::PermError
             } else if out.dmarc_record().is_some() {
-                AuthStatus::Fail
+                if aligned_temperror(out.domain(), &dkim, spf, mail_from_domain) {
+                    AuthStatus::TempError
+                } else {
+                    AuthStatus::Fail
+                }
+            } else if self.dmarc_lookup_failed(out.domain()).await {
+                AuthStatus::TempError
             } else {
                 AuthStatus::None
             };
@@ -455,6 +480,43 @@ impl Authenticator {
         report.header = header;
         report
     }
+}
+
+/// mail-auth 0.7 reads a SERVFAIL (or REFUSED) for a signature's key record as a missing key,
+/// a permanent error; RFC 6376 §6.1.2 makes a key that cannot be retrieved for a temporary
+/// reason TEMPFAIL. Other results are kept as they are.
+fn key_lookup_failure_is_temporary<'x>(out: &'x DkimOutput<'x>) -> DkimOutput<'x> {
+    match out.result() {
+        DkimResult::PermError(mail_auth::Error::DnsRecordNotFound(code))
+            if !matches!(code, ResponseCode::NoError | ResponseCode::NXDomain) =>
+        {
+            let temp =
+                DkimOutput::temp_err(mail_auth::Error::DnsError(format!("key lookup: {code}")));
+            match out.signature() {
+                Some(signature) => temp.with_signature(signature),
+                None => temp,
+            }
+        }
+        _ => out.clone(),
+    }
+}
+
+/// Whether a DMARC failure may be only a DNS outage: a DKIM signature or the SPF check that
+/// would align with the From domain (relaxed: the same organizational domain) ended in
+/// `temperror`, so with the DNS back it might have passed. Such mail gets `dmarc=temperror`
+/// rather than `fail`, and no policy is applied to it (as for every DMARC temperror).
+fn aligned_temperror(
+    from_domain: &str,
+    dkim: &[DkimOutput<'_>],
+    spf: Option<&SpfRecord>,
+    mail_from_domain: &str,
+) -> bool {
+    let org = organizational_domain(from_domain);
+    let aligned = |d: &str| organizational_domain(&d.to_ascii_lowercase()) == org;
+    dkim.iter().any(|o| {
+        matches!(o.result(), DkimResult::TempError(_))
+            && o.signature().is_some_and(|s| aligned(&s.d))
+    }) || spf.is_some_and(|s| s.status == AuthStatus::TempError && aligned(mail_from_domain))
 }
 
 /// RFC 7489 §6.6.4: `pct=` below 100 applies the policy to that share of failing mail; the
