@@ -408,7 +408,10 @@ impl Handler<DeleteMessage> for QueueActor {
                 // Still removable: the operator may be deleting it because it is damaged.
                 self.index.remove(req.id);
                 self.flushed.remove(&req.id);
-                return self.storage.remove(req.id).is_ok();
+                let removed = self.storage.remove(req.id).is_ok();
+                self.state_changed = true;
+                self.changed();
+                return removed;
             }
         };
         let original = Original {
@@ -527,6 +530,7 @@ impl Handler<HoldMessage> for QueueActor {
         }
         // Made durable by the next state sync (within 20 ms), like any delivery state.
         self.state_changed = true;
+        self.changed();
         self.log_hold(id, req.hold, now);
         match flight {
             Some(live) => {
@@ -569,6 +573,7 @@ impl QueueActor {
             reason: hold.then_some("operator"),
             ..Event::default()
         });
+        self.changed();
     }
 }
 

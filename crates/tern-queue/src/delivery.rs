@@ -370,7 +370,10 @@ impl QueueActor {
             }
             flight.transitions.push((i, transition));
         }
-        flight.outstanding.is_empty().then_some(report.id)
+        let done = flight.outstanding.is_empty();
+        // The lines logged above.
+        self.changed();
+        done.then_some(report.id)
     }
 
     /// A round is over: notify the sender if needed, then write the new state.
@@ -459,6 +462,7 @@ impl QueueActor {
             warn!(queue_id = %id, error = %e, "cannot write delivery state");
         }
         self.state_changed = true;
+        self.changed();
     }
 
     /// Makes the state changes of the last few milliseconds durable together: a removal that
@@ -588,6 +592,7 @@ impl QueueActor {
             action: Some(action),
             ..Event::default()
         });
+        self.changed();
         Some(dsn)
     }
 
@@ -640,6 +645,7 @@ impl QueueActor {
             return;
         }
         self.state_changed = true;
+        self.changed();
         self.events.log(&Event {
             ts_ms: now,
             event: "deleted",

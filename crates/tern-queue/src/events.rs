@@ -3,9 +3,9 @@
 //! and as a `tracing` event. It is the feed for webhooks and metrics later, so every line is
 //! self-contained: queue id, recipient, destination, reply, attempt, latency.
 //!
-//! The file is appended to with a buffered writer that the queue actor flushes every 20 ms
-//! (not per message: that would be a write(2) per accepted message), so lines are whole and in
-//! order and reach the file within 20 ms; it is not fsync'd (a log, not the spool: a lost
+//! The file is appended to with a buffered writer that the queue actor flushes 20 ms after the
+//! first line written since the last flush (not per message: that would be a write(2) per
+//! accepted message), so lines are whole and in order and reach the file within 20 ms; it is not fsync'd (a log, not the spool: a lost
 //! tail after a power cut is acceptable, the spool state is authoritative).
 
 use std::fs::{File, OpenOptions};
@@ -111,7 +111,7 @@ impl EventLog {
         }
     }
 
-    /// Writes buffered lines out; called on the queue actor's 20 ms tick.
+    /// Writes buffered lines out; called by the queue actor 20 ms after a change.
     pub fn flush(&mut self) {
         if !self.dirty {
             return;
