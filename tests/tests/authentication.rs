@@ -369,11 +369,15 @@ fn dkimpy_signatures_and_arc_seals_verify() {
 }
 
 #[test]
-fn dns_failures_in_dkim_key_and_dmarc_record_lookups_are_temperror_not_fail() {
-    // Each domain's SPF fails from the client's address, so DMARC rests on DKIM.
-    // dkim-temp.test (p=reject): its key's name answers SERVFAIL. dmarc-temp.test: its DMARC
-    // record's name answers SERVFAIL. reject.test: a signature whose key does not exist
-    // (NXDOMAIN), the permanent case, for contrast.
+fn dns_failures_in_dkim_key_and_dmarc_lookups_are_temperror_not_fail() {
+    // Every domain's SPF fails from the client's address, so DMARC rests on DKIM.
+    // - dkim-temp.test (p=reject): its key's name, and a subdomain's a forger could pick,
+    //   answer SERVFAIL;
+    // - strict-temp.test (p=reject, adkim=s): a subdomain's key name answers SERVFAIL;
+    // - dmarc-temp.test: its DMARC record's name answers SERVFAIL;
+    // - sub.orgpol.test: its own DMARC name answers SERVFAIL, its organizational domain has
+    //   p=none, sp=reject;
+    // - reject.test: a signature whose key does not exist (NXDOMAIN), the permanent case.
     let keys = tempfile::tempdir().unwrap();
     let key = keys.path().join("k.pem");
     let key = key.to_str().unwrap();
@@ -383,26 +387,52 @@ fn dns_failures_in_dkim_key_and_dmarc_record_lookups_are_temperror_not_fail() {
             .txt("dkim-temp.test", "v=spf1 ip4:192.0.2.1 -all")
             .txt("_dmarc.dkim-temp.test", "v=DMARC1; p=reject")
             .servfail("s1._domainkey.dkim-temp.test")
+            .servfail("s1._domainkey.lame.dkim-temp.test")
+            .txt("strict-temp.test", "v=spf1 ip4:192.0.2.1 -all")
+            .txt("_dmarc.strict-temp.test", "v=DMARC1; p=reject; adkim=s")
+            .servfail("s1._domainkey.sub.strict-temp.test")
             .txt("dmarc-temp.test", "v=spf1 ip4:192.0.2.1 -all")
-            .servfail("_dmarc.dmarc-temp.test"),
+            .servfail("_dmarc.dmarc-temp.test")
+            .txt("sub.orgpol.test", "v=spf1 ip4:192.0.2.1 -all")
+            .txt("_dmarc.orgpol.test", "v=DMARC1; p=none; sp=reject")
+            .servfail("_dmarc.sub.orgpol.test"),
     );
-    let mut s = server(&dns, |b| b);
-    let mut c = stranger(&s);
     let sign = |from: &str, domain: &str| {
         let plain = message(from, "signed");
         String::from_utf8(dkimpy(&["sign", "s1", domain, key], plain.as_bytes())).unwrap()
     };
-    // A key that cannot be fetched for now: not a DMARC failure, so p=reject does not refuse.
-    let key_servfail = queued_id(&send(
+    let mut s = server(&dns, |b| b);
+    let mut c = stranger(&s);
+    // A key that cannot be fetched for now, under p=reject: neither refused for good (it may
+    // be genuine) nor let through (it may be forged): the sender is asked to retry.
+    send(
         &mut c,
         "alice@dkim-temp.test",
         &sign("alice@dkim-temp.test", "dkim-temp.test"),
-    ));
-    let record_servfail = queued_id(&send(
+    )
+    .expect("451", "4.7.1");
+    // The same from a signing domain a forger chose under the victim's.
+    send(
         &mut c,
-        "a@dmarc-temp.test",
-        &message("a@dmarc-temp.test", "unsigned"),
-    ));
+        "alice@dkim-temp.test",
+        &sign("alice@dkim-temp.test", "lame.dkim-temp.test"),
+    )
+    .expect("451", "4.7.1");
+    // adkim=s: a subdomain's signature could never align, whatever its key: a plain failure.
+    send(
+        &mut c,
+        "a@strict-temp.test",
+        &sign("a@strict-temp.test", "sub.strict-temp.test"),
+    )
+    .expect("550", "5.7.1");
+    // The From domain's own record unknown for now: its organizational domain's sp=reject
+    // might not be the one that applies.
+    send(
+        &mut c,
+        "a@sub.orgpol.test",
+        &message("a@sub.orgpol.test", "unsigned"),
+    )
+    .expect("451", "4.7.1");
     // A key that does not exist is a permanent error: DMARC fails, p=reject refuses.
     send(
         &mut c,
@@ -410,22 +440,40 @@ fn dns_failures_in_dkim_key_and_dmarc_record_lookups_are_temperror_not_fail() {
         &sign("a@reject.test", "reject.test"),
     )
     .expect("550", "5.7.1");
+    // No record could be read at all: no policy to apply; accepted, the result recorded.
+    let record_servfail = queued_id(&send(
+        &mut c,
+        "a@dmarc-temp.test",
+        &message("a@dmarc-temp.test", "unsigned"),
+    ));
     s.stop();
+    let (ar, _, _) = fields(&s, &record_servfail);
+    assert!(
+        ar.contains("dmarc=temperror header.from=dmarc-temp.test"),
+        "{ar}"
+    );
 
-    let (ar, _, _) = fields(&s, &key_servfail);
+    // policy.dmarc = "hold": held for the operator instead, with the results recorded.
+    let mut s = server(&dns, |b| b.set("policy.dmarc", "hold"));
+    let mut c = stranger(&s);
+    let held = queued_id(&send(
+        &mut c,
+        "alice@dkim-temp.test",
+        &sign("alice@dkim-temp.test", "dkim-temp.test"),
+    ));
+    s.stop();
+    let (ar, _, _) = fields(&s, &held);
     assert!(
         ar.contains("dkim=temperror") && ar.contains("header.i=@dkim-temp.test"),
         "{ar}"
     );
     assert!(
-        ar.contains("dmarc=temperror header.from=dkim-temp.test"),
+        ar.contains("dmarc=temperror header.from=dkim-temp.test policy.dmarc=reject"),
         "{ar}"
     );
-    assert_eq!(s.spooled_message(&key_servfail).envelope.hold, None);
-    let (ar, _, _) = fields(&s, &record_servfail);
-    assert!(
-        ar.contains("dmarc=temperror header.from=dmarc-temp.test"),
-        "{ar}"
+    assert_eq!(
+        s.spooled_message(&held).envelope.hold.as_deref(),
+        Some("DMARC temperror under policy reject of dkim-temp.test")
     );
 }
 

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use mail_auth::common::headers::HeaderWriter;
 use mail_auth::dmarc::verify::DmarcParameters;
-use mail_auth::dmarc::{Dmarc, Policy as DmarcRecordPolicy};
+use mail_auth::dmarc::{Alignment, Dmarc, Policy as DmarcRecordPolicy};
 use mail_auth::hickory_resolver::config::{
     NameServerConfig, NameServerConfigGroup, ResolveHosts, ResolverConfig, ResolverOpts,
 };
@@ -147,7 +147,8 @@ pub struct AuthReport {
     pub dkim: AuthStatus,
     pub arc: AuthStatus,
     pub dmarc: AuthStatus,
-    /// The From domain's policy, meaningful when `dmarc` is `fail`.
+    /// The From domain's policy, meaningful when `dmarc` is `fail` or `temperror` (with a
+    /// record).
     pub dmarc_policy: DmarcPolicy,
     /// The RFC 5322.From domain DMARC evaluated (empty when it could not: no or several).
     pub from_domain: String,
@@ -340,22 +341,28 @@ impl Authenticator {
     /// domain has none. mail-auth 0.7 takes `sp=` only when alignment passed through the
     /// organizational domain, so a failing message from a subdomain got `p=`. Its tree walk
     /// has just asked for this name: a record comes from the TXT cache, a "none" from the
-    /// resolver's negative cache.
-    async fn record_policy(&self, from_domain: &str, record: &Dmarc) -> DmarcRecordPolicy {
+    /// resolver's negative cache. The flag is true when the From domain's own record could
+    /// not be looked up (SERVFAIL, timeout): the policy is then the stricter of the two, and
+    /// the result no better than `temperror`.
+    async fn record_policy(&self, from_domain: &str, record: &Dmarc) -> (DmarcRecordPolicy, bool) {
         // Most records have no sp= of their own (it defaults to p=): nothing to tell apart.
         if record.sp == record.p {
-            return record.p;
+            return (record.p, false);
         }
         let own = self
             .inner
             .txt_lookup::<Dmarc>(format!("_dmarc.{from_domain}."), Some(self.txt.as_ref()))
             .await;
         match own {
-            Err(mail_auth::Error::DnsRecordNotFound(_) | mail_auth::Error::InvalidRecordType) => {
-                record.sp
+            Err(mail_auth::Error::DnsRecordNotFound(code)) if !is_no_such_record(code) => {
+                (stricter(record.p, record.sp), true)
             }
-            // Its own record; or a lookup failing now, when `p=` is what mail-auth found.
-            _ => record.p,
+            Err(mail_auth::Error::DnsRecordNotFound(_) | mail_auth::Error::InvalidRecordType) => {
+                (record.sp, false)
+            }
+            Err(mail_auth::Error::DnsError(_)) => (stricter(record.p, record.sp), true),
+            // Its own record (the tree walk found this one first, so it is that record).
+            _ => (record.p, false),
         }
     }
 
@@ -446,8 +453,8 @@ impl Authenticator {
                 AuthStatus::TempError
             } else if is(|r| matches!(r, DmarcResult::PermError(_))) {
                 AuthStatus::PermError
-            } else if out.dmarc_record().is_some() {
-                if aligned_temperror(out.domain(), &dkim, spf, mail_from_domain) {
+            } else if let Some(record) = out.dmarc_record() {
+                if aligned_temperror(out.domain(), record, &dkim, spf, mail_from_domain) {
                     AuthStatus::TempError
                 } else {
                     AuthStatus::Fail
@@ -460,7 +467,11 @@ impl Authenticator {
             report.from_domain = out.domain().to_string();
             let mut policy = out.policy();
             if let Some(record) = out.dmarc_record() {
-                policy = self.record_policy(out.domain(), record).await;
+                let own_lookup_failed;
+                (policy, own_lookup_failed) = self.record_policy(out.domain(), record).await;
+                if own_lookup_failed && report.dmarc == AuthStatus::Fail {
+                    report.dmarc = AuthStatus::TempError;
+                }
                 report.dmarc_policy = sampled(policy, record.pct);
             }
             if !report.from_domain.is_empty() {
@@ -488,7 +499,7 @@ impl Authenticator {
 fn key_lookup_failure_is_temporary<'x>(out: &'x DkimOutput<'x>) -> DkimOutput<'x> {
     match out.result() {
         DkimResult::PermError(mail_auth::Error::DnsRecordNotFound(code))
-            if !matches!(code, ResponseCode::NoError | ResponseCode::NXDomain) =>
+            if !is_no_such_record(*code) =>
         {
             let temp =
                 DkimOutput::temp_err(mail_auth::Error::DnsError(format!("key lookup: {code}")));
@@ -502,21 +513,53 @@ fn key_lookup_failure_is_temporary<'x>(out: &'x DkimOutput<'x>) -> DkimOutput<'x
 }
 
 /// Whether a DMARC failure may be only a DNS outage: a DKIM signature or the SPF check that
-/// would align with the From domain (relaxed: the same organizational domain) ended in
-/// `temperror`, so with the DNS back it might have passed. Such mail gets `dmarc=temperror`
-/// rather than `fail`, and no policy is applied to it (as for every DMARC temperror).
+/// would align with the From domain under `record`'s modes (`adkim=`/`aspf=`: relaxed, the same
+/// organizational domain; strict, the same domain) ended in `temperror`, so with the DNS back
+/// it might have passed. Such mail gets `dmarc=temperror` rather than `fail`; under `p=reject`
+/// or `quarantine` the sender is asked to try again later (see `judge`), never let through,
+/// since a forger can name a signing domain under the victim's that fails to resolve.
 fn aligned_temperror(
     from_domain: &str,
+    record: &Dmarc,
     dkim: &[DkimOutput<'_>],
     spf: Option<&SpfRecord>,
     mail_from_domain: &str,
 ) -> bool {
-    let org = organizational_domain(from_domain);
-    let aligned = |d: &str| organizational_domain(&d.to_ascii_lowercase()) == org;
+    let from = from_domain.trim_end_matches('.').to_ascii_lowercase();
+    let org = organizational_domain(&from);
+    let aligned = |mode: &Alignment, d: &str| {
+        let d = d.trim_end_matches('.').to_ascii_lowercase();
+        match mode {
+            Alignment::Strict => d == from,
+            Alignment::Relaxed => organizational_domain(&d) == org,
+        }
+    };
     dkim.iter().any(|o| {
         matches!(o.result(), DkimResult::TempError(_))
-            && o.signature().is_some_and(|s| aligned(&s.d))
-    }) || spf.is_some_and(|s| s.status == AuthStatus::TempError && aligned(mail_from_domain))
+            && o.signature().is_some_and(|s| aligned(&record.adkim, &s.d))
+    }) || spf.is_some_and(|s| {
+        s.status == AuthStatus::TempError && aligned(&record.aspf, mail_from_domain)
+    })
+}
+
+/// A "no such record" answer (the name does not exist, or has no record of the type), as
+/// opposed to a failed lookup.
+fn is_no_such_record(code: ResponseCode) -> bool {
+    matches!(code, ResponseCode::NoError | ResponseCode::NXDomain)
+}
+
+/// The stricter of two DMARC policies.
+fn stricter(a: DmarcRecordPolicy, b: DmarcRecordPolicy) -> DmarcRecordPolicy {
+    let rank = |p: DmarcRecordPolicy| match p {
+        DmarcRecordPolicy::Reject => 2,
+        DmarcRecordPolicy::Quarantine => 1,
+        _ => 0,
+    };
+    if rank(b) > rank(a) {
+        b
+    } else {
+        a
+    }
 }
 
 /// RFC 7489 §6.6.4: `pct=` below 100 applies the policy to that share of failing mail; the

@@ -706,6 +706,36 @@ fn judge(
             _ => {}
         }
     }
+    // A DMARC check that failed for a DNS error under p=reject or quarantine: the mail may be
+    // a forgery relying on a broken name under the domain, or genuine mail whose check would
+    // pass with the DNS back. Asking the sender to retry serves both (RFC 7489 §6.6.3 lets a
+    // receiver defer); a genuine sender's retry gets through once the DNS answers.
+    if report.dmarc == AuthStatus::TempError
+        && matches!(
+            report.dmarc_policy,
+            DmarcPolicy::Reject | DmarcPolicy::Quarantine
+        )
+    {
+        let domain = &report.from_domain;
+        let policy = report.dmarc_policy;
+        match dmarc_action {
+            DmarcAction::Enforce => {
+                info!(sender = %req.sender, %domain, %policy, "DMARC temperror: message deferred");
+                out.verdict = Verdict::Refuse(PolicyReply::new(
+                    451,
+                    (4, 7, 1),
+                    format!(
+                        "Try again later: the DMARC check of {domain} failed temporarily (DNS)"
+                    ),
+                ));
+            }
+            DmarcAction::Hold => {
+                info!(sender = %req.sender, %domain, %policy, "DMARC temperror: message held");
+                out.hold = Some(format!("DMARC temperror under policy {policy} of {domain}"));
+            }
+            _ => {}
+        }
+    }
     // A message DMARC already refused is not worth a MIME parse and the rules.
     if let Some(content) = content.filter(|_| out.verdict == Verdict::Accept) {
         let score = content.rules.score(&req.message, report);
