@@ -939,6 +939,15 @@ fn an_unreachable_destination_answers_every_queued_job_at_once() {
         1,
         "one connection attempt for the whole queue"
     );
+    // Each waited for the 1 s greeting timeout; the last submitted the least.
+    let waited: Vec<u64> = deferred
+        .iter()
+        .map(|e| e["latency_ms"].as_u64().unwrap())
+        .collect();
+    assert!(
+        waited.iter().filter(|&&ms| ms >= 500).count() >= 4,
+        "latencies {waited:?}"
+    );
 }
 
 #[test]

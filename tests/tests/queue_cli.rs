@@ -565,7 +565,7 @@ fn a_hold_placed_in_flight_survives_a_crash_before_the_attempt_ends() {
     }
     let out = queue_ok(&server, &["hold", &id]);
     assert_eq!(out.trim(), format!("{id} held"));
-    // The state sync runs every 20 ms; then a crash while the attempt is still open.
+    // The state sync runs within 20 ms of the hold; then a crash while the attempt is still open.
     std::thread::sleep(Duration::from_millis(300));
     server.kill();
     server.restart();

@@ -36,4 +36,11 @@ fn sigterm_tells_idle_sessions_421_4_3_2_and_exits_promptly() {
     let spool = server.spool_list();
     assert_eq!(spool.len(), 1, "{spool:?}");
     assert_eq!(spool[0].id, id);
+    // Its log line was written out before the exit, even if within the last 20 ms.
+    let log = server.delivery_log();
+    assert!(
+        log.iter()
+            .any(|e| e["event"] == "received" && e["queue_id"] == id.as_str()),
+        "{log:#?}"
+    );
 }

@@ -271,9 +271,30 @@ impl Actor for QueueActor {
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
         // What changed in the last interval still reaches the committer, which finishes the
-        // requests it has before it stops.
+        // requests it has before it stops (an embedded queue; `tern serve` sends
+        // [`WriteOutNow`] instead, as its queue's arbiter outlives the shutdown).
         self.sync_state();
         self.events.flush();
+    }
+}
+
+/// Sent once at shutdown, after the sessions are gone: writes the delivery log out and makes
+/// the latest delivery state durable before it answers. The process exits right after, so the
+/// 20 ms write-out timer would be too late for what changed last.
+#[derive(Message, Clone, Copy, Debug, Default)]
+#[rtype(result = "()")]
+pub struct WriteOutNow;
+
+impl Handler<WriteOutNow> for QueueActor {
+    type Result = ();
+
+    fn handle(&mut self, _: WriteOutNow, _ctx: &mut Self::Context) {
+        self.events.flush();
+        self.state_changed = false;
+        // Blocking, on purpose: nothing else is left for this thread to do.
+        if let Err(e) = self.storage.sync() {
+            warn!(error = %e, "final sync of the delivery state failed");
+        }
     }
 }
 
@@ -329,7 +350,7 @@ impl QueueActor {
             return;
         }
         let Some(me) = self.me.as_ref().and_then(actix::WeakAddr::upgrade) else {
-            // Not started (or stopping): `stopped` writes out.
+            // Not started yet (recovery, unit tests): `stopped` or the next change writes out.
             return;
         };
         self.write_out_armed = true;

@@ -467,7 +467,8 @@ impl QueueActor {
 
     /// Makes the state changes of the last few milliseconds durable together: a removal that
     /// is not durable makes a crash deliver the message again. Batched so a busy queue pays
-    /// one sync per interval, not one per message; called from a short interval timer.
+    /// one sync per 20 ms, not one per message; called by the timer a change arms
+    /// (`changed`) and when the actor stops.
     pub(crate) fn sync_state(&mut self) {
         if std::mem::take(&mut self.state_changed) {
             self.committer.request_sync();

@@ -1,12 +1,14 @@
 //! The delivery log: one JSON object per line for every event in a message's life (received,
-//! delivered, deferred, failed, expired, bounce-sent, deleted, held, released), in `<data_dir>/delivery.log`
-//! and as a `tracing` event. It is the feed for webhooks and metrics later, so every line is
-//! self-contained: queue id, recipient, destination, reply, attempt, latency.
+//! delivered, deferred, failed, expired, bounce-sent, deleted, held, released), in
+//! `<data_dir>/delivery.log` and as a `tracing` event. It is the feed for webhooks and metrics
+//! later, so every line is self-contained: queue id, recipient, destination, reply, attempt,
+//! latency.
 //!
 //! The file is appended to with a buffered writer that the queue actor flushes 20 ms after the
 //! first line written since the last flush (not per message: that would be a write(2) per
-//! accepted message), so lines are whole and in order and reach the file within 20 ms; it is not fsync'd (a log, not the spool: a lost
-//! tail after a power cut is acceptable, the spool state is authoritative).
+//! accepted message), and once more at shutdown. So lines are whole and in order and reach the
+//! file within 20 ms. It is not fsync'd (a log, not the spool: a lost tail after a power cut is
+//! acceptable, the spool state is authoritative).
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};

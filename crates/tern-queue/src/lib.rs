@@ -30,7 +30,7 @@ mod storage;
 
 pub use actor::{
     spawn_queue, spawn_queue_with_client, spawn_queue_with_client_on, DeliveryCounters, Enqueue,
-    GetStats, QueueActor, QueueConfig, QueueStats,
+    GetStats, QueueActor, QueueConfig, QueueStats, WriteOutNow,
 };
 pub use client::QueueClient;
 pub use committer::CommitConfig;

@@ -17,7 +17,7 @@ use tern_delivery::{ClientConfig, DeliverySettings, DestinationLimits};
 use tern_ingress::{Ingress, ListenerKind, ListenerSpec, Settings};
 use tern_queue::schedule::RetryPolicy;
 use tern_queue::{AttachDelivery, QueueConfig, SledOptions, SledStorage, Storage};
-use tracing::info;
+use tracing::{info, warn};
 
 #[derive(Parser)]
 #[command(name = "tern", version, about = "Tern mail transfer agent")]
@@ -480,6 +480,11 @@ fn serve(config_file: Option<&Path>) -> Result<()> {
         info!("shutting down");
         ingress.shutdown(SHUTDOWN_GRACE).await;
         http_handle.stop(true).await;
+        // The queue's arbiter is not stopped before the process exits: write out now what
+        // changed in the last 20 ms (log lines, delivery state).
+        if let Err(e) = queue.send(tern_queue::WriteOutNow).await {
+            warn!(error = %e, "queue gone before the final write-out");
+        }
         anyhow::Ok(())
     })
 }
@@ -606,7 +611,7 @@ fn queue_config(config: &Config) -> QueueConfig {
 fn tls_roots(d: &config::Delivery) -> Result<rustls::RootCertStore> {
     let path = &d.tls_ca_file;
     if path.as_os_str() == config::SYSTEM_CA_FILE && !path.exists() {
-        tracing::warn!(path = %path.display(), "no CA bundle: routes with tls = \"required\" will fail closed");
+        warn!(path = %path.display(), "no CA bundle: routes with tls = \"required\" will fail closed");
         return Ok(rustls::RootCertStore::empty());
     }
     tls::load_roots(path).with_context(|| format!("delivery.tls_ca_file = {}", path.display()))
