@@ -2,7 +2,7 @@
 # A/B of two tern builds on the accept path (or, with RELAY=1, end to end): alternating runs, a
 # fresh server and data dir per run, smtp-source as in bench/accept.sh; prints each run and the
 # medians of the rate and of tern's CPU (user + system) per message. Not a test: it measures.
-# How the per-change figures in docs/benchmarks.md ("Session 5", "Session 6") were taken.
+# How the per-change figures in docs/benchmarks.md (sessions 5 to 8) were taken.
 #
 #   bash bench/ab.sh BIN_A BIN_B                  # 5 rounds, a new connection per message
 #   ROUNDS=3 MODE=-d bash bench/ab.sh BIN_A BIN_B # connection reuse

@@ -376,7 +376,7 @@ fn dns_failures_in_dkim_key_and_dmarc_lookups_are_temperror_not_fail() {
     // - strict-temp.test (p=reject, adkim=s): a subdomain's key name answers SERVFAIL;
     // - dmarc-temp.test: its DMARC record's name answers SERVFAIL;
     // - sub.orgpol.test: its own DMARC name answers SERVFAIL, its organizational domain has
-    //   p=none, sp=reject;
+    //   p=none, sp=reject; sub.orgonly.test the same under p=reject (sp= the same);
     // - reject.test: a signature whose key does not exist (NXDOMAIN), the permanent case.
     let keys = tempfile::tempdir().unwrap();
     let key = keys.path().join("k.pem");
@@ -395,7 +395,10 @@ fn dns_failures_in_dkim_key_and_dmarc_lookups_are_temperror_not_fail() {
             .servfail("_dmarc.dmarc-temp.test")
             .txt("sub.orgpol.test", "v=spf1 ip4:192.0.2.1 -all")
             .txt("_dmarc.orgpol.test", "v=DMARC1; p=none; sp=reject")
-            .servfail("_dmarc.sub.orgpol.test"),
+            .servfail("_dmarc.sub.orgpol.test")
+            .txt("sub.orgonly.test", "v=spf1 ip4:192.0.2.1 -all")
+            .txt("_dmarc.orgonly.test", "v=DMARC1; p=reject")
+            .servfail("_dmarc.sub.orgonly.test"),
     );
     let sign = |from: &str, domain: &str| {
         let plain = message(from, "signed");
@@ -431,6 +434,12 @@ fn dns_failures_in_dkim_key_and_dmarc_lookups_are_temperror_not_fail() {
         &mut c,
         "a@sub.orgpol.test",
         &message("a@sub.orgpol.test", "unsigned"),
+    )
+    .expect("451", "4.7.1");
+    send(
+        &mut c,
+        "a@sub.orgonly.test",
+        &message("a@sub.orgonly.test", "unsigned"),
     )
     .expect("451", "4.7.1");
     // A key that does not exist is a permanent error: DMARC fails, p=reject refuses.

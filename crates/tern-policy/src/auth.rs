@@ -343,10 +343,16 @@ impl Authenticator {
     /// has just asked for this name: a record comes from the TXT cache, a "none" from the
     /// resolver's negative cache. The flag is true when the From domain's own record could
     /// not be looked up (SERVFAIL, timeout): the policy is then the stricter of the two, and
-    /// the result no better than `temperror`.
-    async fn record_policy(&self, from_domain: &str, record: &Dmarc) -> (DmarcRecordPolicy, bool) {
-        // Most records have no sp= of their own (it defaults to p=): nothing to tell apart.
-        if record.sp == record.p {
+    /// a failure no better than `temperror` (`failed`: DMARC failed, so that matters).
+    async fn record_policy(
+        &self,
+        from_domain: &str,
+        record: &Dmarc,
+        failed: bool,
+    ) -> (DmarcRecordPolicy, bool) {
+        // Most records have no sp= of their own (it defaults to p=): the policy is the same
+        // either way, and only a failure needs to know whether the own name was readable.
+        if record.sp == record.p && !failed {
             return (record.p, false);
         }
         let own = self
@@ -468,8 +474,10 @@ impl Authenticator {
             let mut policy = out.policy();
             if let Some(record) = out.dmarc_record() {
                 let own_lookup_failed;
-                (policy, own_lookup_failed) = self.record_policy(out.domain(), record).await;
-                if own_lookup_failed && report.dmarc == AuthStatus::Fail {
+                let failed = report.dmarc == AuthStatus::Fail;
+                (policy, own_lookup_failed) =
+                    self.record_policy(out.domain(), record, failed).await;
+                if own_lookup_failed && failed {
                     report.dmarc = AuthStatus::TempError;
                 }
                 report.dmarc_policy = sampled(policy, record.pct);

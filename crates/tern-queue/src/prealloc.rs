@@ -7,8 +7,9 @@
 //! (ext4, virtio disk; `bench/fsync_probe.py`), a 7 KB write + `fdatasync`: append
 //! ≈ 165–209 µs wall and 67–72 µs CPU in the caller; the same write into a zero-filled file
 //! ≈ 108–115 µs and 52–54 µs. `fallocate` alone helps less (154–174 µs): its unwritten extents
-//! still need converting, a metadata write, on the first write. Filling a 32 MiB file takes ≈ 26 ms (6 ms of writes,
-//! 20 ms `fdatasync`), so it is done on this thread, never on the committer's.
+//! still need converting, a metadata write, on the first write. Filling a 32 MiB file takes
+//! ≈ 26 ms (6 ms of writes, 20 ms `fdatasync`), so it is done on this thread, never on the
+//! committer's.
 //!
 //! The spare is prepared under a name no reader takes for a segment (`spare.tmp`), renamed
 //! `spare.ready` once its zeros are synced, and renamed to its sequence number when the
